@@ -1,0 +1,14 @@
+//! FHIR R4 domain values parsed at the edge: resource types, ids, instants, canonical
+//! bodies, OperationOutcomes and the Patient compartment definition.
+
+pub mod canonical;
+pub mod compartment;
+mod instant;
+pub mod outcome;
+mod resource_id;
+mod resource_type;
+mod resource_type_names;
+
+pub use instant::{Instant, InstantParseError};
+pub use resource_id::{ResourceId, ResourceIdParseError};
+pub use resource_type::{ResourceType, UnknownResourceType};

@@ -1,0 +1,16 @@
+//! # fhirlog — a FHIR R4 server built around Bulk Data `$export`
+//!
+//! Layout, one line per module (DESIGN.md §7):
+//! - [`config`]: settings from flags and `FHIRLOG_*` variables, validated at start-up.
+//! - [`fhir`]: domain values parsed at the edge — resource types, ids, instants, canonical bodies, OperationOutcome, the Patient compartment.
+//! - [`store`]: the event log in fjall and its projections; the only code that touches fjall.
+//! - [`http`]: the warp front end — routes, handlers, and the one mapping from errors to OperationOutcome.
+//! - [`load`]: the ndjson and Bundle loader behind `fhirlog load` and `serve --load`.
+//! - [`generate`]: the scale-data generator behind `fhirlog gen`.
+
+pub mod config;
+pub mod fhir;
+pub mod generate;
+pub mod http;
+pub mod load;
+pub mod store;

@@ -1,0 +1,308 @@
+//! The single writer thread: assigns seqs, versions and instants, stages each request's
+//! events and projections into one batch per group, and acknowledges a group only after
+//! its batch is fsynced.
+
+use std::collections::HashMap;
+
+use fjall::{OwnedWriteBatch, PersistMode};
+use tokio::sync::oneshot;
+
+use super::projection::{CurrentOverlay, stage_projections};
+use super::record::{self, CurrentEntry, EventOperation, EventRecord};
+use super::write::{
+    PreparedResource, UnchangedContent, VersionInfo, WriteOperation, WriteOutcome, WriteRejection,
+};
+use super::{Keyspaces, StoreError, keys};
+use crate::fhir::{Instant, ResourceId, ResourceType};
+
+/// Most commit requests folded into one batch and one fsync.
+const MAX_REQUESTS_PER_GROUP: usize = 512;
+
+pub(super) struct CommitRequest {
+    pub operations: Vec<WriteOperation>,
+    pub reply: oneshot::Sender<Result<Vec<WriteOutcome>, StoreError>>,
+}
+
+pub(super) struct Committer {
+    keyspaces: Keyspaces,
+    last_seq: u64,
+    last_instant: Instant,
+}
+
+struct PlannedEvent<'request> {
+    resource_type: ResourceType,
+    id: &'request ResourceId,
+    seq: u64,
+    version: u64,
+    put: Option<&'request PreparedResource>,
+    previous: Option<CurrentEntry>,
+}
+
+struct PlannedRequest<'request> {
+    instant: Instant,
+    events: Vec<PlannedEvent<'request>>,
+    outcomes: Vec<WriteOutcome>,
+}
+
+impl Committer {
+    /// Resumes numbering after the newest event in the log.
+    pub fn recover(keyspaces: Keyspaces) -> Result<Committer, StoreError> {
+        let mut last_seq = 0;
+        let mut last_instant = Instant::from_micros_since_epoch(i64::MIN);
+        for resource_type in ResourceType::all() {
+            if let Some(newest) = keyspaces
+                .events
+                .prefix(keys::type_prefix(resource_type))
+                .next_back()
+            {
+                let (_, value) = newest.into_inner()?;
+                let event: EventRecord = record::decode(&value)?;
+                last_seq = last_seq.max(event.seq);
+                last_instant =
+                    last_instant.max(Instant::from_micros_since_epoch(event.instant_micros));
+            }
+        }
+        Ok(Committer {
+            keyspaces,
+            last_seq,
+            last_instant,
+        })
+    }
+
+    pub fn run(mut self, requests: crossbeam_channel::Receiver<CommitRequest>) {
+        while let Ok(first) = requests.recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_REQUESTS_PER_GROUP {
+                match requests.try_recv() {
+                    Ok(request) => group.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+    }
+
+    fn commit_group(&mut self, group: Vec<CommitRequest>) {
+        let last_seq_before_group = self.last_seq;
+        let last_instant_before_group = self.last_instant;
+        let mut batch = self.keyspaces.database.batch();
+        let mut group_overlay = CurrentOverlay::new();
+        let mut answers = Vec::with_capacity(group.len());
+        for request in group {
+            let staged = self.stage_request(&request.operations, &mut batch, &mut group_overlay);
+            answers.push((request.reply, staged));
+        }
+        let durable = batch
+            .commit()
+            .and_then(|()| self.keyspaces.database.persist(PersistMode::SyncAll));
+        if let Err(error) = durable {
+            tracing::error!(%error, "commit failed; the group's writes were not acknowledged");
+            self.last_seq = last_seq_before_group;
+            self.last_instant = last_instant_before_group;
+            let message = error.to_string();
+            for (reply, staged) in answers {
+                let answer = staged.and(Err(StoreError::Storage(fjall::Error::Io(
+                    std::io::Error::other(message.clone()),
+                ))));
+                let _ = reply.send(answer);
+            }
+            return;
+        }
+        for (reply, staged) in answers {
+            let _ = reply.send(staged);
+        }
+    }
+
+    /// Validates a whole request, then stages it; a refused request stages nothing.
+    fn stage_request(
+        &mut self,
+        operations: &[WriteOperation],
+        batch: &mut OwnedWriteBatch,
+        group_overlay: &mut CurrentOverlay,
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
+        let planned = self.plan_request(operations, group_overlay)?;
+        let Some(last_event) = planned.events.last() else {
+            return Ok(planned.outcomes);
+        };
+        let last_seq = last_event.seq;
+        let mut request_overlay = CurrentOverlay::new();
+        for event in &planned.events {
+            let body = event
+                .put
+                .map(|resource| resource.body.finish(event.version, planned.instant))
+                .unwrap_or_default();
+            let record = EventRecord {
+                seq: event.seq,
+                instant_micros: planned.instant.micros_since_epoch(),
+                resource_type_code: event.resource_type.code(),
+                id: event.id.as_str(),
+                version: event.version,
+                operation: if event.put.is_some() {
+                    EventOperation::Put
+                } else {
+                    EventOperation::Delete
+                },
+                digest: event
+                    .put
+                    .map(|resource| resource.digest)
+                    .unwrap_or_default(),
+                compartment_patients: event
+                    .put
+                    .map(|resource| {
+                        resource
+                            .compartment_patients
+                            .iter()
+                            .map(String::as_str)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                body: &body,
+            };
+            batch.insert(
+                &self.keyspaces.events,
+                keys::type_seq(event.resource_type, event.seq),
+                record::encode(&record),
+            );
+            stage_projections(
+                &self.keyspaces,
+                batch,
+                &mut request_overlay,
+                &record,
+                event.previous,
+            )?;
+        }
+        batch.insert(
+            &self.keyspaces.clock,
+            keys::clock(planned.instant),
+            keys::seq(last_seq),
+        );
+        group_overlay.absorb(request_overlay);
+        self.last_seq = last_seq;
+        self.last_instant = planned.instant;
+        Ok(planned.outcomes)
+    }
+
+    fn plan_request<'request>(
+        &self,
+        operations: &'request [WriteOperation],
+        group_overlay: &CurrentOverlay,
+    ) -> Result<PlannedRequest<'request>, StoreError> {
+        let instant = Instant::now().max(Instant::from_micros_since_epoch(
+            self.last_instant.micros_since_epoch().saturating_add(1),
+        ));
+        let mut planned = PlannedRequest {
+            instant,
+            events: Vec::new(),
+            outcomes: Vec::with_capacity(operations.len()),
+        };
+        let mut request_current: HashMap<(ResourceType, &str), CurrentEntry> = HashMap::new();
+        let mut next_seq = self.last_seq + 1;
+        for operation in operations {
+            let (resource_type, id) = match operation {
+                WriteOperation::Create(resource) | WriteOperation::Update { resource, .. } => {
+                    (resource.resource_type, &resource.id)
+                }
+                WriteOperation::Delete {
+                    resource_type, id, ..
+                } => (*resource_type, id),
+            };
+            let previous = match request_current.get(&(resource_type, id.as_str())) {
+                Some(entry) => Some(*entry),
+                None => group_overlay.get(&self.keyspaces, resource_type, id.as_str())?,
+            };
+            let live_version = previous
+                .filter(|entry| !entry.deleted)
+                .map(|entry| entry.version);
+            let expected_version = match operation {
+                WriteOperation::Create(_) => None,
+                WriteOperation::Update {
+                    expected_version, ..
+                }
+                | WriteOperation::Delete {
+                    expected_version, ..
+                } => *expected_version,
+            };
+            if let Some(expected_version) = expected_version
+                && live_version != Some(expected_version)
+            {
+                return Err(WriteRejection::VersionConflict {
+                    resource_type,
+                    id: id.clone(),
+                    expected_version,
+                    current_version: live_version,
+                }
+                .into());
+            }
+            let put = match operation {
+                WriteOperation::Create(resource) => {
+                    if previous.is_some() {
+                        return Err(WriteRejection::AlreadyExists {
+                            resource_type,
+                            id: id.clone(),
+                        }
+                        .into());
+                    }
+                    Some(resource)
+                }
+                WriteOperation::Update {
+                    resource,
+                    unchanged,
+                    ..
+                } => {
+                    if *unchanged == UnchangedContent::Skip
+                        && let Some(live) = previous
+                            .filter(|entry| !entry.deleted && entry.digest == resource.digest)
+                    {
+                        planned.outcomes.push(WriteOutcome::Unchanged {
+                            resource_type,
+                            id: id.clone(),
+                            version: live.version,
+                        });
+                        continue;
+                    }
+                    Some(resource)
+                }
+                WriteOperation::Delete { .. } => {
+                    if live_version.is_none() {
+                        planned.outcomes.push(WriteOutcome::NothingToDelete);
+                        continue;
+                    }
+                    None
+                }
+            };
+            let version = previous.map_or(1, |entry| entry.version + 1);
+            let seq = next_seq;
+            next_seq += 1;
+            let info = VersionInfo {
+                resource_type,
+                id: id.clone(),
+                version,
+                last_updated: instant,
+                seq,
+            };
+            planned.outcomes.push(match (put, live_version) {
+                (Some(_), None) => WriteOutcome::Created { version: info },
+                (Some(_), Some(_)) => WriteOutcome::Updated { version: info },
+                (None, _) => WriteOutcome::Deleted { version: info },
+            });
+            request_current.insert(
+                (resource_type, id.as_str()),
+                CurrentEntry {
+                    seq,
+                    version,
+                    deleted: put.is_none(),
+                    digest: put.map(|resource| resource.digest).unwrap_or_default(),
+                },
+            );
+            planned.events.push(PlannedEvent {
+                resource_type,
+                id,
+                seq,
+                version,
+                put,
+                previous,
+            });
+        }
+        Ok(planned)
+    }
+}

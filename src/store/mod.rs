@@ -1,0 +1,206 @@
+//! The event-sourced store: the only code that touches fjall. Every write appends
+//! immutable events; `current`, `history`, `superseded`, `compartment`, `log` and `clock`
+//! are projections of them written in the same batch (DESIGN.md §2).
+
+mod committer;
+mod keys;
+mod projection;
+mod read;
+mod rebuild;
+mod record;
+mod write;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+
+pub use read::{ProjectionDump, StoredVersion};
+pub use rebuild::RebuildSummary;
+pub use write::{
+    PreparedResource, UnchangedContent, VersionInfo, WriteOperation, WriteOutcome, WriteRejection,
+};
+
+use committer::{CommitRequest, Committer};
+
+/// Store failures a caller can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the data directory {path} is in use by another fhirlog process")]
+    Locked { path: PathBuf },
+    #[error("storage failure: {0}")]
+    Storage(#[from] fjall::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the store is shutting down")]
+    Closed,
+    #[error(transparent)]
+    Rejected(#[from] WriteRejection),
+}
+
+/// Memory and durability settings; the defaults keep memory bounded whatever the store size.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub block_cache_bytes: u64,
+    pub max_journal_bytes: u64,
+    pub events_memtable_bytes: u64,
+    pub index_memtable_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            block_cache_bytes: 64 << 20,
+            max_journal_bytes: 128 << 20,
+            events_memtable_bytes: 32 << 20,
+            index_memtable_bytes: 16 << 20,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Keyspaces {
+    database: Database,
+    events: Keyspace,
+    log: Keyspace,
+    superseded: Keyspace,
+    current: Keyspace,
+    history: Keyspace,
+    compartment: Keyspace,
+    clock: Keyspace,
+}
+
+impl Keyspaces {
+    fn open(database: Database, options: &StoreOptions) -> Result<Keyspaces, StoreError> {
+        let events_bytes = options.events_memtable_bytes;
+        let index_bytes = options.index_memtable_bytes;
+        let open = |name: &str, memtable_bytes: u64| {
+            database.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)
+            })
+        };
+        Ok(Keyspaces {
+            events: open("events", events_bytes)?,
+            log: open("log", index_bytes)?,
+            superseded: open("superseded", index_bytes)?,
+            current: open("current", index_bytes)?,
+            history: open("history", index_bytes)?,
+            compartment: open("compartment", index_bytes)?,
+            clock: open("clock", index_bytes)?,
+            database,
+        })
+    }
+
+    /// Every projection, i.e. every keyspace but `events`, with its name.
+    fn projections(&self) -> [(&'static str, &Keyspace); 6] {
+        [
+            ("log", &self.log),
+            ("superseded", &self.superseded),
+            ("current", &self.current),
+            ("history", &self.history),
+            ("compartment", &self.compartment),
+            ("clock", &self.clock),
+        ]
+    }
+}
+
+/// A handle to an open store; clones share it. Dropping the last handle stops the
+/// committer and closes the database, releasing the data directory.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<StoreShared>,
+}
+
+struct StoreShared {
+    keyspaces: Keyspaces,
+    commit_sender: Option<crossbeam_channel::Sender<CommitRequest>>,
+    committer_thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for StoreShared {
+    fn drop(&mut self) {
+        self.commit_sender.take();
+        if let Some(thread) = self.committer_thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A commit submitted to the committer; [`PendingCommit::wait`] returns once it is
+/// durable (fsynced) or refused.
+pub struct PendingCommit {
+    reply: tokio::sync::oneshot::Receiver<Result<Vec<WriteOutcome>, StoreError>>,
+}
+
+impl PendingCommit {
+    /// Blocks the calling thread; never call it on the async runtime.
+    pub fn wait(self) -> Result<Vec<WriteOutcome>, StoreError> {
+        self.reply
+            .blocking_recv()
+            .unwrap_or(Err(StoreError::Closed))
+    }
+
+    pub async fn wait_async(self) -> Result<Vec<WriteOutcome>, StoreError> {
+        self.reply.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+impl Store {
+    pub fn open(data_dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|error| StoreError::Storage(fjall::Error::Io(error)))?;
+        let database = Database::builder(data_dir.join("store"))
+            .cache_size(options.block_cache_bytes)
+            .max_journaling_size(options.max_journal_bytes)
+            .open()
+            .map_err(|error| match error {
+                fjall::Error::Locked => StoreError::Locked {
+                    path: data_dir.to_path_buf(),
+                },
+                other => StoreError::Storage(other),
+            })?;
+        let keyspaces = Keyspaces::open(database, options)?;
+        let committer = Committer::recover(keyspaces.clone())?;
+        let (commit_sender, commit_receiver) = crossbeam_channel::unbounded();
+        let committer_thread = std::thread::Builder::new()
+            .name("fhirlog-committer".to_owned())
+            .spawn(move || committer.run(commit_receiver))
+            .map_err(|error| StoreError::Storage(fjall::Error::Io(error)))?;
+        Ok(Store {
+            shared: Arc::new(StoreShared {
+                keyspaces,
+                commit_sender: Some(commit_sender),
+                committer_thread: Some(committer_thread),
+            }),
+        })
+    }
+
+    /// Queues `operations` as one all-or-nothing commit. Commits queued together share one
+    /// fsync (group commit).
+    pub fn submit(&self, operations: Vec<WriteOperation>) -> PendingCommit {
+        let (reply_sender, reply) = tokio::sync::oneshot::channel();
+        let request = CommitRequest {
+            operations,
+            reply: reply_sender,
+        };
+        if let Some(sender) = &self.shared.commit_sender
+            && let Err(crossbeam_channel::SendError(request)) = sender.send(request)
+        {
+            let _ = request.reply.send(Err(StoreError::Closed));
+        }
+        PendingCommit { reply }
+    }
+
+    /// Commits and waits until durable; blocks the calling thread.
+    pub fn commit(&self, operations: Vec<WriteOperation>) -> Result<Vec<WriteOutcome>, StoreError> {
+        self.submit(operations).wait()
+    }
+
+    pub(crate) fn keyspaces(&self) -> &Keyspaces {
+        &self.shared.keyspaces
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,102 @@
+//! How one event becomes projection entries. The committer and `rebuild` both go through
+//! here, so incrementally maintained and rebuilt projections cannot drift apart.
+
+use std::collections::HashMap;
+
+use fjall::OwnedWriteBatch;
+
+use super::record::{self, CurrentEntry, EventOperation, EventRecord};
+use super::{Keyspaces, StoreError, keys};
+use crate::fhir::ResourceType;
+
+/// Tracks `current` for a batch that is not committed yet: reads see the batch's own
+/// writes first, then the keyspace.
+pub(super) struct CurrentOverlay {
+    pending: HashMap<(ResourceType, String), CurrentEntry>,
+}
+
+impl CurrentOverlay {
+    pub fn new() -> CurrentOverlay {
+        CurrentOverlay {
+            pending: HashMap::new(),
+        }
+    }
+
+    pub fn get(
+        &self,
+        keyspaces: &Keyspaces,
+        resource_type: ResourceType,
+        id: &str,
+    ) -> Result<Option<CurrentEntry>, StoreError> {
+        if let Some(entry) = self.pending.get(&(resource_type, id.to_owned())) {
+            return Ok(Some(*entry));
+        }
+        match keyspaces.current.get(keys::type_id(resource_type, id))? {
+            Some(bytes) => Ok(Some(record::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn set(&mut self, resource_type: ResourceType, id: &str, entry: CurrentEntry) {
+        self.pending.insert((resource_type, id.to_owned()), entry);
+    }
+
+    pub fn clear(&mut self) {
+        self.pending.clear();
+    }
+
+    pub fn absorb(&mut self, other: CurrentOverlay) {
+        self.pending.extend(other.pending);
+    }
+}
+
+/// Writes the projections of `event` (but not the event itself, nor `clock`) to `batch`,
+/// given the entry `current` held before it.
+pub(super) fn stage_projections(
+    keyspaces: &Keyspaces,
+    batch: &mut OwnedWriteBatch,
+    overlay: &mut CurrentOverlay,
+    event: &EventRecord<'_>,
+    previous: Option<CurrentEntry>,
+) -> Result<(), StoreError> {
+    let resource_type = ResourceType::from_code(event.resource_type_code).ok_or_else(|| {
+        StoreError::Corrupt(format!("unknown type code {}", event.resource_type_code))
+    })?;
+    batch.insert(
+        &keyspaces.log,
+        keys::seq(event.seq),
+        event.resource_type_code.to_be_bytes(),
+    );
+    if let Some(previous) = previous {
+        batch.insert(
+            &keyspaces.superseded,
+            keys::type_seq(resource_type, previous.seq),
+            keys::seq(event.seq),
+        );
+    }
+    let entry = CurrentEntry {
+        seq: event.seq,
+        version: event.version,
+        deleted: event.operation == EventOperation::Delete,
+        digest: event.digest,
+    };
+    batch.insert(
+        &keyspaces.current,
+        keys::type_id(resource_type, event.id),
+        record::encode(&entry),
+    );
+    overlay.set(resource_type, event.id, entry);
+    batch.insert(
+        &keyspaces.history,
+        keys::history(resource_type, event.id, event.version),
+        keys::seq(event.seq),
+    );
+    for patient_id in &event.compartment_patients {
+        batch.insert(
+            &keyspaces.compartment,
+            keys::compartment(patient_id, resource_type, event.id),
+            [],
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! Point reads: current version, a given version, and a resource's history.
+
+use super::record::{self, CurrentEntry, EventOperation, EventRecord};
+use super::{Store, StoreError, keys};
+use crate::fhir::{Instant, ResourceId, ResourceType};
+
+/// One version of a resource as stored; `body` is `None` for a delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredVersion {
+    pub resource_type: ResourceType,
+    pub id: ResourceId,
+    pub version: u64,
+    pub last_updated: Instant,
+    pub seq: u64,
+    pub body: Option<String>,
+}
+
+/// Every projection keyspace's entries, by name, for comparing two stores.
+pub type ProjectionDump = Vec<(&'static str, Vec<(Vec<u8>, Vec<u8>)>)>;
+
+impl Store {
+    /// The newest version (possibly a delete); `None` if the resource never existed.
+    pub fn read_current(
+        &self,
+        resource_type: ResourceType,
+        id: &ResourceId,
+    ) -> Result<Option<StoredVersion>, StoreError> {
+        let keyspaces = self.keyspaces();
+        let Some(bytes) = keyspaces
+            .current
+            .get(keys::type_id(resource_type, id.as_str()))?
+        else {
+            return Ok(None);
+        };
+        let entry: CurrentEntry = record::decode(&bytes)?;
+        self.read_event(resource_type, entry.seq).map(Some)
+    }
+
+    pub fn read_version(
+        &self,
+        resource_type: ResourceType,
+        id: &ResourceId,
+        version: u64,
+    ) -> Result<Option<StoredVersion>, StoreError> {
+        let keyspaces = self.keyspaces();
+        let Some(seq_bytes) =
+            keyspaces
+                .history
+                .get(keys::history(resource_type, id.as_str(), version))?
+        else {
+            return Ok(None);
+        };
+        let seq = keys::parse_seq(&seq_bytes)
+            .ok_or_else(|| StoreError::Corrupt("bad history entry".to_owned()))?;
+        self.read_event(resource_type, seq).map(Some)
+    }
+
+    /// Every version, newest first.
+    pub fn history(
+        &self,
+        resource_type: ResourceType,
+        id: &ResourceId,
+    ) -> Result<Vec<StoredVersion>, StoreError> {
+        let keyspaces = self.keyspaces();
+        let mut versions = Vec::new();
+        for entry in keyspaces
+            .history
+            .prefix(keys::history_prefix(resource_type, id.as_str()))
+            .rev()
+        {
+            let (_, seq_bytes) = entry.into_inner()?;
+            let seq = keys::parse_seq(&seq_bytes)
+                .ok_or_else(|| StoreError::Corrupt("bad history entry".to_owned()))?;
+            versions.push(self.read_event(resource_type, seq)?);
+        }
+        Ok(versions)
+    }
+
+    /// The seq of the newest event, 0 for an empty store.
+    pub fn high_water_seq(&self) -> Result<u64, StoreError> {
+        match self.keyspaces().log.last_key_value() {
+            Some(entry) => {
+                let key = entry.key()?;
+                keys::parse_seq(&key).ok_or_else(|| StoreError::Corrupt("bad log key".to_owned()))
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// Ids of the resources in the compartment index under `patient_id`, as (type, id).
+    pub fn compartment_members(
+        &self,
+        patient_id: &str,
+    ) -> Result<Vec<(ResourceType, String)>, StoreError> {
+        let prefix = keys::compartment_patient_prefix(patient_id);
+        let mut members = Vec::new();
+        for entry in self.keyspaces().compartment.prefix(&prefix) {
+            let key = entry.key()?;
+            let rest = &key[prefix.len()..];
+            let (type_bytes, id_bytes) = rest
+                .split_first_chunk::<2>()
+                .ok_or_else(|| StoreError::Corrupt("bad compartment key".to_owned()))?;
+            let resource_type = ResourceType::from_code(u16::from_be_bytes(*type_bytes))
+                .ok_or_else(|| StoreError::Corrupt("bad compartment type".to_owned()))?;
+            let id = String::from_utf8(id_bytes.to_vec())
+                .map_err(|_| StoreError::Corrupt("bad compartment id".to_owned()))?;
+            members.push((resource_type, id));
+        }
+        Ok(members)
+    }
+
+    /// The seq of the last commit at or before `instant` (0 if none).
+    pub fn seq_at_or_before(&self, instant: Instant) -> Result<u64, StoreError> {
+        match self
+            .keyspaces()
+            .clock
+            .range(..=keys::clock(instant))
+            .next_back()
+        {
+            Some(entry) => {
+                let (_, seq_bytes) = entry.into_inner()?;
+                keys::parse_seq(&seq_bytes)
+                    .ok_or_else(|| StoreError::Corrupt("bad clock entry".to_owned()))
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// A full copy of every projection keyspace, for tests that compare projections.
+    pub fn dump_projections(&self) -> Result<ProjectionDump, StoreError> {
+        let mut dump = Vec::new();
+        for (name, keyspace) in self.keyspaces().projections() {
+            let mut entries = Vec::new();
+            for entry in keyspace.iter() {
+                let (key, value) = entry.into_inner()?;
+                entries.push((key.to_vec(), value.to_vec()));
+            }
+            dump.push((name, entries));
+        }
+        Ok(dump)
+    }
+
+    fn read_event(
+        &self,
+        resource_type: ResourceType,
+        seq: u64,
+    ) -> Result<StoredVersion, StoreError> {
+        let bytes = self
+            .keyspaces()
+            .events
+            .get(keys::type_seq(resource_type, seq))?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("projection points at missing event {seq}"))
+            })?;
+        let event: EventRecord = record::decode(&bytes)?;
+        let id =
+            ResourceId::parse(event.id).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        Ok(StoredVersion {
+            resource_type,
+            id,
+            version: event.version,
+            last_updated: Instant::from_micros_since_epoch(event.instant_micros),
+            seq: event.seq,
+            body: (event.operation == EventOperation::Put).then(|| event.body.to_owned()),
+        })
+    }
+}

@@ -1,0 +1,84 @@
+//! Rebuilding every projection from the `events` keyspace alone.
+
+use fjall::PersistMode;
+
+use super::projection::{CurrentOverlay, stage_projections};
+use super::record::{self, EventRecord};
+use super::{Store, StoreError, keys};
+use crate::fhir::{Instant, ResourceType};
+
+/// Events staged per batch while rebuilding.
+const REBUILD_BATCH_EVENTS: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildSummary {
+    pub events: u64,
+    pub commits: u64,
+}
+
+impl Store {
+    /// Clears every projection and replays the log into them. Writes must not run
+    /// concurrently (the CLI runs it on a store nobody else has open).
+    pub fn rebuild_projections(&self) -> Result<RebuildSummary, StoreError> {
+        let keyspaces = self.keyspaces();
+        for (_, keyspace) in keyspaces.projections() {
+            keyspace.clear()?;
+        }
+        let mut summary = RebuildSummary {
+            events: 0,
+            commits: 0,
+        };
+        let mut overlay = CurrentOverlay::new();
+        let mut batch = keyspaces.database.batch();
+        let mut staged = 0usize;
+        let mut clock_pending: std::collections::HashMap<Instant, u64> =
+            std::collections::HashMap::new();
+        for resource_type in ResourceType::all() {
+            for entry in keyspaces.events.prefix(keys::type_prefix(resource_type)) {
+                let (_, value) = entry.into_inner()?;
+                let event: EventRecord = record::decode(&value)?;
+                let previous = overlay.get(keyspaces, resource_type, event.id)?;
+                stage_projections(keyspaces, &mut batch, &mut overlay, &event, previous)?;
+                let instant = Instant::from_micros_since_epoch(event.instant_micros);
+                let newest_seq = clock_pending.entry(instant).or_insert(event.seq);
+                *newest_seq = (*newest_seq).max(event.seq);
+                summary.events += 1;
+                staged += 1;
+                if staged >= REBUILD_BATCH_EVENTS {
+                    stage_clock(self, &mut batch, &mut clock_pending)?;
+                    batch.commit()?;
+                    batch = keyspaces.database.batch();
+                    overlay.clear();
+                    staged = 0;
+                }
+            }
+        }
+        stage_clock(self, &mut batch, &mut clock_pending)?;
+        batch.commit()?;
+        keyspaces.database.persist(PersistMode::SyncAll)?;
+        summary.commits = keyspaces.clock.len()? as u64;
+        Ok(summary)
+    }
+}
+
+/// A commit's clock entry maps its instant to its newest seq; events of one commit can be
+/// far apart in the per-type scan, so merge with what earlier batches wrote.
+fn stage_clock(
+    store: &Store,
+    batch: &mut fjall::OwnedWriteBatch,
+    clock_pending: &mut std::collections::HashMap<Instant, u64>,
+) -> Result<(), StoreError> {
+    let keyspaces = store.keyspaces();
+    for (instant, seq) in clock_pending.drain() {
+        let already = match keyspaces.clock.get(keys::clock(instant))? {
+            Some(bytes) => keys::parse_seq(&bytes).unwrap_or(0),
+            None => 0,
+        };
+        batch.insert(
+            &keyspaces.clock,
+            keys::clock(instant),
+            keys::seq(seq.max(already)),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,220 @@
+use super::*;
+use crate::fhir::canonical::{DEFAULT_MAX_JSON_DEPTH, ParsedResource};
+use crate::fhir::{ResourceId, ResourceType};
+
+fn prepared(text: &str) -> PreparedResource {
+    let parsed = ParsedResource::parse_bytes(text.as_bytes(), DEFAULT_MAX_JSON_DEPTH).unwrap();
+    let id = parsed.id.clone().unwrap();
+    PreparedResource::new(parsed.resource_type, id, parsed.json)
+}
+
+fn update(text: &str) -> WriteOperation {
+    WriteOperation::Update {
+        resource: prepared(text),
+        expected_version: None,
+        unchanged: UnchangedContent::NewVersion,
+    }
+}
+
+fn id(text: &str) -> ResourceId {
+    ResourceId::parse(text).unwrap()
+}
+
+#[test]
+fn versions_history_and_deletes_follow_the_log() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    let first = store
+        .commit(vec![update(
+            r#"{"resourceType":"Patient","id":"p1","active":true}"#,
+        )])
+        .unwrap();
+    assert!(matches!(&first[0], WriteOutcome::Created { version } if version.version == 1));
+    let second = store
+        .commit(vec![update(
+            r#"{"resourceType":"Patient","id":"p1","active":false}"#,
+        )])
+        .unwrap();
+    assert!(matches!(&second[0], WriteOutcome::Updated { version } if version.version == 2));
+
+    let current = store
+        .read_current(ResourceType::PATIENT, &id("p1"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(current.version, 2);
+    let body = current.body.unwrap();
+    assert!(body.starts_with(
+        r#"{"resourceType":"Patient","id":"p1","meta":{"versionId":"2","lastUpdated":""#
+    ));
+    assert!(body.ends_with(r#""active":false}"#));
+
+    let deleted = store
+        .commit(vec![WriteOperation::Delete {
+            resource_type: ResourceType::PATIENT,
+            id: id("p1"),
+            expected_version: Some(2),
+        }])
+        .unwrap();
+    assert!(matches!(&deleted[0], WriteOutcome::Deleted { version } if version.version == 3));
+    let history = store.history(ResourceType::PATIENT, &id("p1")).unwrap();
+    assert_eq!(
+        history
+            .iter()
+            .map(|version| version.version)
+            .collect::<Vec<_>>(),
+        vec![3, 2, 1]
+    );
+    assert!(history[0].body.is_none());
+    assert!(history[0].last_updated > history[1].last_updated);
+    assert!(
+        store
+            .read_version(ResourceType::PATIENT, &id("p1"), 1)
+            .unwrap()
+            .unwrap()
+            .body
+            .unwrap()
+            .contains("true")
+    );
+    assert_eq!(store.high_water_seq().unwrap(), 3);
+}
+
+#[test]
+fn a_refused_request_changes_nothing() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    store
+        .commit(vec![update(r#"{"resourceType":"Patient","id":"p1"}"#)])
+        .unwrap();
+    let before = store.dump_projections().unwrap();
+    let refused = store.commit(vec![
+        update(r#"{"resourceType":"Patient","id":"p2"}"#),
+        WriteOperation::Update {
+            resource: prepared(r#"{"resourceType":"Patient","id":"p1","active":true}"#),
+            expected_version: Some(7),
+            unchanged: UnchangedContent::NewVersion,
+        },
+    ]);
+    assert!(matches!(
+        refused,
+        Err(StoreError::Rejected(WriteRejection::VersionConflict {
+            expected_version: 7,
+            current_version: Some(1),
+            ..
+        }))
+    ));
+    assert_eq!(store.dump_projections().unwrap(), before);
+    assert!(
+        store
+            .read_current(ResourceType::PATIENT, &id("p2"))
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[test]
+fn skip_unchanged_appends_nothing_for_identical_content() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    let skip = |text: &str| WriteOperation::Update {
+        resource: prepared(text),
+        expected_version: None,
+        unchanged: UnchangedContent::Skip,
+    };
+    store
+        .commit(vec![skip(
+            r#"{"resourceType":"Patient","id":"p1","active":true}"#,
+        )])
+        .unwrap();
+    let again = store
+        .commit(vec![skip(
+            r#"{"active":true,"id":"p1","resourceType":"Patient"}"#,
+        )])
+        .unwrap();
+    assert!(matches!(
+        &again[0],
+        WriteOutcome::Unchanged { version: 1, .. }
+    ));
+    assert_eq!(store.high_water_seq().unwrap(), 1);
+}
+
+#[test]
+fn data_survives_reopen_and_the_directory_lock_is_exclusive() {
+    let directory = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+        store
+            .commit(vec![update(r#"{"resourceType":"Patient","id":"p1"}"#)])
+            .unwrap();
+        assert!(matches!(
+            Store::open(directory.path(), &StoreOptions::default()),
+            Err(StoreError::Locked { .. })
+        ));
+    }
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    let written = store
+        .commit(vec![update(
+            r#"{"resourceType":"Patient","id":"p1","active":true}"#,
+        )])
+        .unwrap();
+    assert!(
+        matches!(&written[0], WriteOutcome::Updated { version } if version.version == 2 && version.seq == 2)
+    );
+}
+
+#[test]
+fn compartment_index_and_clock_are_maintained() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    let outcomes = store
+        .commit(vec![
+            update(r#"{"resourceType":"Patient","id":"p1"}"#),
+            update(r#"{"resourceType":"Observation","id":"o1","status":"final","code":{},"subject":{"reference":"Patient/p1"}}"#),
+        ])
+        .unwrap();
+    let WriteOutcome::Created { version } = &outcomes[1] else {
+        panic!("{outcomes:?}")
+    };
+    let mut members = store.compartment_members("p1").unwrap();
+    members.sort();
+    assert_eq!(
+        members,
+        vec![
+            (ResourceType::parse("Observation").unwrap(), "o1".to_owned()),
+            (ResourceType::PATIENT, "p1".to_owned())
+        ]
+    );
+    assert_eq!(store.seq_at_or_before(version.last_updated).unwrap(), 2);
+    let before = crate::fhir::Instant::from_micros_since_epoch(
+        version.last_updated.micros_since_epoch() - 1,
+    );
+    assert_eq!(store.seq_at_or_before(before).unwrap(), 0);
+}
+
+#[test]
+fn rebuilt_projections_equal_incremental_ones() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    store
+        .commit(vec![
+            update(r#"{"resourceType":"Patient","id":"p1"}"#),
+            update(r#"{"resourceType":"Patient","id":"p2"}"#),
+        ])
+        .unwrap();
+    store.commit(vec![update(r#"{"resourceType":"Encounter","id":"e1","status":"finished","class":{},"subject":{"reference":"Patient/p1"}}"#)]).unwrap();
+    store
+        .commit(vec![update(
+            r#"{"resourceType":"Patient","id":"p1","active":true}"#,
+        )])
+        .unwrap();
+    store
+        .commit(vec![WriteOperation::Delete {
+            resource_type: ResourceType::PATIENT,
+            id: id("p2"),
+            expected_version: None,
+        }])
+        .unwrap();
+    let incremental = store.dump_projections().unwrap();
+    let summary = store.rebuild_projections().unwrap();
+    assert_eq!(summary.events, 5);
+    assert_eq!(store.dump_projections().unwrap(), incremental);
+}

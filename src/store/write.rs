@@ -1,0 +1,123 @@
+//! What callers hand to the store: prepared resources and write operations, and what the
+//! store answers for each.
+
+use serde_json::{Map, Value};
+
+use crate::fhir::canonical::PreparedBody;
+use crate::fhir::compartment::PatientCompartment;
+use crate::fhir::{Instant, ResourceId, ResourceType};
+
+/// A resource in canonical form with everything the commit needs computed up front, so the
+/// single committer thread does no JSON work.
+#[derive(Debug, Clone)]
+pub struct PreparedResource {
+    pub resource_type: ResourceType,
+    pub id: ResourceId,
+    pub body: PreparedBody,
+    pub digest: [u8; 32],
+    pub compartment_patients: Vec<String>,
+}
+
+impl PreparedResource {
+    pub fn new(
+        resource_type: ResourceType,
+        id: ResourceId,
+        mut json: Map<String, Value>,
+    ) -> PreparedResource {
+        json.insert("id".to_owned(), Value::String(id.as_str().to_owned()));
+        json.insert(
+            "resourceType".to_owned(),
+            Value::String(resource_type.as_str().to_owned()),
+        );
+        let json_value = Value::Object(json);
+        let compartment_patients = PatientCompartment::r4().patient_ids(resource_type, &json_value);
+        let Value::Object(json) = json_value else {
+            unreachable!("built as an object above")
+        };
+        let body = PreparedBody::new(resource_type, &id, json);
+        let digest = body.content_digest();
+        PreparedResource {
+            resource_type,
+            id,
+            body,
+            digest,
+            compartment_patients,
+        }
+    }
+}
+
+/// What to do when an update carries exactly the content of the current version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnchangedContent {
+    /// Append a new version anyway (FHIR `update` semantics).
+    NewVersion,
+    /// Append nothing (idempotent loading).
+    Skip,
+}
+
+#[derive(Debug, Clone)]
+pub enum WriteOperation {
+    /// Create a resource whose id must not be in use yet.
+    Create(PreparedResource),
+    /// Update, or create with the caller's id; `expected_version` is `If-Match`.
+    Update {
+        resource: PreparedResource,
+        expected_version: Option<u64>,
+        unchanged: UnchangedContent,
+    },
+    Delete {
+        resource_type: ResourceType,
+        id: ResourceId,
+        expected_version: Option<u64>,
+    },
+}
+
+/// Where a committed version sits in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionInfo {
+    pub resource_type: ResourceType,
+    pub id: ResourceId,
+    pub version: u64,
+    pub last_updated: Instant,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Created {
+        version: VersionInfo,
+    },
+    Updated {
+        version: VersionInfo,
+    },
+    /// Content equal to the current version, which is `version`; nothing was appended.
+    Unchanged {
+        resource_type: ResourceType,
+        id: ResourceId,
+        version: u64,
+    },
+    Deleted {
+        version: VersionInfo,
+    },
+    /// The resource did not exist or was already deleted; nothing was appended.
+    NothingToDelete,
+}
+
+/// Why a commit request was refused as a whole; the store is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteRejection {
+    #[error(
+        "{resource_type}/{id} is at version {current_version:?}, not the expected version {expected_version}"
+    )]
+    VersionConflict {
+        resource_type: ResourceType,
+        id: ResourceId,
+        expected_version: u64,
+        current_version: Option<u64>,
+    },
+    #[error("{resource_type}/{id} already exists")]
+    AlreadyExists {
+        resource_type: ResourceType,
+        id: ResourceId,
+    },
+}
