@@ -7,10 +7,12 @@
 //! - [`http`]: the warp front end — routes, handlers, and the one mapping from errors to OperationOutcome.
 //! - [`load`]: the ndjson and Bundle loader behind `fhirlog load` and `serve --load`.
 //! - [`generate`]: the scale-data generator behind `fhirlog gen`.
+//! - [`serve`]: `fhirlog serve` — open, load, listen, shut down gracefully.
 
 pub mod config;
 pub mod fhir;
 pub mod generate;
 pub mod http;
 pub mod load;
+pub mod serve;
 pub mod store;

@@ -1,1 +1,121 @@
-fn main() {}
+//! `fhirlog`: parse the command line and hand over to the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use fhirlog::config::{DataDirArgs, ServeArgs};
+use fhirlog::fhir::canonical::DEFAULT_MAX_JSON_DEPTH;
+use fhirlog::generate::{GenerateOptions, generate};
+use fhirlog::load::{LoadOptions, OnError, load};
+use fhirlog::store::{Store, StoreOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "fhirlog",
+    version,
+    about = "A FHIR R4 server built around Bulk Data $export"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the FHIR REST API.
+    Serve(ServeArgs),
+    /// Load ndjson files and FHIR Bundles into the store.
+    Load {
+        /// Files or directories (.ndjson, .ndjson.gz, .json).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[command(flatten)]
+        data_dir: DataDirArgs,
+        /// What to do with a bad line.
+        #[arg(long, value_enum, default_value_t = OnError::Abort)]
+        on_error: OnError,
+    },
+    /// Write scale data: every patient's compartment cloned N times.
+    Gen {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        copies: u32,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Rebuild every projection from the event log.
+    Rebuild {
+        #[command(flatten)]
+        data_dir: DataDirArgs,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(error) = run(Cli::parse()) {
+        eprintln!("fhirlog: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(arguments) => fhirlog::serve::run(arguments.into_settings()?),
+        Command::Load {
+            paths,
+            data_dir,
+            on_error,
+        } => {
+            let store = Store::open(&data_dir.data_dir, &StoreOptions::default())?;
+            let options = LoadOptions {
+                paths,
+                on_error,
+                max_json_depth: DEFAULT_MAX_JSON_DEPTH,
+                show_progress: true,
+            };
+            let summary = load(&store, &options)?;
+            for problem in &summary.skipped {
+                eprintln!("skipped {problem}");
+            }
+            println!("{summary}");
+            Ok(())
+        }
+        Command::Gen { from, copies, out } => {
+            let summary = generate(&GenerateOptions {
+                source_dir: from,
+                copies,
+                output_dir: out.clone(),
+            })?;
+            for (resource_type, count) in &summary.resources_by_type {
+                println!("{resource_type:<28} {count:>12}");
+            }
+            println!(
+                "wrote {} resources ({} patients, {} bytes) to {}",
+                summary.resources_written,
+                summary.patients_written,
+                summary.bytes_written,
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Rebuild { data_dir } => {
+            let store = Store::open(&data_dir.data_dir, &StoreOptions::default())
+                .with_context(|| format!("opening {}", data_dir.data_dir.display()))?;
+            let summary = store.rebuild_projections()?;
+            println!(
+                "rebuilt every projection from {} events ({} commits)",
+                summary.events, summary.commits
+            );
+            Ok(())
+        }
+    }
+}

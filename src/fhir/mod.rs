@@ -5,6 +5,7 @@ pub mod canonical;
 pub mod compartment;
 mod instant;
 pub mod outcome;
+pub mod references;
 mod resource_id;
 mod resource_type;
 mod resource_type_names;

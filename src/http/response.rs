@@ -1,0 +1,71 @@
+//! Building FHIR responses.
+
+use serde_json::Value;
+use warp::http::header::{CONTENT_TYPE, ETAG, HeaderValue, LAST_MODIFIED, LOCATION};
+use warp::http::{Response, StatusCode};
+use warp::reply::Response as WarpResponse;
+
+use super::ApiError;
+use crate::config::BaseUrl;
+use crate::fhir::outcome::OperationOutcome;
+use crate::store::StoredVersion;
+
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+pub fn fhir_json_text(status: StatusCode, body: String) -> WarpResponse {
+    let mut response = Response::new(body.into());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    response
+}
+
+pub fn fhir_json(status: StatusCode, body: &Value) -> WarpResponse {
+    fhir_json_text(status, body.to_string())
+}
+
+pub fn outcome(status: StatusCode, outcome: &OperationOutcome) -> WarpResponse {
+    fhir_json(status, &outcome.to_json())
+}
+
+pub fn error(error: &ApiError) -> WarpResponse {
+    outcome(error.status(), &error.to_outcome())
+}
+
+/// `W/"n"`, the weak ETag FHIR uses for versions.
+pub fn version_etag(version: u64) -> String {
+    format!("W/\"{version}\"")
+}
+
+/// Adds ETag and Last-Modified for `version` (and Location when `location` is set).
+pub fn with_version_headers(
+    mut response: WarpResponse,
+    version: &StoredVersion,
+    location: Option<&BaseUrl>,
+) -> WarpResponse {
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&version_etag(version.version)) {
+        headers.insert(ETAG, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&version.last_updated.to_http_date()) {
+        headers.insert(LAST_MODIFIED, value);
+    }
+    if let Some(base_url) = location
+        && let Ok(value) = HeaderValue::from_str(&version_url(base_url, version))
+    {
+        headers.insert(LOCATION, value);
+    }
+    response
+}
+
+/// `{base}/{type}/{id}/_history/{version}`.
+pub fn version_url(base_url: &BaseUrl, version: &StoredVersion) -> String {
+    format!(
+        "{}/{}/{}/_history/{}",
+        base_url.as_str(),
+        version.resource_type,
+        version.id,
+        version.version
+    )
+}

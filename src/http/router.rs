@@ -1,0 +1,291 @@
+//! Parsing a captured request into a typed [`Interaction`] and dispatching it.
+
+use std::sync::Arc;
+
+use warp::http::header::CONTENT_TYPE;
+use warp::http::{HeaderMap, Method};
+use warp::reply::Response as WarpResponse;
+
+use super::request::CapturedRequest;
+use super::{ApiError, AppState, bundle, capability, resource, response};
+use crate::fhir::{ResourceId, ResourceType};
+
+/// A FHIR REST interaction with its parsed target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interaction {
+    Capabilities,
+    BatchOrTransaction,
+    Create {
+        resource_type: ResourceType,
+    },
+    Read {
+        resource_type: ResourceType,
+        id: ResourceId,
+    },
+    Update {
+        resource_type: ResourceType,
+        id: ResourceId,
+    },
+    Delete {
+        resource_type: ResourceType,
+        id: ResourceId,
+    },
+    History {
+        resource_type: ResourceType,
+        id: ResourceId,
+    },
+    VersionRead {
+        resource_type: ResourceType,
+        id: ResourceId,
+        version: u64,
+    },
+}
+
+const BASE_PATH: &str = "/fhir";
+
+pub async fn respond(state: Arc<AppState>, request: CapturedRequest) -> WarpResponse {
+    match dispatch(state, request).await {
+        Ok(reply) => reply,
+        Err(error) => {
+            if error.status().is_server_error() {
+                tracing::error!(%error, "request failed");
+            }
+            response::error(&error)
+        }
+    }
+}
+
+async fn dispatch(
+    state: Arc<AppState>,
+    request: CapturedRequest,
+) -> Result<WarpResponse, ApiError> {
+    let interaction = parse_interaction(&request.method, &request.path)?;
+    let needs_body = matches!(
+        interaction,
+        Interaction::BatchOrTransaction | Interaction::Create { .. } | Interaction::Update { .. }
+    );
+    if needs_body {
+        require_json_content_type(&request.headers)?;
+    }
+    let body = request.body?;
+    match interaction {
+        Interaction::Capabilities => Ok(capability::capability_statement(&state)),
+        Interaction::BatchOrTransaction => bundle::batch_or_transaction(state, body).await,
+        Interaction::Create { resource_type } => resource::create(state, resource_type, body).await,
+        Interaction::Read { resource_type, id } => resource::read(state, resource_type, id).await,
+        Interaction::Update { resource_type, id } => {
+            let expected_version = parse_if_match(&request.headers)?;
+            resource::update(state, resource_type, id, expected_version, body).await
+        }
+        Interaction::Delete { resource_type, id } => {
+            let expected_version = parse_if_match(&request.headers)?;
+            resource::delete(state, resource_type, id, expected_version).await
+        }
+        Interaction::History { resource_type, id } => {
+            resource::history(state, resource_type, id).await
+        }
+        Interaction::VersionRead {
+            resource_type,
+            id,
+            version,
+        } => resource::version_read(state, resource_type, id, version).await,
+    }
+}
+
+pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, ApiError> {
+    let no_route =
+        || ApiError::NotFound(format!("no FHIR endpoint at {} {}", method, truncate(path)));
+    let rest = match path.strip_prefix(BASE_PATH) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.trim_start_matches('/'),
+        _ => return Err(no_route()),
+    };
+    let segments: Vec<&str> = if rest.is_empty() {
+        Vec::new()
+    } else {
+        rest.trim_end_matches('/').split('/').collect()
+    };
+    let not_allowed = |allowed: &str| {
+        ApiError::MethodNotAllowed(format!(
+            "{method} is not supported on {}; use {allowed}",
+            truncate(path)
+        ))
+    };
+    match segments.as_slice() {
+        [] => match *method {
+            Method::POST => Ok(Interaction::BatchOrTransaction),
+            _ => Err(not_allowed("POST with a batch or transaction Bundle")),
+        },
+        ["metadata"] => match *method {
+            Method::GET => Ok(Interaction::Capabilities),
+            _ => Err(not_allowed("GET")),
+        },
+        [type_name] => {
+            let resource_type = parse_type(type_name)?;
+            match *method {
+                Method::POST => Ok(Interaction::Create { resource_type }),
+                _ => Err(not_allowed("POST to create")),
+            }
+        }
+        [type_name, id] => {
+            let (resource_type, id) = (parse_type(type_name)?, parse_id(id)?);
+            match *method {
+                Method::GET => Ok(Interaction::Read { resource_type, id }),
+                Method::PUT => Ok(Interaction::Update { resource_type, id }),
+                Method::DELETE => Ok(Interaction::Delete { resource_type, id }),
+                _ => Err(not_allowed("GET, PUT or DELETE")),
+            }
+        }
+        [type_name, id, "_history"] => {
+            let (resource_type, id) = (parse_type(type_name)?, parse_id(id)?);
+            match *method {
+                Method::GET => Ok(Interaction::History { resource_type, id }),
+                _ => Err(not_allowed("GET")),
+            }
+        }
+        [type_name, id, "_history", version] => {
+            let (resource_type, id) = (parse_type(type_name)?, parse_id(id)?);
+            let version = version
+                .parse::<u64>()
+                .ok()
+                .filter(|version| *version > 0)
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!("'{}' is not a version id", truncate(version)))
+                })?;
+            match *method {
+                Method::GET => Ok(Interaction::VersionRead {
+                    resource_type,
+                    id,
+                    version,
+                }),
+                _ => Err(not_allowed("GET")),
+            }
+        }
+        _ => Err(no_route()),
+    }
+}
+
+fn parse_type(name: &str) -> Result<ResourceType, ApiError> {
+    ResourceType::parse(name).map_err(|error| ApiError::NotFound(error.to_string()))
+}
+
+fn parse_id(id: &str) -> Result<ResourceId, ApiError> {
+    ResourceId::parse(id)
+        .map_err(|error| ApiError::BadRequest(format!("invalid resource id in URL: {error}")))
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(200).collect()
+}
+
+fn require_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .map(|value| value.to_str().unwrap_or("(not text)"))
+        .unwrap_or("(none)");
+    let media_type = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match media_type.as_str() {
+        "application/fhir+json" | "application/json" | "application/json+fhir" => Ok(()),
+        _ => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type '{}' is not supported; send application/fhir+json",
+            truncate(content_type)
+        ))),
+    }
+}
+
+/// `If-Match: W/"3"` (or `"3"`) → version 3.
+fn parse_if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(warp::http::header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or_default().trim();
+    text.strip_prefix("W/")
+        .unwrap_or(text)
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+        .and_then(|version| version.parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "If-Match '{}' is not a version ETag like W/\"3\"",
+                truncate(text)
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_parse_into_interactions() {
+        let patient = ResourceType::PATIENT;
+        let id = ResourceId::parse("p1").unwrap();
+        assert_eq!(
+            parse_interaction(&Method::GET, "/fhir/metadata").unwrap(),
+            Interaction::Capabilities
+        );
+        assert_eq!(
+            parse_interaction(&Method::POST, "/fhir").unwrap(),
+            Interaction::BatchOrTransaction
+        );
+        assert_eq!(
+            parse_interaction(&Method::POST, "/fhir/Patient").unwrap(),
+            Interaction::Create {
+                resource_type: patient
+            }
+        );
+        assert_eq!(
+            parse_interaction(&Method::GET, "/fhir/Patient/p1/_history/2").unwrap(),
+            Interaction::VersionRead {
+                resource_type: patient,
+                id: id.clone(),
+                version: 2
+            }
+        );
+        assert_eq!(
+            parse_interaction(&Method::DELETE, "/fhir/Patient/p1").unwrap(),
+            Interaction::Delete {
+                resource_type: patient,
+                id
+            }
+        );
+        assert!(matches!(
+            parse_interaction(&Method::GET, "/fhirx"),
+            Err(ApiError::NotFound(_))
+        ));
+        assert!(matches!(
+            parse_interaction(&Method::GET, "/fhir/Nope/1"),
+            Err(ApiError::NotFound(_))
+        ));
+        assert!(matches!(
+            parse_interaction(&Method::GET, "/fhir/Patient/a_b"),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_interaction(&Method::PATCH, "/fhir/Patient/p1"),
+            Err(ApiError::MethodNotAllowed(_))
+        ));
+        assert!(matches!(
+            parse_interaction(&Method::GET, "/fhir/a/b/c/d/e"),
+            Err(ApiError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn if_match_accepts_weak_and_strong_version_etags() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(warp::http::header::IF_MATCH, value.parse().unwrap());
+            parse_if_match(&headers)
+        };
+        assert_eq!(with("W/\"3\"").unwrap(), Some(3));
+        assert_eq!(with("\"4\"").unwrap(), Some(4));
+        assert!(with("3").is_err());
+        assert_eq!(parse_if_match(&HeaderMap::new()).unwrap(), None);
+    }
+}

@@ -1,0 +1,184 @@
+use std::io::Write;
+
+use super::*;
+use crate::fhir::canonical::DEFAULT_MAX_JSON_DEPTH;
+use crate::store::StoreOptions;
+
+fn options(paths: Vec<PathBuf>, on_error: OnError) -> LoadOptions {
+    LoadOptions {
+        paths,
+        on_error,
+        max_json_depth: DEFAULT_MAX_JSON_DEPTH,
+        show_progress: false,
+    }
+}
+
+fn write_file(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+fn write_gz(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut encoder =
+        flate2::write::GzEncoder::new(File::create(path).unwrap(), flate2::Compression::fast());
+    encoder.write_all(text.as_bytes()).unwrap();
+    encoder.finish().unwrap();
+}
+
+fn id(text: &str) -> ResourceId {
+    ResourceId::parse(text).unwrap()
+}
+
+#[test]
+fn loads_ndjson_and_gz_recursively_and_a_second_load_is_a_no_op() {
+    let inputs = tempfile::tempdir().unwrap();
+    write_file(
+        &inputs.path().join("a/Patient.ndjson"),
+        "{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n\n{\"resourceType\":\"Patient\",\"id\":\"p2\"}\n",
+    );
+    write_gz(
+        &inputs.path().join("b/deeper/Observation.ndjson.gz"),
+        "{\"resourceType\":\"Observation\",\"id\":\"o1\",\"status\":\"final\",\"code\":{},\"subject\":{\"reference\":\"Patient/p1\"}}\n",
+    );
+    write_file(&inputs.path().join("b/notes.txt"), "not data");
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::open(data.path(), &StoreOptions::default()).unwrap();
+
+    let first = load(
+        &store,
+        &options(vec![inputs.path().to_path_buf()], OnError::Abort),
+    )
+    .unwrap();
+    assert_eq!(first.written(), 3);
+    assert_eq!(first.by_type[&ResourceType::PATIENT].written, 2);
+    assert_eq!(store.compartment_members("p1").unwrap().len(), 2);
+
+    let second = load(
+        &store,
+        &options(vec![inputs.path().to_path_buf()], OnError::Abort),
+    )
+    .unwrap();
+    assert_eq!(second.written(), 0);
+    assert_eq!(second.unchanged(), 3);
+    assert_eq!(store.high_water_seq().unwrap(), 3);
+}
+
+#[test]
+fn abort_reports_file_and_line_and_commits_nothing_from_the_bad_batch() {
+    let inputs = tempfile::tempdir().unwrap();
+    let file = inputs.path().join("Patient.ndjson");
+    write_file(
+        &file,
+        "{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n{\"resourceType\":\"Patient\",\"id\":\n{\"resourceType\":\"Patient\",\"id\":\"p3\"}\n",
+    );
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::open(data.path(), &StoreOptions::default()).unwrap();
+    let error = load(&store, &options(vec![file.clone()], OnError::Abort)).unwrap_err();
+    let LoadError::BadInput { problem, .. } = &error else {
+        panic!("{error}")
+    };
+    assert_eq!(problem.location, ProblemLocation::Line(2));
+    assert!(
+        error
+            .to_string()
+            .starts_with(&format!("{}:2: body is not valid JSON", file.display())),
+        "{error}"
+    );
+    assert_eq!(store.high_water_seq().unwrap(), 0);
+}
+
+#[test]
+fn skip_loads_the_good_lines_and_lists_the_bad_ones() {
+    let inputs = tempfile::tempdir().unwrap();
+    let file = inputs.path().join("mixed.ndjson");
+    write_file(
+        &file,
+        "{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n[1,2]\n{\"resourceType\":\"Nope\",\"id\":\"x\"}\n{\"resourceType\":\"Patient\"}\n{\"resourceType\":\"Patient\",\"id\":\"p5\"}\n",
+    );
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::open(data.path(), &StoreOptions::default()).unwrap();
+    let summary = load(&store, &options(vec![file], OnError::Skip)).unwrap();
+    assert_eq!(summary.written(), 2);
+    let bad_lines: Vec<ProblemLocation> = summary
+        .skipped
+        .iter()
+        .map(|problem| problem.location.clone())
+        .collect();
+    assert_eq!(
+        bad_lines,
+        vec![
+            ProblemLocation::Line(2),
+            ProblemLocation::Line(3),
+            ProblemLocation::Line(4)
+        ]
+    );
+    assert!(summary.skipped[2].reason.contains("has no id"));
+}
+
+#[test]
+fn synthea_bundles_load_with_urn_uuid_references_rewritten() {
+    let inputs = tempfile::tempdir().unwrap();
+    let bundle = r#"{"resourceType":"Bundle","type":"transaction","entry":[
+        {"fullUrl":"urn:uuid:5a1b2c3d-0000-4000-8000-000000000001","resource":{"resourceType":"Patient","id":"5a1b2c3d-0000-4000-8000-000000000001"},"request":{"method":"POST","url":"Patient"}},
+        {"fullUrl":"urn:uuid:5a1b2c3d-0000-4000-8000-000000000002","resource":{"resourceType":"Encounter","status":"finished","class":{},"subject":{"reference":"urn:uuid:5a1b2c3d-0000-4000-8000-000000000001"}},"request":{"method":"POST","url":"Encounter"}}
+    ]}"#;
+    write_file(&inputs.path().join("patient-bundle.json"), bundle);
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::open(data.path(), &StoreOptions::default()).unwrap();
+    let summary = load(
+        &store,
+        &options(vec![inputs.path().to_path_buf()], OnError::Abort),
+    )
+    .unwrap();
+    assert_eq!(summary.written(), 2);
+    let encounter_type = ResourceType::parse("Encounter").unwrap();
+    let encounter = store
+        .read_current(encounter_type, &id("5a1b2c3d-0000-4000-8000-000000000002"))
+        .unwrap()
+        .unwrap();
+    assert!(
+        encounter
+            .body
+            .unwrap()
+            .contains(r#""subject":{"reference":"Patient/5a1b2c3d-0000-4000-8000-000000000001"}"#)
+    );
+    assert_eq!(
+        store
+            .compartment_members("5a1b2c3d-0000-4000-8000-000000000001")
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn unsupported_and_missing_paths_are_clear_errors() {
+    let inputs = tempfile::tempdir().unwrap();
+    let text_file = inputs.path().join("notes.txt");
+    write_file(&text_file, "x");
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::open(data.path(), &StoreOptions::default()).unwrap();
+    assert!(matches!(
+        load(&store, &options(vec![text_file], OnError::Abort)),
+        Err(LoadError::UnsupportedFile(_))
+    ));
+    assert!(matches!(
+        load(
+            &store,
+            &options(vec![inputs.path().join("missing")], OnError::Abort)
+        ),
+        Err(LoadError::Io { .. })
+    ));
+}
+
+#[test]
+fn the_shipped_sample_loads_completely() {
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample");
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::open(data.path(), &StoreOptions::default()).unwrap();
+    let summary = load(&store, &options(vec![sample], OnError::Abort)).unwrap();
+    assert_eq!(summary.written(), 45_200);
+    assert_eq!(summary.by_type.len(), 25);
+    assert_eq!(summary.by_type[&ResourceType::PATIENT].written, 20);
+}

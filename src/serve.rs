@@ -1,0 +1,72 @@
+//! `fhirlog serve`: open the store, load what was asked, and serve until SIGINT/SIGTERM.
+
+use anyhow::Context;
+
+use crate::config::ServeSettings;
+use crate::load::{LoadOptions, OnError, load};
+use crate::store::{Store, StoreOptions};
+
+pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
+    let store = Store::open(&settings.data_dir, &StoreOptions::default())
+        .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?;
+    if !settings.load_paths.is_empty() {
+        let options = LoadOptions {
+            paths: settings.load_paths.clone(),
+            on_error: OnError::Abort,
+            max_json_depth: settings.limits.max_json_depth,
+            show_progress: true,
+        };
+        let summary = load(&store, &options).context("loading --load inputs")?;
+        tracing::info!(
+            written = summary.written(),
+            unchanged = summary.unchanged(),
+            seconds = summary.elapsed.as_secs_f64(),
+            "loaded --load inputs"
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fhirlog-http")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let (bound, server) = crate::http::bind(
+            store,
+            settings.listen,
+            settings.base_url,
+            settings.limits,
+            shutdown_signal(),
+        )
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
+        tracing::info!(address = %bound, "fhirlog is serving FHIR R4 at http://{bound}/fhir");
+        server.await;
+        tracing::info!("shut down cleanly");
+        Ok(())
+    })
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(terminate) => terminate,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {},
+            _ = terminate.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+    tracing::info!("shutdown signal received; finishing open requests");
+}
