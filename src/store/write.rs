@@ -107,7 +107,8 @@ pub enum WriteOutcome {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WriteRejection {
     #[error(
-        "{resource_type}/{id} is at version {current_version:?}, not the expected version {expected_version}"
+        "{resource_type}/{id} is {}, not at the expected version {expected_version}",
+        describe_current_version(*current_version)
     )]
     VersionConflict {
         resource_type: ResourceType,
@@ -120,4 +121,11 @@ pub enum WriteRejection {
         resource_type: ResourceType,
         id: ResourceId,
     },
+}
+
+fn describe_current_version(current_version: Option<u64>) -> String {
+    match current_version {
+        Some(version) => format!("at version {version}"),
+        None => "absent or deleted".to_owned(),
+    }
 }
