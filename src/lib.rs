@@ -7,6 +7,7 @@
 //! - [`http`]: the warp front end — routes, handlers, and the one mapping from errors to OperationOutcome.
 //! - [`load`]: the ndjson and Bundle loader behind `fhirlog load` and `serve --load`.
 //! - [`generate`]: the scale-data generator behind `fhirlog gen`.
+//! - [`sink`]: export destinations — the `Destination` trait over object_store (local, memory).
 //! - [`serve`]: `fhirlog serve` — open, load, listen, shut down gracefully.
 
 pub mod config;
@@ -15,4 +16,5 @@ pub mod generate;
 pub mod http;
 pub mod load;
 pub mod serve;
+pub mod sink;
 pub mod store;

@@ -8,6 +8,7 @@ mod projection;
 mod read;
 mod rebuild;
 mod record;
+mod scan;
 mod write;
 
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
 pub use read::{ProjectionDump, StoredVersion};
 pub use rebuild::RebuildSummary;
+pub use scan::{EventView, ScanControl, SeqWindow};
 pub use write::{
     PreparedResource, UnchangedContent, VersionInfo, WriteOperation, WriteOutcome, WriteRejection,
 };
@@ -69,6 +71,8 @@ pub(crate) struct Keyspaces {
     history: Keyspace,
     compartment: Keyspace,
     clock: Keyspace,
+    jobs: Keyspace,
+    scratch: Keyspace,
 }
 
 impl Keyspaces {
@@ -88,6 +92,8 @@ impl Keyspaces {
             history: open("history", index_bytes)?,
             compartment: open("compartment", index_bytes)?,
             clock: open("clock", index_bytes)?,
+            jobs: open("jobs", index_bytes)?,
+            scratch: open("scratch", index_bytes)?,
             database,
         })
     }

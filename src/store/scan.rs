@@ -1,0 +1,341 @@
+//! Reads for exports: the newest version of each resource as of a snapshot seq (a merge
+//! of two sequential scans, DESIGN.md §3), event lookups, a per-job scratch set of
+//! (type, seq) keys, and the `jobs` keyspace.
+
+use fjall::PersistMode;
+use serde::{Deserialize, Serialize};
+
+use super::record::{self, EventOperation, EventRecord};
+use super::{Store, StoreError, keys};
+use crate::fhir::{Instant, ResourceType};
+
+/// The seqs in `(after_seq, through_seq]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqWindow {
+    pub after_seq: u64,
+    pub through_seq: u64,
+}
+
+impl SeqWindow {
+    pub fn is_empty(&self) -> bool {
+        self.after_seq >= self.through_seq
+    }
+
+    pub fn contains(&self, seq: u64) -> bool {
+        seq > self.after_seq && seq <= self.through_seq
+    }
+}
+
+/// One stored event, borrowed from the store for the duration of a visit.
+#[derive(Debug)]
+pub struct EventView<'a> {
+    pub resource_type: ResourceType,
+    pub seq: u64,
+    pub id: &'a str,
+    pub version: u64,
+    pub last_updated: Instant,
+    pub deleted: bool,
+    pub body: &'a str,
+    pub compartment_patients: &'a [&'a str],
+}
+
+/// Whether a scan goes on after a visit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanControl {
+    Continue,
+    Stop,
+}
+
+fn view_of<'a>(resource_type: ResourceType, event: &'a EventRecord<'a>) -> EventView<'a> {
+    EventView {
+        resource_type,
+        seq: event.seq,
+        id: event.id,
+        version: event.version,
+        last_updated: Instant::from_micros_since_epoch(event.instant_micros),
+        deleted: event.operation == EventOperation::Delete,
+        body: event.body,
+        compartment_patients: &event.compartment_patients,
+    }
+}
+
+fn scratch_key(namespace: &str, resource_type: ResourceType, seq: u64) -> Vec<u8> {
+    let mut key = scratch_type_prefix(namespace, resource_type);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn scratch_type_prefix(namespace: &str, resource_type: ResourceType) -> Vec<u8> {
+    let mut key = scratch_namespace_prefix(namespace);
+    key.extend_from_slice(&keys::type_prefix(resource_type));
+    key
+}
+
+fn scratch_namespace_prefix(namespace: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(namespace.len() + 11);
+    key.extend_from_slice(namespace.as_bytes());
+    key.push(keys::ID_TERMINATOR);
+    key
+}
+
+fn parse_trailing_seq(key: &[u8]) -> Result<u64, StoreError> {
+    key.split_last_chunk::<8>()
+        .map(|(_, seq)| u64::from_be_bytes(*seq))
+        .ok_or_else(|| StoreError::Corrupt("key without a seq".to_owned()))
+}
+
+impl Store {
+    /// Visits, in seq order, every event of `resource_type` in `window` that is still the
+    /// resource's newest version as of `window.through_seq`.
+    pub fn scan_newest_in_window(
+        &self,
+        resource_type: ResourceType,
+        window: SeqWindow,
+        mut visit: impl FnMut(&EventView<'_>) -> ScanControl,
+    ) -> Result<(), StoreError> {
+        if window.is_empty() {
+            return Ok(());
+        }
+        let keyspaces = self.keyspaces();
+        let start = keys::type_seq(resource_type, window.after_seq + 1);
+        let end = keys::type_seq(resource_type, window.through_seq);
+        let mut superseded = keyspaces.superseded.range(start..=end);
+        let mut pending_superseded: Option<(u64, u64)> = None;
+        for entry in keyspaces.events.range(start..=end) {
+            let (key, value) = entry.into_inner()?;
+            let seq = parse_trailing_seq(&key)?;
+            let mut superseded_by = None;
+            loop {
+                if pending_superseded.is_none() {
+                    pending_superseded = match superseded.next() {
+                        Some(guard) => {
+                            let (superseded_key, next_seq) = guard.into_inner()?;
+                            let next_seq = keys::parse_seq(&next_seq).ok_or_else(|| {
+                                StoreError::Corrupt("bad superseded entry".to_owned())
+                            })?;
+                            Some((parse_trailing_seq(&superseded_key)?, next_seq))
+                        }
+                        None => None,
+                    };
+                }
+                match pending_superseded {
+                    Some((superseded_seq, _)) if superseded_seq < seq => pending_superseded = None,
+                    Some((superseded_seq, next_seq)) if superseded_seq == seq => {
+                        superseded_by = Some(next_seq);
+                        pending_superseded = None;
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            if superseded_by.is_some_and(|next| next <= window.through_seq) {
+                continue;
+            }
+            let event: EventRecord = record::decode(&value)?;
+            if visit(&view_of(resource_type, &event)) == ScanControl::Stop {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The first and last seq of `resource_type`'s events inside `window`.
+    pub fn type_seq_bounds(
+        &self,
+        resource_type: ResourceType,
+        window: SeqWindow,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        if window.is_empty() {
+            return Ok(None);
+        }
+        let start = keys::type_seq(resource_type, window.after_seq + 1);
+        let end = keys::type_seq(resource_type, window.through_seq);
+        let events = &self.keyspaces().events;
+        let first = events
+            .range(start..=end)
+            .next()
+            .map(|guard| guard.key())
+            .transpose()?;
+        let last = events
+            .range(start..=end)
+            .next_back()
+            .map(|guard| guard.key())
+            .transpose()?;
+        match (first, last) {
+            (Some(first), Some(last)) => Ok(Some((
+                parse_trailing_seq(&first)?,
+                parse_trailing_seq(&last)?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Calls `visit` with event `seq` of `resource_type`; `None` if there is no such event.
+    pub fn with_event<R>(
+        &self,
+        resource_type: ResourceType,
+        seq: u64,
+        visit: impl FnOnce(&EventView<'_>) -> R,
+    ) -> Result<Option<R>, StoreError> {
+        let Some(bytes) = self
+            .keyspaces()
+            .events
+            .get(keys::type_seq(resource_type, seq))?
+        else {
+            return Ok(None);
+        };
+        let event: EventRecord = record::decode(&bytes)?;
+        Ok(Some(visit(&view_of(resource_type, &event))))
+    }
+
+    /// `(version, seq)` of every version of a resource, newest first.
+    pub fn version_seqs(
+        &self,
+        resource_type: ResourceType,
+        id: &str,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let prefix = keys::history_prefix(resource_type, id);
+        let mut versions = Vec::new();
+        for entry in self.keyspaces().history.prefix(&prefix).rev() {
+            let (key, seq_bytes) = entry.into_inner()?;
+            let version = parse_trailing_seq(&key)?;
+            let seq = keys::parse_seq(&seq_bytes)
+                .ok_or_else(|| StoreError::Corrupt("bad history entry".to_owned()))?;
+            versions.push((version, seq));
+        }
+        Ok(versions)
+    }
+
+    /// Adds `(type, seq)` keys to the scratch set `namespace` (not yet durable; see
+    /// [`Store::persist_durably`]).
+    pub fn scratch_insert(
+        &self,
+        namespace: &str,
+        entries: &[(ResourceType, u64)],
+    ) -> Result<(), StoreError> {
+        let keyspaces = self.keyspaces();
+        let mut batch = keyspaces.database.batch();
+        for (resource_type, seq) in entries {
+            batch.insert(
+                &keyspaces.scratch,
+                scratch_key(namespace, *resource_type, *seq),
+                [],
+            );
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    /// Visits, in order, the scratch seqs of `resource_type` inside `window`.
+    pub fn scratch_scan(
+        &self,
+        namespace: &str,
+        resource_type: ResourceType,
+        window: SeqWindow,
+        mut visit: impl FnMut(u64) -> Result<ScanControl, StoreError>,
+    ) -> Result<(), StoreError> {
+        if window.is_empty() {
+            return Ok(());
+        }
+        let start = scratch_key(namespace, resource_type, window.after_seq + 1);
+        let end = scratch_key(namespace, resource_type, window.through_seq);
+        for entry in self.keyspaces().scratch.range(start..=end) {
+            let key = entry.key()?;
+            if visit(parse_trailing_seq(&key)?)? == ScanControl::Stop {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The first and last scratch seq of `resource_type`.
+    pub fn scratch_bounds(
+        &self,
+        namespace: &str,
+        resource_type: ResourceType,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let prefix = scratch_type_prefix(namespace, resource_type);
+        let scratch = &self.keyspaces().scratch;
+        let first = scratch
+            .prefix(&prefix)
+            .next()
+            .map(|guard| guard.key())
+            .transpose()?;
+        let last = scratch
+            .prefix(&prefix)
+            .next_back()
+            .map(|guard| guard.key())
+            .transpose()?;
+        match (first, last) {
+            (Some(first), Some(last)) => Ok(Some((
+                parse_trailing_seq(&first)?,
+                parse_trailing_seq(&last)?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Removes the whole scratch set `namespace`.
+    pub fn scratch_clear(&self, namespace: &str) -> Result<(), StoreError> {
+        let keyspaces = self.keyspaces();
+        let mut batch = keyspaces.database.batch();
+        let mut pending = 0usize;
+        for entry in keyspaces
+            .scratch
+            .prefix(scratch_namespace_prefix(namespace))
+        {
+            batch.remove(&keyspaces.scratch, entry.key()?);
+            pending += 1;
+            if pending == 10_000 {
+                batch.commit()?;
+                batch = keyspaces.database.batch();
+                pending = 0;
+            }
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    /// Makes every write so far durable (fsync).
+    pub fn persist_durably(&self) -> Result<(), StoreError> {
+        self.keyspaces().database.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    /// Writes a job record durably.
+    pub fn job_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.keyspaces().jobs.insert(key.as_bytes(), value)?;
+        self.persist_durably()
+    }
+
+    pub fn job_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .keyspaces()
+            .jobs
+            .get(key.as_bytes())?
+            .map(|value| value.to_vec()))
+    }
+
+    /// Every job record whose key starts with `prefix`, in key order.
+    pub fn job_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut records = Vec::new();
+        for entry in self.keyspaces().jobs.prefix(prefix.as_bytes()) {
+            let (key, value) = entry.into_inner()?;
+            let key = String::from_utf8(key.to_vec())
+                .map_err(|_| StoreError::Corrupt("job key is not UTF-8".to_owned()))?;
+            records.push((key, value.to_vec()));
+        }
+        Ok(records)
+    }
+
+    /// Removes every job record whose key starts with `prefix`, durably.
+    pub fn job_delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        let keyspaces = self.keyspaces();
+        let mut batch = keyspaces.database.batch();
+        for entry in keyspaces.jobs.prefix(prefix.as_bytes()) {
+            batch.remove(&keyspaces.jobs, entry.key()?);
+        }
+        batch.commit()?;
+        self.persist_durably()
+    }
+}
