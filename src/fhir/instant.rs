@@ -5,7 +5,10 @@ use time::format_description::well_known::Rfc3339;
 
 /// A point in time with microsecond precision, as microseconds since the Unix epoch (UTC).
 /// Formats as a FHIR `instant` with six fractional digits and `Z`.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct Instant(i64);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

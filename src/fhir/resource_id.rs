@@ -1,8 +1,23 @@
 use std::fmt;
 
 /// A FHIR logical id: 1 to 64 characters from `[A-Za-z0-9\-\.]`.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct ResourceId(String);
+
+impl TryFrom<String> for ResourceId {
+    type Error = ResourceIdParseError;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        ResourceId::parse(&text)
+    }
+}
+
+impl From<ResourceId> for String {
+    fn from(id: ResourceId) -> String {
+        id.0
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResourceIdParseError {
@@ -86,6 +101,6 @@ mod tests {
         ));
         assert!(ResourceId::parse("a_b").is_err());
         assert!(ResourceId::parse("é").is_err());
-        assert!(ResourceId::parse(&ResourceId::new_server_assigned().to_string()).is_ok());
+        assert!(ResourceId::parse(ResourceId::new_server_assigned().as_str()).is_ok());
     }
 }

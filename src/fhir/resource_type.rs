@@ -80,6 +80,19 @@ impl fmt::Debug for ResourceType {
     }
 }
 
+impl serde::Serialize for ResourceType {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ResourceType {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        ResourceType::parse(&name).map_err(serde::de::Error::custom)
+    }
+}
+
 impl std::str::FromStr for ResourceType {
     type Err = UnknownResourceType;
 

@@ -19,6 +19,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
 pub use read::{ProjectionDump, StoredVersion};
 pub use rebuild::RebuildSummary;
+pub use record::{decode as decode_record, encode as encode_record};
 pub use scan::{EventView, ScanControl, SeqWindow};
 pub use write::{
     PreparedResource, UnchangedContent, VersionInfo, WriteOperation, WriteOutcome, WriteRejection,

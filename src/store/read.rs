@@ -165,3 +165,20 @@ impl Store {
         })
     }
 }
+
+impl Store {
+    /// The instant of the commit that wrote `seq`; `None` for seq 0 or an unknown seq.
+    pub fn commit_instant(&self, seq: u64) -> Result<Option<Instant>, StoreError> {
+        let Some(type_bytes) = self.keyspaces().log.get(keys::seq(seq))? else {
+            return Ok(None);
+        };
+        let code = type_bytes
+            .as_ref()
+            .try_into()
+            .map(u16::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt("bad log entry".to_owned()))?;
+        let resource_type = ResourceType::from_code(code)
+            .ok_or_else(|| StoreError::Corrupt("bad log type".to_owned()))?;
+        Ok(Some(self.read_event(resource_type, seq)?.last_updated))
+    }
+}

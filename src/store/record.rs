@@ -37,12 +37,14 @@ pub struct CurrentEntry {
     pub digest: [u8; 32],
 }
 
+/// Encodes any record the store keeps: the format byte, then postcard.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     let mut bytes = vec![RECORD_FORMAT_VERSION];
     postcard::to_io(record, &mut bytes).expect("writing postcard to a Vec cannot fail");
     bytes
 }
 
+/// Decodes what [`encode`] wrote; another format byte is `StoreError::Corrupt`.
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, StoreError> {
     match bytes.split_first() {
         Some((&RECORD_FORMAT_VERSION, payload)) => postcard::from_bytes(payload)

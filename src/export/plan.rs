@@ -1,0 +1,341 @@
+//! Planning a job: the snapshot window, the members of a Group or `patient=` list as of
+//! the snapshot, collecting their compartments into the job's scratch set, and splitting
+//! each type's seq range into work units.
+
+use std::collections::{BTreeSet, HashSet};
+
+use serde_json::Value;
+
+use super::job::{UnitSource, WorkUnit};
+use super::request::{ExportLevel, ExportRequest};
+use crate::fhir::compartment::{LiteralReference, PatientCompartment};
+use crate::fhir::{Instant, ResourceId, ResourceType};
+use crate::store::{SeqWindow, Store, StoreError};
+
+/// Largest seq span one work unit covers; large types become several units so every
+/// worker has something to do.
+const UNIT_SEQ_SPAN: u64 = 100_000;
+/// Member patients collected between durable checkpoints.
+pub const MEMBERS_PER_COLLECTION_CHECKPOINT: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The export's snapshot: the seq window and the instant the manifest reports.
+pub struct Snapshot {
+    pub window: SeqWindow,
+    pub transaction_time: Instant,
+}
+
+/// Fixes the snapshot: everything committed so far (or up to `_until`), after `_since`.
+pub fn take_snapshot(
+    store: &Store,
+    request: &ExportRequest,
+    now: Instant,
+) -> Result<Snapshot, StoreError> {
+    let high_water_seq = store.high_water_seq()?;
+    let (through_seq, transaction_time) = match request.until.filter(|until| *until < now) {
+        Some(until) => (store.seq_at_or_before(until)?.min(high_water_seq), until),
+        None => {
+            let last_commit = store.commit_instant(high_water_seq)?.unwrap_or(now);
+            (high_water_seq, last_commit)
+        }
+    };
+    let after_seq = match request.since {
+        Some(since) => store.seq_at_or_before(since)?.min(through_seq),
+        None => 0,
+    };
+    Ok(Snapshot {
+        window: SeqWindow {
+            after_seq,
+            through_seq,
+        },
+        transaction_time,
+    })
+}
+
+/// The types a level covers, narrowed by `_type`. A Group export leaves Groups out:
+/// it exports the members' data, not the groups that define membership.
+pub fn covered_types(request: &ExportRequest) -> Vec<ResourceType> {
+    let level_types: Vec<ResourceType> = match request.level {
+        ExportLevel::System => ResourceType::all().collect(),
+        ExportLevel::AllPatients => PatientCompartment::r4().types().collect(),
+        ExportLevel::Group(_) => PatientCompartment::r4()
+            .types()
+            .filter(|resource_type| *resource_type != ResourceType::GROUP)
+            .collect(),
+    };
+    match &request.types {
+        Some(requested) => level_types
+            .into_iter()
+            .filter(|resource_type| requested.contains(resource_type))
+            .collect(),
+        None => level_types,
+    }
+}
+
+/// Units over the events of each covered type (system and all-patients exports).
+pub fn plan_event_units(
+    store: &Store,
+    request: &ExportRequest,
+    window: SeqWindow,
+) -> Result<Vec<WorkUnit>, StoreError> {
+    let source = match request.level {
+        ExportLevel::System => UnitSource::AllEvents,
+        _ => UnitSource::CompartmentEvents,
+    };
+    let mut units = Vec::new();
+    for resource_type in covered_types(request) {
+        if let Some(bounds) = store.type_seq_bounds(resource_type, window)? {
+            split_into_units(resource_type, bounds, source, &mut units);
+        }
+    }
+    Ok(units)
+}
+
+/// Units over the job's collected scratch set.
+pub fn plan_collected_units(
+    store: &Store,
+    job_id: &str,
+    request: &ExportRequest,
+) -> Result<Vec<WorkUnit>, StoreError> {
+    let mut units = Vec::new();
+    for resource_type in covered_types(request) {
+        if let Some(bounds) = store.scratch_bounds(job_id, resource_type)? {
+            split_into_units(
+                resource_type,
+                bounds,
+                UnitSource::CollectedEvents,
+                &mut units,
+            );
+        }
+    }
+    Ok(units)
+}
+
+fn split_into_units(
+    resource_type: ResourceType,
+    (first_seq, last_seq): (u64, u64),
+    source: UnitSource,
+    units: &mut Vec<WorkUnit>,
+) {
+    let mut after_seq = first_seq - 1;
+    while after_seq < last_seq {
+        let through_seq = after_seq.saturating_add(UNIT_SEQ_SPAN).min(last_seq);
+        units.push(WorkUnit {
+            resource_type,
+            seqs: SeqWindow {
+                after_seq,
+                through_seq,
+            },
+            source,
+        });
+        after_seq = through_seq;
+    }
+}
+
+/// The version of a resource current as of `through_seq`: its seq and whether it is a delete.
+fn version_as_of(
+    store: &Store,
+    resource_type: ResourceType,
+    id: &str,
+    through_seq: u64,
+) -> Result<Option<u64>, StoreError> {
+    Ok(store
+        .version_seqs(resource_type, id)?
+        .into_iter()
+        .map(|(_, seq)| seq)
+        .find(|seq| *seq <= through_seq))
+}
+
+/// The sorted patient ids an export of Group or `patient=` covers, as of the snapshot.
+pub fn resolve_members(
+    store: &Store,
+    request: &ExportRequest,
+    through_seq: u64,
+) -> Result<Option<Vec<String>>, PlanError> {
+    let mut members: BTreeSet<String> = match &request.level {
+        ExportLevel::System => return Ok(None),
+        ExportLevel::AllPatients if request.patients.is_empty() => return Ok(None),
+        ExportLevel::AllPatients => BTreeSet::new(),
+        ExportLevel::Group(group_id) => group_members(store, group_id, through_seq)?,
+    };
+    if request.patients.is_empty() {
+        return Ok(Some(members.into_iter().collect()));
+    }
+    let mut narrowed = BTreeSet::new();
+    for patient in &request.patients {
+        let present = match &request.level {
+            ExportLevel::Group(group_id) => {
+                if !members.contains(patient.as_str()) {
+                    return Err(PlanError::Invalid(format!(
+                        "Patient/{patient} is not a member of Group/{group_id}"
+                    )));
+                }
+                true
+            }
+            _ => live_as_of(store, ResourceType::PATIENT, patient, through_seq)?,
+        };
+        if !present {
+            return Err(PlanError::Invalid(format!(
+                "Patient/{patient} does not exist"
+            )));
+        }
+        narrowed.insert(patient.as_str().to_owned());
+    }
+    members = narrowed;
+    Ok(Some(members.into_iter().collect()))
+}
+
+fn live_as_of(
+    store: &Store,
+    resource_type: ResourceType,
+    id: &ResourceId,
+    through_seq: u64,
+) -> Result<bool, StoreError> {
+    let Some(seq) = version_as_of(store, resource_type, id.as_str(), through_seq)? else {
+        return Ok(false);
+    };
+    Ok(store
+        .with_event(resource_type, seq, |view| !view.deleted)?
+        .unwrap_or(false))
+}
+
+/// Patients referenced by `Group.member.entity`, following nested Groups and skipping
+/// inactive members, all as of `through_seq`.
+fn group_members(
+    store: &Store,
+    group_id: &ResourceId,
+    through_seq: u64,
+) -> Result<BTreeSet<String>, PlanError> {
+    let mut members = BTreeSet::new();
+    let mut pending = vec![group_id.as_str().to_owned()];
+    let mut visited = HashSet::new();
+    while let Some(current) = pending.pop() {
+        if !visited.insert(current.clone()) {
+            continue;
+        }
+        let body = match version_as_of(store, ResourceType::GROUP, &current, through_seq)? {
+            Some(seq) => store
+                .with_event(ResourceType::GROUP, seq, |view| {
+                    (!view.deleted).then(|| view.body.to_owned())
+                })?
+                .flatten(),
+            None => None,
+        };
+        let Some(body) = body else {
+            if current == group_id.as_str() {
+                return Err(PlanError::NotFound(format!(
+                    "Group/{group_id} does not exist"
+                )));
+            }
+            continue;
+        };
+        let group: Value =
+            serde_json::from_str(&body).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        for member in group
+            .get("member")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if member.get("inactive").and_then(Value::as_bool) == Some(true) {
+                continue;
+            }
+            let Some(reference) = member
+                .get("entity")
+                .and_then(|entity| entity.get("reference"))
+                .and_then(Value::as_str)
+                .and_then(LiteralReference::parse)
+            else {
+                continue;
+            };
+            match reference.resource_type_name {
+                "Patient" => {
+                    members.insert(reference.id.to_owned());
+                }
+                "Group" => pending.push(reference.id.to_owned()),
+                _ => {}
+            }
+        }
+    }
+    Ok(members)
+}
+
+/// Adds to the scratch set every (type, seq) in `patient_id`'s compartment that the
+/// export covers: the version current as of the snapshot, changed inside the window, and
+/// (re-checked on that version) really in this patient's compartment. A resource reached
+/// through several patients yields one key, so it is exported once.
+pub fn collect_member(
+    store: &Store,
+    request: &ExportRequest,
+    window: SeqWindow,
+    patient_id: &str,
+    covered: &HashSet<ResourceType>,
+    collected: &mut Vec<(ResourceType, u64)>,
+) -> Result<(), StoreError> {
+    for (resource_type, id) in store.compartment_members(patient_id)? {
+        if !covered.contains(&resource_type) {
+            continue;
+        }
+        let versions = store.version_seqs(resource_type, &id)?;
+        let Some(position) = versions
+            .iter()
+            .position(|(_, seq)| *seq <= window.through_seq)
+        else {
+            continue;
+        };
+        let seq = versions[position].1;
+        if !window.contains(seq) {
+            continue;
+        }
+        let Some((deleted, in_compartment)) = store.with_event(resource_type, seq, |view| {
+            (
+                view.deleted,
+                view.compartment_patients.contains(&patient_id),
+            )
+        })?
+        else {
+            continue;
+        };
+        let keep = if deleted {
+            request.since.is_some()
+                && deleted_version_was_in_compartment(
+                    store,
+                    resource_type,
+                    &versions[position + 1..],
+                    patient_id,
+                )?
+        } else {
+            in_compartment
+        };
+        if keep {
+            collected.push((resource_type, seq));
+        }
+    }
+    Ok(())
+}
+
+fn deleted_version_was_in_compartment(
+    store: &Store,
+    resource_type: ResourceType,
+    older_versions: &[(u64, u64)],
+    patient_id: &str,
+) -> Result<bool, StoreError> {
+    for (_, seq) in older_versions {
+        let verdict = store.with_event(resource_type, *seq, |view| {
+            (!view.deleted).then(|| view.compartment_patients.contains(&patient_id))
+        })?;
+        if let Some(Some(in_compartment)) = verdict {
+            return Ok(in_compartment);
+        }
+    }
+    Ok(false)
+}

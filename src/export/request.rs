@@ -1,0 +1,383 @@
+//! Turning a kick-off request (query or `Parameters` body, plus headers) into a typed
+//! [`ExportRequest`], with a clear error for anything it cannot honour.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::fhir::compartment::LiteralReference;
+use crate::fhir::{Instant, ResourceId, ResourceType};
+use crate::sink::ContainerName;
+
+/// What an export covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExportLevel {
+    System,
+    AllPatients,
+    Group(ResourceId),
+}
+
+/// A validated kick-off request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportRequest {
+    pub level: ExportLevel,
+    pub since: Option<Instant>,
+    pub until: Option<Instant>,
+    /// `None` means every type the level covers.
+    pub types: Option<BTreeSet<ResourceType>>,
+    /// `patient=`: narrows a Patient or Group export to these patients.
+    pub patients: Vec<ResourceId>,
+    pub container: Option<ContainerName>,
+    /// Parameters ignored under `Prefer: handling=lenient`, reported in the `error` files.
+    pub ignored_under_lenient: Vec<String>,
+}
+
+/// Why a kick-off request is refused (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidExportRequest(pub String);
+
+/// The raw pieces of a kick-off the HTTP layer hands over.
+pub struct KickOff<'a> {
+    pub level: ExportLevel,
+    pub is_post: bool,
+    pub query: &'a str,
+    pub accept: Option<&'a str>,
+    pub prefer: Vec<&'a str>,
+    pub body: &'a [u8],
+    pub now: Instant,
+}
+
+const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
+const UNSUPPORTED_PARAMETERS: [&str; 4] = [
+    "_typeFilter",
+    "_elements",
+    "includeAssociatedData",
+    "organizeOutputBy",
+];
+
+fn invalid(message: impl Into<String>) -> InvalidExportRequest {
+    InvalidExportRequest(message.into())
+}
+
+impl ExportRequest {
+    pub fn parse(kick_off: &KickOff<'_>) -> Result<ExportRequest, InvalidExportRequest> {
+        require_headers(kick_off)?;
+        let lenient = kick_off
+            .prefer
+            .iter()
+            .flat_map(|value| value.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("handling=lenient"));
+        let mut parameters: Vec<(String, String)> =
+            form_urlencoded::parse(kick_off.query.as_bytes())
+                .map(|(name, value)| (name.into_owned(), value.into_owned()))
+                .collect();
+        if parameters.iter().any(|(name, _)| name == "patient") {
+            return Err(invalid(
+                "the patient parameter is only accepted in a POST Parameters body",
+            ));
+        }
+        if kick_off.is_post {
+            parameters.extend(parameters_from_body(kick_off.body)?);
+        }
+        let mut request = ExportRequest {
+            level: kick_off.level.clone(),
+            since: None,
+            until: None,
+            types: None,
+            patients: Vec::new(),
+            container: None,
+            ignored_under_lenient: Vec::new(),
+        };
+        let mut problems = Vec::new();
+        for (name, value) in parameters {
+            match name.as_str() {
+                "_outputFormat" => {
+                    if !OUTPUT_FORMATS.contains(&value.as_str()) {
+                        return Err(invalid(format!(
+                            "_outputFormat '{value}' is not supported; use application/fhir+ndjson, application/ndjson or ndjson"
+                        )));
+                    }
+                }
+                "_since" => set_once(&mut request.since, parse_instant("_since", &value)?, "_since")?,
+                "_until" | "_till" => set_once(&mut request.until, parse_instant(&name, &value)?, "_until/_till")?,
+                "_type" => {
+                    let types = request.types.get_or_insert_with(BTreeSet::new);
+                    for name in value.split(',').map(str::trim).filter(|name| !name.is_empty()) {
+                        let resource_type = ResourceType::parse(name)
+                            .map_err(|error| invalid(format!("_type: {error}")))?;
+                        types.insert(resource_type);
+                    }
+                }
+                "patient" => request.patients.push(parse_patient_reference(&value)?),
+                "_container" => {
+                    let container = ContainerName::parse(&value).map_err(|error| invalid(format!("_container: {error}")))?;
+                    set_once(&mut request.container, container, "_container")?;
+                }
+                "allowPartialManifests" => {
+                    if value != "true" && value != "false" {
+                        return Err(invalid(format!("allowPartialManifests must be true or false, not '{value}'")));
+                    }
+                }
+                unsupported if UNSUPPORTED_PARAMETERS.contains(&unsupported) => problems.push(format!(
+                    "{unsupported} is not supported yet; resubmit without it or with Prefer: handling=lenient"
+                )),
+                unknown => problems.push(format!("unknown parameter '{unknown}'")),
+            }
+        }
+        if let Some(problem) = problems.first()
+            && !lenient
+        {
+            return Err(invalid(problem.clone()));
+        }
+        request.ignored_under_lenient = problems;
+        if request.since.is_some_and(|since| since > kick_off.now) {
+            return Err(invalid("_since is in the future"));
+        }
+        if let (Some(since), Some(until)) = (request.since, request.until)
+            && since >= until
+        {
+            return Err(invalid("_since must be earlier than _until"));
+        }
+        if request.level == ExportLevel::System && !request.patients.is_empty() {
+            return Err(invalid(
+                "the patient parameter applies to Patient and Group exports only",
+            ));
+        }
+        request.patients.sort();
+        request.patients.dedup();
+        Ok(request)
+    }
+}
+
+fn require_headers(kick_off: &KickOff<'_>) -> Result<(), InvalidExportRequest> {
+    let accepts_fhir_json = kick_off.accept.is_some_and(|accept| {
+        accept.split(',').any(|media| {
+            media
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .eq_ignore_ascii_case("application/fhir+json")
+        })
+    });
+    if !accepts_fhir_json {
+        return Err(invalid(
+            "a $export kick-off needs the header Accept: application/fhir+json",
+        ));
+    }
+    let respond_async = kick_off
+        .prefer
+        .iter()
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("respond-async"));
+    if !respond_async {
+        return Err(invalid(
+            "a $export kick-off needs the header Prefer: respond-async",
+        ));
+    }
+    Ok(())
+}
+
+fn set_once<T: PartialEq>(
+    slot: &mut Option<T>,
+    value: T,
+    name: &str,
+) -> Result<(), InvalidExportRequest> {
+    match slot {
+        Some(existing) if *existing != value => Err(invalid(format!(
+            "{name} is given twice with different values"
+        ))),
+        _ => {
+            *slot = Some(value);
+            Ok(())
+        }
+    }
+}
+
+fn parse_instant(name: &str, value: &str) -> Result<Instant, InvalidExportRequest> {
+    Instant::parse(value).map_err(|error| invalid(format!("{name}: {error}")))
+}
+
+fn parse_patient_reference(value: &str) -> Result<ResourceId, InvalidExportRequest> {
+    let not_a_patient = || {
+        invalid(format!(
+            "patient '{value}' is not a reference like Patient/123"
+        ))
+    };
+    let reference = LiteralReference::parse(value).ok_or_else(not_a_patient)?;
+    if reference.resource_type_name != "Patient" {
+        return Err(not_a_patient());
+    }
+    ResourceId::parse(reference.id).map_err(|_| not_a_patient())
+}
+
+/// Reads a `Parameters` body into (name, value) pairs.
+fn parameters_from_body(body: &[u8]) -> Result<Vec<(String, String)>, InvalidExportRequest> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|error| invalid(format!("body is not valid JSON: {error}")))?;
+    if value.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
+        return Err(invalid("a POST $export body must be a Parameters resource"));
+    }
+    let mut pairs = Vec::new();
+    let parameters = match value.get("parameter") {
+        None => return Ok(pairs),
+        Some(Value::Array(parameters)) => parameters,
+        Some(_) => return Err(invalid("Parameters.parameter must be an array")),
+    };
+    for (index, parameter) in parameters.iter().enumerate() {
+        let name = parameter
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid(format!("Parameters.parameter[{index}] has no name")))?;
+        let value = parameter
+            .as_object()
+            .and_then(|fields| {
+                fields.iter().find_map(|(key, field)| {
+                    let kind = key.strip_prefix("value")?;
+                    match (kind, field) {
+                        ("Reference", reference) => reference
+                            .get("reference")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned),
+                        (_, Value::String(text)) => Some(text.clone()),
+                        (_, Value::Bool(flag)) => Some(flag.to_string()),
+                        _ => None,
+                    }
+                })
+            })
+            .ok_or_else(|| {
+                invalid(format!(
+                    "Parameters.parameter[{index}] ({name}) has no usable value[x]"
+                ))
+            })?;
+        pairs.push((name.to_owned(), value));
+    }
+    Ok(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kick_off<'a>(query: &'a str, prefer: Vec<&'a str>) -> KickOff<'a> {
+        KickOff {
+            level: ExportLevel::System,
+            is_post: false,
+            query,
+            accept: Some("application/fhir+json"),
+            prefer,
+            body: b"",
+            now: Instant::parse("2030-01-01T00:00:00Z").unwrap(),
+        }
+    }
+
+    fn parse(query: &str) -> Result<ExportRequest, InvalidExportRequest> {
+        ExportRequest::parse(&kick_off(query, vec!["respond-async"]))
+    }
+
+    #[test]
+    fn parses_every_supported_parameter() {
+        let request = parse(
+            "_outputFormat=application%2Ffhir%2Bndjson&_since=2020-01-01T00:00:00Z&_till=2021-01-01T00:00:00Z&_type=Patient,Observation&_type=Encounter&_container=my-exports",
+        )
+        .unwrap();
+        assert_eq!(
+            request.since,
+            Some(Instant::parse("2020-01-01T00:00:00Z").unwrap())
+        );
+        assert_eq!(
+            request.until,
+            Some(Instant::parse("2021-01-01T00:00:00Z").unwrap())
+        );
+        let types: Vec<&str> = request
+            .types
+            .unwrap()
+            .iter()
+            .map(|resource_type| resource_type.as_str())
+            .collect();
+        assert_eq!(types, vec!["Encounter", "Observation", "Patient"]);
+        assert_eq!(request.container.unwrap().as_str(), "my-exports");
+    }
+
+    #[test]
+    fn rejects_each_bad_parameter_with_a_reason() {
+        let cases = [
+            ("_outputFormat=text/csv", "_outputFormat"),
+            ("_since=yesterday", "_since"),
+            ("_since=2099-01-01T00:00:00Z", "future"),
+            (
+                "_since=2021-01-01T00:00:00Z&_until=2020-01-01T00:00:00Z",
+                "earlier",
+            ),
+            ("_type=Patient,Nope", "Nope"),
+            ("_container=../etc", "container"),
+            ("_typeFilter=Observation%3Fstatus%3Dfinal", "_typeFilter"),
+            ("_elements=id", "_elements"),
+            (
+                "includeAssociatedData=LatestProvenanceResources",
+                "includeAssociatedData",
+            ),
+            ("bogus=1", "bogus"),
+            ("patient=Patient/1", "POST"),
+            (
+                "_since=2020-01-01T00:00:00Z&_since=2020-02-01T00:00:00Z",
+                "twice",
+            ),
+        ];
+        for (query, expected) in cases {
+            let error = parse(query).expect_err(query);
+            assert!(error.0.contains(expected), "{query}: {error}");
+        }
+    }
+
+    #[test]
+    fn headers_are_required() {
+        let mut missing_prefer = kick_off("", vec![]);
+        assert!(
+            ExportRequest::parse(&missing_prefer)
+                .unwrap_err()
+                .0
+                .contains("respond-async")
+        );
+        missing_prefer.prefer = vec!["respond-async"];
+        missing_prefer.accept = Some("application/json");
+        assert!(
+            ExportRequest::parse(&missing_prefer)
+                .unwrap_err()
+                .0
+                .contains("Accept")
+        );
+    }
+
+    #[test]
+    fn lenient_handling_ignores_and_reports() {
+        let request = ExportRequest::parse(&kick_off(
+            "_elements=id&zzz=1",
+            vec!["respond-async, handling=lenient"],
+        ))
+        .unwrap();
+        assert_eq!(request.ignored_under_lenient.len(), 2);
+    }
+
+    #[test]
+    fn post_parameters_carry_patients() {
+        let body = br#"{"resourceType":"Parameters","parameter":[
+            {"name":"_type","valueString":"Observation"},
+            {"name":"patient","valueReference":{"reference":"Patient/p2"}},
+            {"name":"patient","valueReference":{"reference":"Patient/p1"}}]}"#;
+        let mut post = kick_off("", vec!["respond-async"]);
+        post.is_post = true;
+        post.level = ExportLevel::AllPatients;
+        post.body = body;
+        let request = ExportRequest::parse(&post).unwrap();
+        let patients: Vec<&str> = request.patients.iter().map(ResourceId::as_str).collect();
+        assert_eq!(patients, vec!["p1", "p2"]);
+        post.level = ExportLevel::System;
+        assert!(ExportRequest::parse(&post).is_err());
+    }
+}

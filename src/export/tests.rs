@@ -1,0 +1,457 @@
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::job::FileKind;
+use super::*;
+use crate::fhir::canonical::{DEFAULT_MAX_JSON_DEPTH, ParsedResource};
+use crate::fhir::{Instant, ResourceId, ResourceType};
+use crate::sink::MemoryDestination;
+use crate::store::{PreparedResource, Store, StoreOptions, UnchangedContent, WriteOperation};
+
+struct Harness {
+    _directory: tempfile::TempDir,
+    store: Store,
+    runtime: tokio::runtime::Runtime,
+    destination: Arc<MemoryDestination>,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let directory = tempfile::tempdir().unwrap();
+        let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        Harness {
+            _directory: directory,
+            store,
+            runtime,
+            destination: Arc::new(MemoryDestination::new(true)),
+        }
+    }
+
+    fn engine(&self, settings: ExportSettings) -> ExportEngine {
+        ExportEngine::start(
+            self.store.clone(),
+            self.destination.clone(),
+            settings,
+            self.runtime.handle().clone(),
+        )
+        .unwrap()
+    }
+
+    fn put(&self, text: &str) -> Instant {
+        let parsed = ParsedResource::parse_bytes(text.as_bytes(), DEFAULT_MAX_JSON_DEPTH).unwrap();
+        let id = parsed.id.clone().unwrap();
+        let operation = WriteOperation::Update {
+            resource: PreparedResource::new(parsed.resource_type, id, parsed.json),
+            expected_version: None,
+            unchanged: UnchangedContent::NewVersion,
+        };
+        match &self.store.commit(vec![operation]).unwrap()[0] {
+            crate::store::WriteOutcome::Created { version }
+            | crate::store::WriteOutcome::Updated { version } => version.last_updated,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn delete(&self, type_name: &str, id: &str) -> Instant {
+        let operation = WriteOperation::Delete {
+            resource_type: ResourceType::parse(type_name).unwrap(),
+            id: ResourceId::parse(id).unwrap(),
+            expected_version: None,
+        };
+        match &self.store.commit(vec![operation]).unwrap()[0] {
+            crate::store::WriteOutcome::Deleted { version } => version.last_updated,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Every file of a completed job: kind → type → lines, in manifest order.
+    fn run(
+        &self,
+        engine: &ExportEngine,
+        request: ExportRequest,
+    ) -> (Box<job::JobRecord>, BTreeMap<String, Vec<String>>) {
+        let job_id = engine
+            .submit(request, "http://test/fhir/$export".to_owned())
+            .unwrap();
+        let JobStatus::Completed { record, .. } = engine.wait(&job_id, |_| {}).unwrap() else {
+            panic!("job did not complete");
+        };
+        let mut contents = BTreeMap::new();
+        for file in &record.files {
+            let (files, object) = engine.file(&job_id, &file.name).unwrap();
+            let bytes = self.runtime.block_on(files.get_bytes(&object)).unwrap();
+            let lines: Vec<String> = String::from_utf8(bytes.to_vec())
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            assert_eq!(lines.len() as u64, file.count, "{}", file.name);
+            contents.insert(file.name.clone(), lines);
+        }
+        (record, contents)
+    }
+}
+
+fn request(level: ExportLevel) -> ExportRequest {
+    ExportRequest {
+        level,
+        since: None,
+        until: None,
+        types: None,
+        patients: Vec::new(),
+        container: None,
+        ignored_under_lenient: Vec::new(),
+    }
+}
+
+fn ids_in(contents: &BTreeMap<String, Vec<String>>, prefix: &str) -> BTreeSet<String> {
+    contents
+        .iter()
+        .filter(|(name, _)| name.starts_with(prefix))
+        .flat_map(|(_, lines)| lines.iter())
+        .map(|line| {
+            serde_json::from_str::<Value>(line).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+fn small_settings(max_resources_per_file: u64) -> ExportSettings {
+    ExportSettings {
+        workers: 2,
+        max_resources_per_file,
+        job_timeout: Duration::from_secs(60),
+        max_jobs: 8,
+        retention: Duration::from_secs(3600),
+    }
+}
+
+fn observation(id: &str, patients: &[&str]) -> String {
+    let performers: Vec<String> = patients[1..]
+        .iter()
+        .map(|patient| format!(r#"{{"reference":"Patient/{patient}"}}"#))
+        .collect();
+    format!(
+        r#"{{"resourceType":"Observation","id":"{id}","status":"final","code":{{}},"subject":{{"reference":"Patient/{}"}},"performer":[{}]}}"#,
+        patients[0],
+        performers.join(",")
+    )
+}
+
+#[test]
+fn system_export_writes_numbered_parts_of_current_versions() {
+    let harness = Harness::new();
+    for index in 0..7 {
+        harness.put(&format!(r#"{{"resourceType":"Patient","id":"p{index}"}}"#));
+    }
+    harness.put(r#"{"resourceType":"Patient","id":"p0","active":true}"#);
+    harness.delete("Patient", "p6");
+    harness.put(r#"{"resourceType":"Organization","id":"org"}"#);
+    let engine = harness.engine(small_settings(3));
+    let (record, contents) = harness.run(&engine, request(ExportLevel::System));
+    let names: Vec<&str> = record.files.iter().map(|file| file.name.as_str()).collect();
+    assert_eq!(
+        names,
+        vec![
+            "Organization-1.ndjson",
+            "Patient-1.ndjson",
+            "Patient-2.ndjson"
+        ]
+    );
+    assert_eq!(ids_in(&contents, "Patient-").len(), 6);
+    assert!(!ids_in(&contents, "Patient-").contains("p6"));
+    let patient_zero = contents
+        .values()
+        .flatten()
+        .find(|line| line.contains(r#""id":"p0""#))
+        .unwrap();
+    assert!(
+        patient_zero.contains(r#""versionId":"2""#) && patient_zero.contains(r#""active":true"#)
+    );
+    let stored = harness
+        .store
+        .read_current(ResourceType::PATIENT, &ResourceId::parse("p0").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(patient_zero, &stored.body.unwrap());
+}
+
+#[test]
+fn until_exports_the_store_as_it_was_and_since_reports_changes_and_deletes() {
+    let harness = Harness::new();
+    harness.put(r#"{"resourceType":"Patient","id":"a","gender":"male"}"#);
+    harness.put(r#"{"resourceType":"Patient","id":"b"}"#);
+    let between = harness.put(r#"{"resourceType":"Patient","id":"c"}"#);
+    std::thread::sleep(Duration::from_millis(2));
+    harness.put(r#"{"resourceType":"Patient","id":"a","gender":"female"}"#);
+    harness.delete("Patient", "b");
+    harness.put(r#"{"resourceType":"Patient","id":"d"}"#);
+    let engine = harness.engine(small_settings(100));
+
+    let mut as_it_was = request(ExportLevel::System);
+    as_it_was.until = Some(between);
+    let (record, contents) = harness.run(&engine, as_it_was);
+    assert_eq!(record.transaction_time, between);
+    assert_eq!(
+        ids_in(&contents, "Patient-"),
+        BTreeSet::from(["a".to_owned(), "b".to_owned(), "c".to_owned()])
+    );
+    assert!(
+        contents["Patient-1.ndjson"]
+            .iter()
+            .any(|line| line.contains("male") && !line.contains("female"))
+    );
+
+    let mut changes = request(ExportLevel::System);
+    changes.since = Some(between);
+    let (_, contents) = harness.run(&engine, changes);
+    assert_eq!(
+        ids_in(&contents, "Patient-"),
+        BTreeSet::from(["a".to_owned(), "d".to_owned()])
+    );
+    let deleted: Vec<Value> = contents["deleted-1.ndjson"]
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(deleted[0]["entry"][0]["request"]["url"], "Patient/b");
+    assert_eq!(deleted[0]["entry"][0]["request"]["method"], "DELETE");
+}
+
+#[test]
+fn writes_after_kick_off_are_not_exported() {
+    let harness = Harness::new();
+    for index in 0..50 {
+        harness.put(&format!(r#"{{"resourceType":"Patient","id":"p{index}"}}"#));
+    }
+    let engine = harness.engine(small_settings(5));
+    let job_id = engine
+        .submit(request(ExportLevel::System), "x".to_owned())
+        .unwrap();
+    for index in 50..80 {
+        harness.put(&format!(r#"{{"resourceType":"Patient","id":"p{index}"}}"#));
+    }
+    harness.put(r#"{"resourceType":"Patient","id":"p1","active":true}"#);
+    let JobStatus::Completed { record, .. } = engine.wait(&job_id, |_| {}).unwrap() else {
+        panic!()
+    };
+    assert_eq!(record.files.iter().map(|file| file.count).sum::<u64>(), 50);
+    let (files, object) = engine.file(&job_id, "Patient-1.ndjson").unwrap();
+    let first = harness.runtime.block_on(files.get_bytes(&object)).unwrap();
+    assert!(
+        String::from_utf8(first.to_vec())
+            .unwrap()
+            .contains(r#""id":"p1","meta":{"versionId":"1""#)
+    );
+}
+
+#[test]
+fn patient_and_group_exports_cover_compartments_once() {
+    let harness = Harness::new();
+    for patient in ["p1", "p2", "p3"] {
+        harness.put(&format!(r#"{{"resourceType":"Patient","id":"{patient}"}}"#));
+    }
+    harness.put(&observation("shared", &["p1", "p2"]));
+    harness.put(&observation("only-p3", &["p3"]));
+    harness.put(r#"{"resourceType":"Practitioner","id":"doc"}"#);
+    harness.put(
+        r#"{"resourceType":"Group","id":"inner","type":"person","actual":true,"member":[{"entity":{"reference":"Patient/p2"}}]}"#,
+    );
+    harness.put(
+        r#"{"resourceType":"Group","id":"outer","type":"person","actual":true,"member":[
+            {"entity":{"reference":"Patient/p1"}},{"entity":{"reference":"Group/inner"}},
+            {"entity":{"reference":"Patient/p3"},"inactive":true}]}"#,
+    );
+    let engine = harness.engine(small_settings(100));
+
+    let (_, everyone) = harness.run(&engine, request(ExportLevel::AllPatients));
+    assert_eq!(ids_in(&everyone, "Patient-").len(), 3);
+    assert_eq!(
+        ids_in(&everyone, "Observation-"),
+        BTreeSet::from(["shared".to_owned(), "only-p3".to_owned()])
+    );
+    assert!(!everyone.keys().any(|name| name.starts_with("Practitioner")));
+    assert_eq!(
+        ids_in(&everyone, "Group-"),
+        BTreeSet::from(["inner".to_owned(), "outer".to_owned()])
+    );
+
+    let (_, group) = harness.run(
+        &engine,
+        request(ExportLevel::Group(ResourceId::parse("outer").unwrap())),
+    );
+    assert_eq!(
+        ids_in(&group, "Patient-"),
+        BTreeSet::from(["p1".to_owned(), "p2".to_owned()])
+    );
+    assert_eq!(
+        group["Observation-1.ndjson"].len(),
+        1,
+        "the shared observation appears once"
+    );
+    assert!(!group.keys().any(|name| name.starts_with("Group")));
+
+    let mut narrowed = request(ExportLevel::Group(ResourceId::parse("outer").unwrap()));
+    narrowed.patients = vec![ResourceId::parse("p2").unwrap()];
+    let (_, narrowed) = harness.run(&engine, narrowed);
+    assert_eq!(
+        ids_in(&narrowed, "Patient-"),
+        BTreeSet::from(["p2".to_owned()])
+    );
+    assert_eq!(
+        ids_in(&narrowed, "Observation-"),
+        BTreeSet::from(["shared".to_owned()])
+    );
+
+    let missing = engine.submit(
+        request(ExportLevel::Group(ResourceId::parse("nope").unwrap())),
+        "x".to_owned(),
+    );
+    assert!(matches!(missing, Err(ExportError::NotFound(_))));
+    let mut outsider = request(ExportLevel::Group(ResourceId::parse("outer").unwrap()));
+    outsider.patients = vec![ResourceId::parse("p3").unwrap()];
+    assert!(matches!(
+        engine.submit(outsider, "x".to_owned()),
+        Err(ExportError::InvalidRequest(_))
+    ));
+}
+
+#[test]
+fn group_membership_is_read_as_of_the_snapshot() {
+    let harness = Harness::new();
+    harness.put(r#"{"resourceType":"Patient","id":"p1"}"#);
+    harness.put(r#"{"resourceType":"Patient","id":"p2"}"#);
+    let before = harness.put(r#"{"resourceType":"Group","id":"g","type":"person","actual":true,"member":[{"entity":{"reference":"Patient/p1"}}]}"#);
+    harness.put(r#"{"resourceType":"Group","id":"g","type":"person","actual":true,"member":[{"entity":{"reference":"Patient/p2"}}]}"#);
+    let engine = harness.engine(small_settings(100));
+    let mut then = request(ExportLevel::Group(ResourceId::parse("g").unwrap()));
+    then.until = Some(before);
+    let (_, contents) = harness.run(&engine, then);
+    assert_eq!(
+        ids_in(&contents, "Patient-"),
+        BTreeSet::from(["p1".to_owned()])
+    );
+    let (_, now) = harness.run(
+        &engine,
+        request(ExportLevel::Group(ResourceId::parse("g").unwrap())),
+    );
+    assert_eq!(ids_in(&now, "Patient-"), BTreeSet::from(["p2".to_owned()]));
+}
+
+#[test]
+fn cancel_removes_the_job_and_its_files() {
+    let harness = Harness::new();
+    for index in 0..200 {
+        harness.put(&format!(r#"{{"resourceType":"Patient","id":"p{index}"}}"#));
+    }
+    let engine = harness.engine(small_settings(10));
+    let (record, _) = harness.run(&engine, request(ExportLevel::System));
+    engine.cancel(&record.id).unwrap();
+    assert!(matches!(
+        engine.status(&record.id),
+        Err(ExportError::NotFound(_))
+    ));
+    assert!(matches!(
+        engine.cancel(&record.id),
+        Err(ExportError::NotFound(_))
+    ));
+    let container = crate::sink::ContainerName::default_container();
+    let files = crate::sink::ContainerStore::new(
+        container.clone(),
+        crate::sink::Destination::open_container(harness.destination.as_ref(), &container).unwrap(),
+        harness.runtime.handle().clone(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !files.list_blocking(&record.id).unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "files were not deleted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_job_interrupted_by_shutdown_resumes_to_the_same_output() {
+    let harness = Harness::new();
+    for index in 0..3000 {
+        harness.put(&format!(
+            r#"{{"resourceType":"Patient","id":"p{index:05}"}}"#
+        ));
+    }
+    let uninterrupted = {
+        let engine = harness.engine(small_settings(7));
+        harness.run(&engine, request(ExportLevel::System)).1
+    };
+    let job_id = {
+        let engine = harness.engine(small_settings(7));
+        let job_id = engine
+            .submit(request(ExportLevel::System), "x".to_owned())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        job_id
+    };
+    let engine = harness.engine(small_settings(7));
+    let JobStatus::Completed { record, .. } = engine.wait(&job_id, |_| {}).unwrap() else {
+        panic!()
+    };
+    let mut resumed = BTreeMap::new();
+    for file in &record.files {
+        let (files, object) = engine.file(&job_id, &file.name).unwrap();
+        let bytes = harness.runtime.block_on(files.get_bytes(&object)).unwrap();
+        resumed.insert(
+            file.name.clone(),
+            String::from_utf8(bytes.to_vec())
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(resumed, uninterrupted);
+}
+
+#[test]
+fn lenient_problems_become_the_error_file() {
+    let harness = Harness::new();
+    harness.put(r#"{"resourceType":"Patient","id":"p1"}"#);
+    let engine = harness.engine(small_settings(100));
+    let mut lenient = request(ExportLevel::System);
+    lenient.ignored_under_lenient = vec!["_elements is not supported yet".to_owned()];
+    let (record, contents) = harness.run(&engine, lenient);
+    let error_file = record
+        .files
+        .iter()
+        .find(|file| file.kind == FileKind::Error)
+        .unwrap();
+    assert!(contents[&error_file.name][0].contains("_elements"));
+}
+
+#[test]
+fn the_job_limit_is_enforced() {
+    let harness = Harness::new();
+    for index in 0..2000 {
+        harness.put(&format!(r#"{{"resourceType":"Patient","id":"p{index}"}}"#));
+    }
+    let mut settings = small_settings(1);
+    settings.max_jobs = 1;
+    settings.workers = 1;
+    let engine = harness.engine(settings);
+    engine
+        .submit(request(ExportLevel::System), "x".to_owned())
+        .unwrap();
+    assert!(matches!(
+        engine.submit(request(ExportLevel::System), "x".to_owned()),
+        Err(ExportError::TooManyJobs { limit: 1, .. })
+    ));
+}
