@@ -3,7 +3,9 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use crate::export::ExportSettings;
 use crate::fhir::canonical::DEFAULT_MAX_JSON_DEPTH;
 
 /// Where the store lives.
@@ -34,6 +36,74 @@ impl Default for RequestLimits {
     }
 }
 
+/// A duration written as seconds or with a unit: `90`, `90s`, `10m`, `24h`, `7d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationArg(pub Duration);
+
+impl std::str::FromStr for DurationArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let trimmed = text.trim();
+        let split_at = trimmed
+            .find(|character: char| !character.is_ascii_digit())
+            .unwrap_or(trimmed.len());
+        let (digits, unit) = trimmed.split_at(split_at);
+        let amount: u64 = digits
+            .parse()
+            .map_err(|_| format!("'{text}' is not a duration like 90s, 10m, 24h or 7d"))?;
+        let seconds_per_unit = match unit {
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(format!("'{text}' has an unknown unit; use s, m, h or d")),
+        };
+        Ok(DurationArg(Duration::from_secs(
+            amount.saturating_mul(seconds_per_unit),
+        )))
+    }
+}
+
+/// How exports run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExportArgs {
+    /// Export worker threads (default: one per core).
+    #[arg(long, env = "FHIRLOG_WORKERS")]
+    pub workers: Option<usize>,
+    /// Most resources in one output file.
+    #[arg(long, env = "FHIRLOG_MAX_RESOURCES_PER_FILE", default_value_t = 5_000)]
+    pub max_resources_per_file: u64,
+    /// A job that makes no progress for this long is failed.
+    #[arg(long, env = "FHIRLOG_JOB_TIMEOUT", default_value = "10m")]
+    pub job_timeout: DurationArg,
+    /// Most queued or running exports; more kick-offs get 429.
+    #[arg(long, env = "FHIRLOG_MAX_JOBS", default_value_t = 16)]
+    pub max_jobs: usize,
+    /// How long finished exports and their files are kept.
+    #[arg(long, env = "FHIRLOG_RETENTION", default_value = "24h")]
+    pub retention: DurationArg,
+    /// Create a `_container` that does not exist yet instead of refusing the export.
+    #[arg(long, env = "FHIRLOG_CREATE_CONTAINERS")]
+    pub create_containers: bool,
+}
+
+impl ExportArgs {
+    pub fn settings(&self) -> Result<ExportSettings, SettingsError> {
+        if self.max_resources_per_file == 0 || self.max_jobs == 0 || self.workers == Some(0) {
+            return Err(SettingsError::ZeroLimit);
+        }
+        let defaults = ExportSettings::default();
+        Ok(ExportSettings {
+            workers: self.workers.unwrap_or(defaults.workers),
+            max_resources_per_file: self.max_resources_per_file,
+            job_timeout: self.job_timeout.0,
+            max_jobs: self.max_jobs,
+            retention: self.retention.0,
+        })
+    }
+}
+
 /// `fhirlog serve` flags as given.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -50,6 +120,8 @@ pub struct ServeArgs {
     pub load: Vec<PathBuf>,
     #[command(flatten)]
     pub limits: RequestLimits,
+    #[command(flatten)]
+    pub exports: ExportArgs,
 }
 
 /// A base URL such as `http://127.0.0.1:8080/fhir`, without a trailing slash.
@@ -62,7 +134,7 @@ pub enum SettingsError {
     BadListenAddress(String),
     #[error("--base-url '{0}' must be an absolute http:// or https:// URL")]
     BadBaseUrl(String),
-    #[error("--max-body-bytes and --max-json-depth must be greater than zero")]
+    #[error("size, count and worker limits must be greater than zero")]
     ZeroLimit,
 }
 
@@ -98,6 +170,8 @@ pub struct ServeSettings {
     pub base_url: Option<BaseUrl>,
     pub load_paths: Vec<PathBuf>,
     pub limits: RequestLimits,
+    pub exports: ExportSettings,
+    pub create_containers: bool,
 }
 
 impl ServeArgs {
@@ -111,6 +185,8 @@ impl ServeArgs {
             return Err(SettingsError::ZeroLimit);
         }
         Ok(ServeSettings {
+            exports: self.exports.settings()?,
+            create_containers: self.exports.create_containers,
             data_dir: self.data_dir.data_dir,
             listen,
             base_url,
@@ -133,5 +209,19 @@ mod tests {
         assert!(BaseUrl::parse("example.org/fhir").is_err());
         assert!(BaseUrl::parse("http://").is_err());
         assert!(BaseUrl::parse("ftp://example.org").is_err());
+    }
+
+    #[test]
+    fn durations_take_units() {
+        let parse = |text: &str| {
+            text.parse::<DurationArg>()
+                .map(|duration| duration.0.as_secs())
+        };
+        assert_eq!(parse("90"), Ok(90));
+        assert_eq!(parse("10m"), Ok(600));
+        assert_eq!(parse("24h"), Ok(86_400));
+        assert_eq!(parse("2d"), Ok(172_800));
+        assert!(parse("10 minutes").is_err());
+        assert!(parse("m").is_err());
     }
 }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use fhirlog::config::{DataDirArgs, ServeArgs};
+use fhirlog::config::{DataDirArgs, ExportArgs, ServeArgs};
+use fhirlog::export::ExportRequest;
 use fhirlog::fhir::canonical::DEFAULT_MAX_JSON_DEPTH;
 use fhirlog::generate::{GenerateOptions, generate};
 use fhirlog::load::{LoadOptions, OnError, load};
@@ -45,6 +46,28 @@ enum Command {
         copies: u32,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Run a Bulk Data export without HTTP and print its manifest.
+    Export {
+        #[command(flatten)]
+        data_dir: DataDirArgs,
+        /// Directory the files are written under.
+        #[arg(long)]
+        out: PathBuf,
+        /// system, patient, or group:ID.
+        #[arg(long, default_value = "system")]
+        level: String,
+        /// Resource types, comma-separated or repeated.
+        #[arg(long = "type")]
+        types: Vec<String>,
+        /// Only resources changed after this FHIR instant.
+        #[arg(long)]
+        since: Option<String>,
+        /// The store as it was at this FHIR instant.
+        #[arg(long, alias = "till")]
+        until: Option<String>,
+        #[command(flatten)]
+        exports: ExportArgs,
     },
     /// Rebuild every projection from the event log.
     Rebuild {
@@ -108,6 +131,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Export {
+            data_dir,
+            out,
+            level,
+            types,
+            since,
+            until,
+            exports,
+        } => {
+            let request = export_request(&level, &types, since.as_deref(), until.as_deref())?;
+            let store = Store::open(&data_dir.data_dir, &StoreOptions::default())?;
+            let manifest =
+                fhirlog::export::cli::run_export(store, request, &out, exports.settings()?)?;
+            println!("{}", serde_json::to_string_pretty(&manifest)?);
+            Ok(())
+        }
         Command::Rebuild { data_dir } => {
             let store = Store::open(&data_dir.data_dir, &StoreOptions::default())
                 .with_context(|| format!("opening {}", data_dir.data_dir.display()))?;
@@ -119,4 +158,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Builds the request the CLI flags describe, through the same parser HTTP kick-offs use.
+fn export_request(
+    level: &str,
+    types: &[String],
+    since: Option<&str>,
+    until: Option<&str>,
+) -> anyhow::Result<ExportRequest> {
+    use fhirlog::export::{ExportLevel, KickOff};
+    use fhirlog::fhir::{Instant, ResourceId};
+    let level = match level {
+        "system" => ExportLevel::System,
+        "patient" => ExportLevel::AllPatients,
+        other => match other.strip_prefix("group:") {
+            Some(group_id) => ExportLevel::Group(ResourceId::parse(group_id)?),
+            None => anyhow::bail!("--level must be system, patient or group:ID, not '{other}'"),
+        },
+    };
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for resource_type in types {
+        query.append_pair("_type", resource_type);
+    }
+    if let Some(since) = since {
+        query.append_pair("_since", since);
+    }
+    if let Some(until) = until {
+        query.append_pair("_until", until);
+    }
+    let query = query.finish();
+    let request = ExportRequest::parse(&KickOff {
+        level,
+        is_post: false,
+        query: &query,
+        accept: Some("application/fhir+json"),
+        prefer: vec!["respond-async"],
+        body: b"",
+        now: Instant::now(),
+    })?;
+    Ok(request)
 }

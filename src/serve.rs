@@ -2,8 +2,13 @@
 
 use anyhow::Context;
 
+use std::sync::Arc;
+
 use crate::config::ServeSettings;
+use crate::export::ExportEngine;
+use crate::http::ServerParts;
 use crate::load::{LoadOptions, OnError, load};
+use crate::sink::{ContainerName, LocalDestination};
 use crate::store::{Store, StoreOptions};
 
 pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
@@ -29,21 +34,39 @@ pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
         .thread_name("fhirlog-http")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
-        let (bound, server) = crate::http::bind(
-            store,
-            settings.listen,
-            settings.base_url,
-            settings.limits,
-            shutdown_signal(),
+    let exports_root = settings.data_dir.join("exports");
+    std::fs::create_dir_all(exports_root.join(ContainerName::DEFAULT))
+        .with_context(|| format!("creating {}", exports_root.display()))?;
+    let destination = LocalDestination::new(exports_root, settings.create_containers);
+    let exports = Arc::new(
+        ExportEngine::start(
+            store.clone(),
+            Arc::new(destination),
+            settings.exports.clone(),
+            runtime.handle().clone(),
         )
-        .await
-        .with_context(|| format!("listening on {}", settings.listen))?;
+        .context("starting the export engine")?,
+    );
+    let parts = ServerParts {
+        store,
+        exports: Arc::clone(&exports),
+        base_url: settings.base_url,
+        limits: settings.limits,
+    };
+    let listen = settings.listen;
+    let served = runtime.block_on(async move {
+        let (bound, server) = crate::http::bind_parts(parts, listen, shutdown_signal())
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
         tracing::info!(address = %bound, "fhirlog is serving FHIR R4 at http://{bound}/fhir");
         server.await;
-        tracing::info!("shut down cleanly");
-        Ok(())
-    })
+        Ok::<_, anyhow::Error>(())
+    });
+    drop(exports);
+    drop(runtime);
+    served?;
+    tracing::info!("shut down cleanly");
+    Ok(())
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

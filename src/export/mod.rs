@@ -1,6 +1,7 @@
 //! Bulk Data `$export`: request parsing, planning, persisted jobs, work units run by a
 //! worker pool, and the manifest (DESIGN.md §3–4).
 
+pub mod cli;
 pub mod engine;
 pub mod job;
 pub mod manifest;

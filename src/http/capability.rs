@@ -9,6 +9,11 @@ use crate::fhir::{Instant, ResourceType};
 
 pub const BULK_DATA_CAPABILITY: &str =
     "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data";
+const EXPORT_DEFINITION: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export";
+const PATIENT_EXPORT_DEFINITION: &str =
+    "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export";
+const GROUP_EXPORT_DEFINITION: &str =
+    "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export";
 
 pub fn capability_statement(state: &AppState) -> WarpResponse {
     let interactions = [
@@ -21,13 +26,22 @@ pub fn capability_statement(state: &AppState) -> WarpResponse {
     ];
     let resources: Vec<Value> = ResourceType::all()
         .map(|resource_type| {
-            json!({
+            let mut resource = json!({
                 "type": resource_type.as_str(),
                 "interaction": interactions.iter().map(|code| json!({"code": code})).collect::<Vec<_>>(),
                 "versioning": "versioned-update",
                 "readHistory": true,
                 "updateCreate": true,
-            })
+            });
+            let export_definition = match resource_type {
+                ResourceType::PATIENT => Some(PATIENT_EXPORT_DEFINITION),
+                ResourceType::GROUP => Some(GROUP_EXPORT_DEFINITION),
+                _ => None,
+            };
+            if let Some(definition) = export_definition {
+                resource["operation"] = json!([{"name": "export", "definition": definition}]);
+            }
+            resource
         })
         .collect();
     let statement = json!({
@@ -45,6 +59,7 @@ pub fn capability_statement(state: &AppState) -> WarpResponse {
             "mode": "server",
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            "operation": [{"name": "export", "definition": EXPORT_DEFINITION}],
         }],
     });
     response::fhir_json(StatusCode::OK, &statement)

@@ -3,6 +3,7 @@
 
 use warp::http::StatusCode;
 
+use crate::export::ExportError;
 use crate::fhir::canonical::ResourceBodyError;
 use crate::fhir::outcome::{IssueKind, OperationOutcome};
 use crate::store::{StoreError, WriteRejection};
@@ -25,6 +26,8 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -46,6 +49,12 @@ impl ApiError {
             }
             ApiError::Store(StoreError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Store(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Export(ExportError::InvalidRequest(_)) => StatusCode::BAD_REQUEST,
+            ApiError::Export(ExportError::NotFound(_)) => StatusCode::NOT_FOUND,
+            ApiError::Export(ExportError::TooManyJobs { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Export(ExportError::Sink(_) | ExportError::Store(_)) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -61,6 +70,10 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => IssueKind::TooLong,
             ApiError::Store(StoreError::Rejected(_)) => IssueKind::Conflict,
             ApiError::Store(_) | ApiError::Internal(_) => IssueKind::Exception,
+            ApiError::Export(ExportError::InvalidRequest(_)) => IssueKind::Invalid,
+            ApiError::Export(ExportError::NotFound(_)) => IssueKind::NotFound,
+            ApiError::Export(ExportError::TooManyJobs { .. }) => IssueKind::Throttled,
+            ApiError::Export(ExportError::Sink(_) | ExportError::Store(_)) => IssueKind::Exception,
         }
     }
 

@@ -11,6 +11,7 @@ use super::ApiError;
 pub struct CapturedRequest {
     pub method: Method,
     pub path: String,
+    pub query: String,
     pub headers: HeaderMap,
     pub body: Result<Bytes, ApiError>,
 }
@@ -22,10 +23,11 @@ pub fn capture(
 ) -> impl Filter<Extract = (CapturedRequest,), Error = warp::Rejection> + Clone {
     warp::method()
         .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .then(
-            move |method, path: warp::path::FullPath, headers: HeaderMap, body| async move {
+            move |method, path: warp::path::FullPath, query, headers: HeaderMap, body| async move {
                 let declared_too_large = headers
                     .get(warp::http::header::CONTENT_LENGTH)
                     .and_then(|value| value.to_str().ok())
@@ -41,6 +43,7 @@ pub fn capture(
                 CapturedRequest {
                     method,
                     path: path.as_str().to_owned(),
+                    query,
                     headers,
                     body,
                 }

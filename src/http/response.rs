@@ -29,8 +29,18 @@ pub fn outcome(status: StatusCode, outcome: &OperationOutcome) -> WarpResponse {
     fhir_json(status, &outcome.to_json())
 }
 
+/// Seconds a throttled client is told to wait.
+pub const THROTTLED_RETRY_AFTER_SECONDS: u64 = 10;
+
 pub fn error(error: &ApiError) -> WarpResponse {
-    outcome(error.status(), &error.to_outcome())
+    let mut reply = outcome(error.status(), &error.to_outcome());
+    if error.status() == StatusCode::TOO_MANY_REQUESTS {
+        reply.headers_mut().insert(
+            warp::http::header::RETRY_AFTER,
+            HeaderValue::from(THROTTLED_RETRY_AFTER_SECONDS),
+        );
+    }
+    reply
 }
 
 /// `W/"n"`, the weak ETag FHIR uses for versions.

@@ -6,8 +6,10 @@ use warp::http::header::CONTENT_TYPE;
 use warp::http::{HeaderMap, Method};
 use warp::reply::Response as WarpResponse;
 
+use super::export::KickOffRequest;
 use super::request::CapturedRequest;
-use super::{ApiError, AppState, bundle, capability, resource, response};
+use super::{ApiError, AppState, bundle, capability, export, resource, response};
+use crate::export::ExportLevel;
 use crate::fhir::{ResourceId, ResourceType};
 
 /// A FHIR REST interaction with its parsed target.
@@ -39,6 +41,19 @@ pub enum Interaction {
         id: ResourceId,
         version: u64,
     },
+    ExportKickOff {
+        level: ExportLevel,
+    },
+    ExportStatus {
+        job_id: String,
+    },
+    ExportCancel {
+        job_id: String,
+    },
+    ExportFile {
+        job_id: String,
+        file_name: String,
+    },
 }
 
 const BASE_PATH: &str = "/fhir";
@@ -60,10 +75,16 @@ async fn dispatch(
     request: CapturedRequest,
 ) -> Result<WarpResponse, ApiError> {
     let interaction = parse_interaction(&request.method, &request.path)?;
-    let needs_body = matches!(
-        interaction,
-        Interaction::BatchOrTransaction | Interaction::Create { .. } | Interaction::Update { .. }
-    );
+    let needs_body = match &interaction {
+        Interaction::BatchOrTransaction
+        | Interaction::Create { .. }
+        | Interaction::Update { .. } => true,
+        Interaction::ExportKickOff { .. } => {
+            request.method == Method::POST
+                && request.body.as_ref().is_ok_and(|body| !body.is_empty())
+        }
+        _ => false,
+    };
     if needs_body {
         require_json_content_type(&request.headers)?;
     }
@@ -89,6 +110,22 @@ async fn dispatch(
             id,
             version,
         } => resource::version_read(state, resource_type, id, version).await,
+        Interaction::ExportKickOff { level } => {
+            let kick_off = KickOffRequest {
+                level,
+                method: &request.method,
+                path: &request.path,
+                query: &request.query,
+                headers: &request.headers,
+                body,
+            };
+            export::kick_off(state, kick_off).await
+        }
+        Interaction::ExportStatus { job_id } => export::status(&state, &job_id),
+        Interaction::ExportCancel { job_id } => export::cancel(&state, &job_id),
+        Interaction::ExportFile { job_id, file_name } => {
+            export::file(Arc::clone(&state), &job_id, &file_name, &request.headers).await
+        }
     }
 }
 
@@ -110,7 +147,42 @@ pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, Api
             truncate(path)
         ))
     };
+    let export_kick_off = |level: ExportLevel| match *method {
+        Method::GET | Method::POST => Ok(Interaction::ExportKickOff { level }),
+        _ => Err(not_allowed("GET or POST")),
+    };
     match segments.as_slice() {
+        ["$export"] => export_kick_off(ExportLevel::System),
+        ["Patient", "$export"] => export_kick_off(ExportLevel::AllPatients),
+        ["Group", group_id, "$export"] => export_kick_off(ExportLevel::Group(parse_id(group_id)?)),
+        ["$export-status", job_id] => {
+            let job_id = parse_job_id(job_id)?;
+            match *method {
+                Method::GET => Ok(Interaction::ExportStatus { job_id }),
+                Method::DELETE => Ok(Interaction::ExportCancel { job_id }),
+                _ => Err(not_allowed("GET or DELETE")),
+            }
+        }
+        ["$export-file", job_id, file_name] => {
+            let job_id = parse_job_id(job_id)?;
+            let valid_name = file_name.ends_with(".ndjson")
+                && file_name
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'.');
+            if !valid_name {
+                return Err(ApiError::NotFound(format!(
+                    "no export file '{}'",
+                    truncate(file_name)
+                )));
+            }
+            match *method {
+                Method::GET => Ok(Interaction::ExportFile {
+                    job_id,
+                    file_name: (*file_name).to_owned(),
+                }),
+                _ => Err(not_allowed("GET")),
+            }
+        }
         [] => match *method {
             Method::POST => Ok(Interaction::BatchOrTransaction),
             _ => Err(not_allowed("POST with a batch or transaction Bundle")),
@@ -161,6 +233,22 @@ pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, Api
             }
         }
         _ => Err(no_route()),
+    }
+}
+
+/// Job ids are 32 lowercase hex digits; anything else cannot name a job.
+fn parse_job_id(text: &str) -> Result<String, ApiError> {
+    if text.len() == 32
+        && text
+            .bytes()
+            .all(|byte| byte.is_ascii_hexdigit() && !byte.is_ascii_uppercase())
+    {
+        Ok(text.to_owned())
+    } else {
+        Err(ApiError::NotFound(format!(
+            "no export job '{}'",
+            truncate(text)
+        )))
     }
 }
 

@@ -120,6 +120,7 @@ pub struct Store {
 }
 
 struct StoreShared {
+    data_dir: PathBuf,
     keyspaces: Keyspaces,
     commit_sender: Option<crossbeam_channel::Sender<CommitRequest>>,
     committer_thread: Option<JoinHandle<()>>,
@@ -176,6 +177,7 @@ impl Store {
             .map_err(|error| StoreError::Storage(fjall::Error::Io(error)))?;
         Ok(Store {
             shared: Arc::new(StoreShared {
+                data_dir: data_dir.to_path_buf(),
                 keyspaces,
                 commit_sender: Some(commit_sender),
                 committer_thread: Some(committer_thread),
@@ -202,6 +204,11 @@ impl Store {
     /// Commits and waits until durable; blocks the calling thread.
     pub fn commit(&self, operations: Vec<WriteOperation>) -> Result<Vec<WriteOutcome>, StoreError> {
         self.submit(operations).wait()
+    }
+
+    /// The directory the store was opened in.
+    pub fn data_dir(&self) -> &Path {
+        &self.shared.data_dir
     }
 
     pub(crate) fn keyspaces(&self) -> &Keyspaces {

@@ -1,0 +1,180 @@
+//! Bulk Data `$export`: kick-off, status, cancel and file download.
+
+use std::sync::Arc;
+
+use async_compression::tokio::bufread::GzipEncoder;
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use tokio_util::io::{ReaderStream, StreamReader};
+use warp::Reply;
+use warp::http::header::{
+    CONTENT_LOCATION, CONTENT_TYPE, EXPIRES, HeaderName, HeaderValue, RETRY_AFTER,
+};
+use warp::http::{HeaderMap, Method, StatusCode};
+use warp::reply::Response as WarpResponse;
+
+use super::resource::run_blocking;
+use super::response;
+use super::{ApiError, AppState};
+use crate::export::manifest::manifest;
+use crate::export::{ExportLevel, ExportRequest, JobStatus, KickOff};
+use crate::fhir::Instant;
+use crate::fhir::outcome::{IssueKind, IssueSeverity, OperationOutcome};
+
+/// Seconds a client should wait between status polls.
+const STATUS_RETRY_AFTER_SECONDS: u64 = 1;
+const X_PROGRESS: HeaderName = HeaderName::from_static("x-progress");
+
+pub struct KickOffRequest<'a> {
+    pub level: ExportLevel,
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: &'a str,
+    pub headers: &'a HeaderMap,
+    pub body: Bytes,
+}
+
+pub async fn kick_off(
+    state: Arc<AppState>,
+    kick_off: KickOffRequest<'_>,
+) -> Result<WarpResponse, ApiError> {
+    let header_text = |name| {
+        kick_off
+            .headers
+            .get(name)
+            .and_then(|value: &HeaderValue| value.to_str().ok())
+    };
+    let prefer: Vec<&str> = kick_off
+        .headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    let request = ExportRequest::parse(&KickOff {
+        level: kick_off.level,
+        is_post: kick_off.method == Method::POST,
+        query: kick_off.query,
+        accept: header_text(warp::http::header::ACCEPT),
+        prefer,
+        body: &kick_off.body,
+        now: Instant::now(),
+    })
+    .map_err(|error| ApiError::BadRequest(error.0))?;
+    let relative = kick_off.path.strip_prefix("/fhir").unwrap_or(kick_off.path);
+    let request_url = if kick_off.query.is_empty() {
+        format!("{}{relative}", state.base_url.as_str())
+    } else {
+        format!("{}{relative}?{}", state.base_url.as_str(), kick_off.query)
+    };
+    let engine = Arc::clone(&state.exports);
+    let job_id = run_blocking(move || Ok(engine.submit(request, request_url)?)).await?;
+    let status_url = format!("{}/$export-status/{job_id}", state.base_url.as_str());
+    let mut reply = response::outcome(
+        StatusCode::ACCEPTED,
+        &OperationOutcome::single(
+            IssueSeverity::Information,
+            IssueKind::Informational,
+            format!("export accepted; poll {status_url}"),
+        ),
+    );
+    if let Ok(location) = HeaderValue::from_str(&status_url) {
+        reply.headers_mut().insert(CONTENT_LOCATION, location);
+    }
+    Ok(reply)
+}
+
+pub fn status(state: &AppState, job_id: &str) -> Result<WarpResponse, ApiError> {
+    match state.exports.status(job_id)? {
+        JobStatus::InProgress { progress } => {
+            let mut reply = WarpResponse::new(Bytes::new().into());
+            *reply.status_mut() = StatusCode::ACCEPTED;
+            let headers = reply.headers_mut();
+            headers.insert(RETRY_AFTER, HeaderValue::from(STATUS_RETRY_AFTER_SECONDS));
+            if let Ok(progress) =
+                HeaderValue::from_str(&progress.chars().take(99).collect::<String>())
+            {
+                headers.insert(X_PROGRESS, progress);
+            }
+            Ok(reply)
+        }
+        JobStatus::Completed { record, expires } => {
+            let file_url_prefix = format!("{}/$export-file/{}", state.base_url.as_str(), record.id);
+            let body = manifest(&record, &file_url_prefix, false).to_string();
+            let mut reply = WarpResponse::new(body.into());
+            let headers = reply.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            if let Ok(expires) = HeaderValue::from_str(&expires.to_http_date()) {
+                headers.insert(EXPIRES, expires);
+            }
+            Ok(reply)
+        }
+        JobStatus::Failed { status, message } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Ok(response::outcome(
+                status,
+                &OperationOutcome::error(IssueKind::Exception, message),
+            ))
+        }
+    }
+}
+
+pub fn cancel(state: &AppState, job_id: &str) -> Result<WarpResponse, ApiError> {
+    state.exports.cancel(job_id)?;
+    Ok(response::outcome(
+        StatusCode::ACCEPTED,
+        &OperationOutcome::single(
+            IssueSeverity::Information,
+            IssueKind::Informational,
+            format!("export job '{job_id}' was cancelled and its files are being deleted"),
+        ),
+    ))
+}
+
+/// Streams a file; gzip-compressed on the fly when the client accepts gzip.
+pub async fn file(
+    state: Arc<AppState>,
+    job_id: &str,
+    file_name: &str,
+    headers: &HeaderMap,
+) -> Result<WarpResponse, ApiError> {
+    let (files, object) = state.exports.file(job_id, file_name)?;
+    let stream = files
+        .get_stream(&object)
+        .await
+        .map_err(|error| ApiError::Internal(error.to_string()))?
+        .map_err(std::io::Error::other);
+    let accepts_gzip = headers
+        .get_all(warp::http::header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';');
+            let name = parts.next().unwrap_or_default().trim();
+            let refused = parts.any(|parameter| {
+                matches!(parameter.trim(), "q=0" | "q=0.0" | "q=0.00" | "q=0.000")
+            });
+            name.eq_ignore_ascii_case("gzip") && !refused
+        });
+    let mut reply = if accepts_gzip {
+        let compressed = ReaderStream::new(GzipEncoder::new(StreamReader::new(stream)));
+        let mut reply =
+            warp::reply::stream(sync_wrapper::SyncStream::new(compressed)).into_response();
+        reply.headers_mut().insert(
+            warp::http::header::CONTENT_ENCODING,
+            HeaderValue::from_static("gzip"),
+        );
+        reply
+    } else {
+        warp::reply::stream(sync_wrapper::SyncStream::new(stream)).into_response()
+    };
+    reply.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+ndjson"),
+    );
+    reply.headers_mut().insert(
+        warp::http::header::VARY,
+        HeaderValue::from_static("accept-encoding"),
+    );
+    Ok(reply)
+}
