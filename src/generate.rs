@@ -183,7 +183,9 @@ fn collect_source_files(
     Ok(())
 }
 
-/// Pass 1: the ids, by type, of every Patient and every resource in some patient's compartment.
+/// Pass 1: the ids, by type, of every Patient, every resource in some patient's
+/// compartment, and every other resource that references a Patient (such as
+/// `Device.patient`), so no copy points at another copy's patient.
 fn collect_cloned_resources(source_files: &[PathBuf]) -> Result<ClonedResources, GenerateError> {
     let compartment = PatientCompartment::r4();
     let mut cloned_resources = ClonedResources::new();
@@ -193,6 +195,7 @@ fn collect_cloned_resources(source_files: &[PathBuf]) -> Result<ClonedResources,
                 || !compartment
                     .patient_ids(resource.resource_type, resource.value)
                     .is_empty()
+                || references_a_patient(resource.value)
             {
                 cloned_resources.insert(resource.resource_type, resource.id);
             }
@@ -200,6 +203,19 @@ fn collect_cloned_resources(source_files: &[PathBuf]) -> Result<ClonedResources,
         })?;
     }
     Ok(cloned_resources)
+}
+
+/// Whether any `reference` anywhere in `value` is a literal reference to a Patient.
+fn references_a_patient(value: &Value) -> bool {
+    match value {
+        Value::Object(fields) => fields.iter().any(|(key, field)| match field {
+            Value::String(reference) if key == "reference" => LiteralReference::parse(reference)
+                .is_some_and(|literal| literal.resource_type_name == "Patient"),
+            other => references_a_patient(other),
+        }),
+        Value::Array(items) => items.iter().any(references_a_patient),
+        _ => false,
+    }
 }
 
 struct ClonedResources {
@@ -667,7 +683,8 @@ mod tests {
         }
     }
 
-    /// Two patients, each with an Encounter (gzipped, in a subfolder) and an Observation; one
+    /// Two patients, each with an Encounter (gzipped, in a subfolder) and an Observation; a
+    /// Device of the first patient (outside the compartment but referencing it); one
     /// shared Organization and Practitioner; files that are not ndjson.
     fn write_two_patient_source(source_dir: &Path) {
         write_ndjson(
@@ -704,6 +721,12 @@ mod tests {
             &source_dir.join("Practitioner.ndjson"),
             &[json!({"resourceType": "Practitioner", "id": "dr"})],
         );
+        write_ndjson(
+            &source_dir.join("Device.ndjson"),
+            &[
+                json!({"resourceType": "Device", "id": "pump", "patient": {"reference": "Patient/p1"}}),
+            ],
+        );
         fs::write(source_dir.join("README.txt"), "not data").unwrap();
         fs::write(source_dir.join("Bundle.json"), "{ not json").unwrap();
     }
@@ -726,6 +749,7 @@ mod tests {
         let summary = generate(&options(source.path(), 3, &output_dir)).unwrap();
 
         let expected_counts: BTreeMap<String, u64> = [
+            ("Device", 3),
             ("Encounter", 6),
             ("Observation", 6),
             ("Organization", 1),
@@ -736,7 +760,7 @@ mod tests {
         .map(|(type_name, count)| (type_name.to_owned(), count))
         .collect();
         assert_eq!(summary.resources_by_type, expected_counts);
-        assert_eq!(summary.resources_written, 20);
+        assert_eq!(summary.resources_written, 23);
         assert_eq!(summary.patients_written, 6);
         let bytes_on_disk: u64 = fs::read_dir(&output_dir)
             .unwrap()
@@ -757,7 +781,7 @@ mod tests {
                 );
             }
         }
-        for original_id in ["p1", "p2", "e1", "e2", "o1", "o2"] {
+        for original_id in ["p1", "p2", "e1", "e2", "o1", "o2", "pump"] {
             assert!(
                 ids_by_type.values().all(|ids| !ids.contains(original_id)),
                 "{original_id}"
@@ -844,7 +868,7 @@ mod tests {
         generate(&options(source.path(), 2, &output_dir)).unwrap();
         let summary = generate(&options(source.path(), 2, &output_dir)).unwrap();
         assert_eq!(summary.patients_written, 4);
-        assert_eq!(summary.resources_written, 14);
+        assert_eq!(summary.resources_written, 16);
     }
 
     #[test]
