@@ -237,7 +237,7 @@ impl ExportEngine {
         let container = request
             .container
             .clone()
-            .unwrap_or_else(ContainerName::default_container);
+            .unwrap_or_else(|| shared.destination.default_container());
         let files = shared
             .open_container(&container)
             .map_err(|error| match error {
@@ -424,10 +424,10 @@ impl EngineShared {
     }
 
     fn open_container(&self, container: &ContainerName) -> Result<ContainerStore, SinkError> {
-        let objects = self.destination.open_container(container)?;
+        let opened = self.destination.open_container(container, &self.runtime)?;
         Ok(ContainerStore::new(
             container.clone(),
-            objects,
+            opened,
             self.runtime.clone(),
         ))
     }

@@ -368,7 +368,12 @@ fn cancel_removes_the_job_and_its_files() {
     let container = crate::sink::ContainerName::default_container();
     let files = crate::sink::ContainerStore::new(
         container.clone(),
-        crate::sink::Destination::open_container(harness.destination.as_ref(), &container).unwrap(),
+        crate::sink::Destination::open_container(
+            harness.destination.as_ref(),
+            &container,
+            harness.runtime.handle(),
+        )
+        .unwrap(),
         harness.runtime.handle().clone(),
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

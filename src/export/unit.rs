@@ -4,14 +4,13 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use bytes::Bytes;
 use serde_json::json;
 
 use super::job::{
     FileKind, JobRecord, StreamCheckpoint, UnitCheckpoint, UnitSource, staged_part_name,
 };
 use crate::fhir::ResourceType;
-use crate::sink::{ContainerStore, SinkError};
+use crate::sink::{ContainerStore, ObjectUpload, SinkError};
 use crate::store::{EventView, ScanControl, SeqWindow, Store, StoreError};
 
 /// Events between cancellation checks.
@@ -41,7 +40,7 @@ pub struct UnitContext<'a> {
 struct PartStream {
     kind: FileKind,
     checkpoint: StreamCheckpoint,
-    buffer: Vec<u8>,
+    upload: Option<ObjectUpload>,
     count: u64,
     last_seq: u64,
 }
@@ -51,40 +50,51 @@ impl PartStream {
         PartStream {
             kind,
             checkpoint,
-            buffer: Vec::new(),
+            upload: None,
             count: 0,
             last_seq: 0,
         }
     }
 
-    /// Adds a line unless a written part already holds it.
-    fn push(&mut self, seq: u64, line: &[u8]) -> bool {
+    /// Streams a line into the current part unless a written part already holds it.
+    fn push(
+        &mut self,
+        context: &UnitContext<'_>,
+        seq: u64,
+        line: &[u8],
+    ) -> Result<bool, UnitError> {
         if seq <= self.checkpoint.resume_after_seq {
-            return false;
-        }
-        self.buffer.extend_from_slice(line);
-        self.buffer.push(b'\n');
-        self.count += 1;
-        self.last_seq = seq;
-        true
-    }
-
-    fn flush(&mut self, context: &UnitContext<'_>) -> Result<bool, UnitError> {
-        if self.count == 0 {
             return Ok(false);
         }
+        let upload = match &mut self.upload {
+            Some(upload) => upload,
+            None => {
+                let part_number = self.checkpoint.part_counts.len() + 1;
+                let name =
+                    staged_part_name(&context.job.id, self.kind, context.unit_index, part_number);
+                self.upload.insert(context.files.begin_upload(&name)?)
+            }
+        };
+        upload.write(line)?;
+        upload.write(b"\n")?;
+        self.count += 1;
+        self.last_seq = seq;
+        Ok(true)
+    }
+
+    /// Completes the current part, if it has any lines.
+    fn flush(&mut self, context: &UnitContext<'_>) -> Result<(), UnitError> {
+        let Some(upload) = self.upload.take() else {
+            return Ok(());
+        };
         if context.cancelled.load(Ordering::Relaxed) {
             return Err(UnitError::Cancelled);
         }
-        let part_number = self.checkpoint.part_counts.len() + 1;
-        let name = staged_part_name(&context.job.id, self.kind, context.unit_index, part_number);
-        context
-            .files
-            .put_blocking(&name, Bytes::from(std::mem::take(&mut self.buffer)))?;
+        upload.finish()?;
         self.checkpoint.part_counts.push(self.count);
         self.checkpoint.resume_after_seq = self.last_seq;
         self.count = 0;
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -127,9 +137,9 @@ pub fn run_unit(context: &UnitContext<'_>) -> Result<(), UnitError> {
                 if !wants_deleted {
                     return Ok(());
                 }
-                deleted.push(view.seq, deleted_bundle_line(view).as_bytes())
+                deleted.push(context, view.seq, deleted_bundle_line(view).as_bytes())?
             } else {
-                output.push(view.seq, view.body.as_bytes())
+                output.push(context, view.seq, view.body.as_bytes())?
             };
             if pushed {
                 context.exported.fetch_add(1, Ordering::Relaxed);

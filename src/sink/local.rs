@@ -1,10 +1,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 
-use super::{ContainerName, Destination, SinkError};
+use super::{ContainerName, Destination, OpenedContainer, SinkError};
 
 /// Containers are directories under `root` (by default `{data-dir}/exports`).
 pub struct LocalDestination {
@@ -26,7 +25,15 @@ impl Destination for LocalDestination {
         format!("file://{}", self.root.display())
     }
 
-    fn open_container(&self, container: &ContainerName) -> Result<Arc<dyn ObjectStore>, SinkError> {
+    fn default_container(&self) -> ContainerName {
+        ContainerName::default_container()
+    }
+
+    fn open_container(
+        &self,
+        container: &ContainerName,
+        _runtime: &tokio::runtime::Handle,
+    ) -> Result<OpenedContainer, SinkError> {
         let directory = self.root.join(container.as_str());
         if !directory.is_dir() {
             if !self.create_containers {
@@ -43,6 +50,9 @@ impl Destination for LocalDestination {
                 source,
             })?
             .with_automatic_cleanup(true);
-        Ok(Arc::new(objects))
+        Ok(OpenedContainer {
+            objects: Arc::new(objects),
+            signer: None,
+        })
     }
 }

@@ -1,10 +1,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use object_store::ObjectStore;
 use object_store::memory::InMemory;
 
-use super::{ContainerName, Destination, SinkError};
+use super::{ContainerName, Destination, OpenedContainer, SinkError};
 
 /// Containers held in memory, for tests.
 #[derive(Default)]
@@ -20,15 +19,6 @@ impl MemoryDestination {
             create_containers,
         }
     }
-
-    /// Adds an empty container (as an operator would create a bucket).
-    pub fn create_container(&self, container: &ContainerName) {
-        self.containers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .entry(container.clone())
-            .or_insert_with(|| Arc::new(InMemory::new()));
-    }
 }
 
 impl Destination for MemoryDestination {
@@ -36,13 +26,24 @@ impl Destination for MemoryDestination {
         "memory://".to_owned()
     }
 
-    fn open_container(&self, container: &ContainerName) -> Result<Arc<dyn ObjectStore>, SinkError> {
+    fn default_container(&self) -> ContainerName {
+        ContainerName::default_container()
+    }
+
+    fn open_container(
+        &self,
+        container: &ContainerName,
+        _runtime: &tokio::runtime::Handle,
+    ) -> Result<OpenedContainer, SinkError> {
         let mut containers = self
             .containers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(existing) = containers.get(container) {
-            return Ok(Arc::clone(existing) as Arc<dyn ObjectStore>);
+            return Ok(OpenedContainer {
+                objects: Arc::clone(existing) as _,
+                signer: None,
+            });
         }
         if !self.create_containers {
             return Err(SinkError::ContainerMissing {
@@ -52,6 +53,9 @@ impl Destination for MemoryDestination {
         }
         let created = Arc::new(InMemory::new());
         containers.insert(container.clone(), Arc::clone(&created));
-        Ok(created)
+        Ok(OpenedContainer {
+            objects: created,
+            signer: None,
+        })
     }
 }

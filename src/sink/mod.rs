@@ -1,21 +1,30 @@
-//! Where export files go: the [`Destination`] trait over `object_store`, with the local
-//! filesystem (default) and in-memory (tests) implementations, container names that
-//! cannot escape, and blocking helpers for worker threads.
+//! Where export files go: the [`Destination`] trait over `object_store`, with local
+//! filesystem (default), in-memory (tests), S3-compatible and Azure Blob implementations,
+//! container names that cannot escape, streaming uploads, signed URLs, and blocking
+//! helpers for worker threads.
 
+mod azure;
 mod conformance;
 mod local;
 mod memory;
+mod s3;
+mod storage_url;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::signer::Signer;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
+pub use azure::AzureDestination;
 pub use local::LocalDestination;
 pub use memory::MemoryDestination;
+pub use s3::S3Destination;
+pub use storage_url::{StorageUrl, StorageUrlError};
 
 /// A bucket/container name under Azure's rules (the strictest): 3–63 characters of
 /// lowercase letters, digits and single hyphens, starting and ending with a letter or digit.
@@ -85,12 +94,65 @@ pub enum SinkError {
     Io(#[from] std::io::Error),
 }
 
+/// An opened container: its objects, and a URL signer where the backend has one.
+pub struct OpenedContainer {
+    pub objects: Arc<dyn ObjectStore>,
+    pub signer: Option<Arc<dyn Signer>>,
+}
+
 /// A backend that hands out one object store per container.
 pub trait Destination: Send + Sync + 'static {
     /// Where this destination writes, for messages (no secrets).
     fn describe(&self) -> String;
-    /// The store for `container`; a missing container is created or reported.
-    fn open_container(&self, container: &ContainerName) -> Result<Arc<dyn ObjectStore>, SinkError>;
+    /// The container exports use when a request names none.
+    fn default_container(&self) -> ContainerName;
+    /// The store for `container`; a missing container is created (when the destination
+    /// may create containers) or reported as [`SinkError::ContainerMissing`]. Blocking.
+    fn open_container(
+        &self,
+        container: &ContainerName,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<OpenedContainer, SinkError>;
+}
+
+/// Whether `objects`' container exists: listing a missing container fails with the
+/// service's `NoSuchBucket` / `ContainerNotFound` error code.
+pub(crate) async fn container_exists(
+    objects: &dyn ObjectStore,
+) -> Result<bool, object_store::Error> {
+    let probe = ObjectPath::from("fhirlog-container-probe");
+    match objects.list_with_delimiter(Some(&probe)).await {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(error) if error_chain_mentions(&error, &["NoSuchBucket", "ContainerNotFound"]) => {
+            Ok(false)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Whether any error in the chain displays one of `needles` (object_store keeps the
+/// HTTP status and the service's error code only in the text).
+fn error_chain_mentions(error: &(dyn std::error::Error + 'static), needles: &[&str]) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        let text = error.to_string();
+        if needles.iter().any(|needle| text.contains(needle)) {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
+
+/// Retries with backoff for transient failures (timeouts, 5xx, throttling, refused
+/// connections) until `destination_timeout`; permanent ones (403, 404) fail at once.
+pub fn retry_config(destination_timeout: Duration) -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig::default(),
+        max_retries: usize::MAX,
+        retry_timeout: destination_timeout,
+    }
 }
 
 /// One container of a destination, with blocking calls for worker threads (which are
@@ -99,20 +161,122 @@ pub trait Destination: Send + Sync + 'static {
 pub struct ContainerStore {
     container: ContainerName,
     objects: Arc<dyn ObjectStore>,
+    signer: Option<Arc<dyn Signer>>,
     runtime: tokio::runtime::Handle,
+}
+
+/// Bytes handed to a multipart upload at a time, and uploads in flight per writer:
+/// together they bound an upload's memory whatever the file size.
+const UPLOAD_CHUNK_BYTES: usize = 5 * 1024 * 1024;
+const UPLOAD_PARTS_IN_FLIGHT: usize = 2;
+
+/// A streaming (multipart/block) upload of one object, fed from a worker thread.
+pub struct ObjectUpload {
+    writer: Option<WriteMultipart>,
+    pending: Vec<u8>,
+    store: ContainerStore,
+    name: String,
+}
+
+impl ObjectUpload {
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), SinkError> {
+        self.pending.extend_from_slice(bytes);
+        if self.pending.len() >= UPLOAD_CHUNK_BYTES {
+            self.hand_over_pending()?;
+        }
+        Ok(())
+    }
+
+    fn hand_over_pending(&mut self) -> Result<(), SinkError> {
+        let Some(writer) = self.writer.as_mut() else {
+            return Ok(());
+        };
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::take(&mut self.pending));
+        let runtime = self.store.runtime.clone();
+        let _context = runtime.enter();
+        writer.put(chunk);
+        runtime
+            .block_on(writer.wait_for_capacity(UPLOAD_PARTS_IN_FLIGHT))
+            .map_err(|error| self.store.storage_error(error))
+    }
+
+    /// Completes the object; it becomes visible only now.
+    pub fn finish(mut self) -> Result<(), SinkError> {
+        self.hand_over_pending()?;
+        let Some(writer) = self.writer.take() else {
+            return Ok(());
+        };
+        let runtime = self.store.runtime.clone();
+        let _context = runtime.enter();
+        runtime
+            .block_on(writer.finish())
+            .map(|_| ())
+            .map_err(|error| self.store.storage_error(error))
+    }
+}
+
+impl Drop for ObjectUpload {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            let runtime = self.store.runtime.clone();
+            let _context = runtime.enter();
+            if let Err(error) = runtime.block_on(writer.abort()) {
+                tracing::warn!(object = %self.name, %error, "could not abort an unfinished upload");
+            }
+        }
+    }
 }
 
 impl ContainerStore {
     pub fn new(
         container: ContainerName,
-        objects: Arc<dyn ObjectStore>,
+        opened: OpenedContainer,
         runtime: tokio::runtime::Handle,
     ) -> ContainerStore {
         ContainerStore {
             container,
-            objects,
+            objects: opened.objects,
+            signer: opened.signer,
             runtime,
         }
+    }
+
+    /// Starts a streaming upload of `name`.
+    pub fn begin_upload(&self, name: &str) -> Result<ObjectUpload, SinkError> {
+        let path = ObjectPath::from(name);
+        let upload = self
+            .runtime
+            .block_on(self.objects.put_multipart(&path))
+            .map_err(|error| self.storage_error(error))?;
+        Ok(ObjectUpload {
+            writer: Some(WriteMultipart::new_with_chunk_size(
+                upload,
+                UPLOAD_CHUNK_BYTES,
+            )),
+            pending: Vec::with_capacity(64 * 1024),
+            store: self.clone(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// A pre-signed GET URL valid for `ttl`, where the backend can sign.
+    pub async fn signed_url(&self, name: &str, ttl: Duration) -> Result<Option<String>, SinkError> {
+        let Some(signer) = &self.signer else {
+            return Ok(None);
+        };
+        let path = ObjectPath::from(name);
+        let url = signer
+            .signed_url(object_store::signer::Method::GET, &path, ttl)
+            .await
+            .map_err(|error| self.storage_error(error))?;
+        Ok(Some(url.to_string()))
+    }
+
+    pub fn can_sign(&self) -> bool {
+        self.signer.is_some()
     }
 
     pub fn container(&self) -> &ContainerName {
@@ -199,6 +363,18 @@ impl ContainerStore {
             .await
             .map_err(|error| self.storage_error(error))?;
         Ok(result.into_stream())
+    }
+
+    pub async fn get_range(
+        &self,
+        name: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, SinkError> {
+        let path = ObjectPath::from(name);
+        self.objects
+            .get_range(&path, range)
+            .await
+            .map_err(|error| self.storage_error(error))
     }
 
     pub async fn get_bytes(&self, name: &str) -> Result<Bytes, SinkError> {

@@ -1,0 +1,174 @@
+//! Azure Blob containers (Azure Storage, ADLS Gen2 accounts, Azurite). The key comes from
+//! `AZURE_STORAGE_ACCOUNT_KEY`; with the emulator, Azurite's well-known development
+//! account is used and `AZURITE_BLOB_STORAGE_URL` overrides its endpoint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::azure::{
+    AzureAccessKey, AzureAuthorizer, AzureCredential, MicrosoftAzureBuilder,
+};
+use object_store::client::HttpRequestBody;
+
+use super::s3::send_signed;
+use super::{
+    ContainerName, Destination, OpenedContainer, SinkError, container_exists, retry_config,
+};
+
+/// Azurite's published development account and key.
+const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
+const EMULATOR_ACCOUNT_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+const EMULATOR_DEFAULT_URL: &str = "http://127.0.0.1:10000";
+
+pub struct AzureDestination {
+    default_container: ContainerName,
+    account: Option<String>,
+    emulator: bool,
+    create_containers: bool,
+    destination_timeout: Duration,
+}
+
+impl AzureDestination {
+    pub fn new(
+        default_container: ContainerName,
+        account: Option<String>,
+        emulator: bool,
+        create_containers: bool,
+        destination_timeout: Duration,
+    ) -> AzureDestination {
+        AzureDestination {
+            default_container,
+            account,
+            emulator,
+            create_containers,
+            destination_timeout,
+        }
+    }
+
+    fn account_name(&self) -> String {
+        match (&self.account, self.emulator) {
+            (Some(account), _) => account.clone(),
+            (None, _) => EMULATOR_ACCOUNT.to_owned(),
+        }
+    }
+
+    fn account_key(&self) -> Result<String, String> {
+        if self.emulator
+            && self
+                .account
+                .as_deref()
+                .is_none_or(|account| account == EMULATOR_ACCOUNT)
+        {
+            return Ok(EMULATOR_ACCOUNT_KEY.to_owned());
+        }
+        std::env::var("AZURE_STORAGE_ACCOUNT_KEY")
+            .map_err(|_| "AZURE_STORAGE_ACCOUNT_KEY is not set".to_owned())
+    }
+
+    fn container_url(&self, container: &ContainerName) -> String {
+        if self.emulator {
+            let base = std::env::var("AZURITE_BLOB_STORAGE_URL")
+                .unwrap_or_else(|_| EMULATOR_DEFAULT_URL.to_owned());
+            format!(
+                "{}/{}/{container}",
+                base.trim_end_matches('/'),
+                self.account_name()
+            )
+        } else {
+            format!(
+                "https://{}.blob.core.windows.net/{container}",
+                self.account_name()
+            )
+        }
+    }
+
+    fn builder(&self, container: &ContainerName) -> Result<MicrosoftAzureBuilder, String> {
+        let builder = MicrosoftAzureBuilder::new()
+            .with_container_name(container.as_str())
+            .with_account(self.account_name())
+            .with_access_key(self.account_key()?)
+            .with_retry(retry_config(self.destination_timeout));
+        Ok(if self.emulator {
+            builder.with_use_emulator(true).with_allow_http(true)
+        } else {
+            builder
+        })
+    }
+
+    /// `PUT /{container}?restype=container` signed with the account key.
+    async fn create_container(&self, container: &ContainerName) -> Result<(), SinkError> {
+        let failure = |reason: String| SinkError::Storage {
+            container: container.to_string(),
+            source: object_store::Error::Generic {
+                store: "MicrosoftAzure",
+                source: reason.into(),
+            },
+        };
+        let key = AzureAccessKey::try_new(&self.account_key().map_err(failure)?)
+            .map_err(|error| failure(error.to_string()))?;
+        let credential = AzureCredential::AccessKey(key);
+        let account = self.account_name();
+        let mut request = http::Request::builder()
+            .method(http::Method::PUT)
+            .uri(format!(
+                "{}?restype=container",
+                self.container_url(container)
+            ))
+            .header(http::header::CONTENT_LENGTH, "0")
+            .body(HttpRequestBody::from(String::new()))
+            .map_err(|error| failure(error.to_string()))?;
+        AzureAuthorizer::new(&credential, &account)
+            .try_authorize(&mut request)
+            .map_err(|error| failure(error.to_string()))?;
+        send_signed(request, String::new(), container).await
+    }
+}
+
+impl Destination for AzureDestination {
+    fn describe(&self) -> String {
+        if self.emulator {
+            format!("azure emulator account {}", self.account_name())
+        } else {
+            format!("azure account {}", self.account_name())
+        }
+    }
+
+    fn default_container(&self) -> ContainerName {
+        self.default_container.clone()
+    }
+
+    fn open_container(
+        &self,
+        container: &ContainerName,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<OpenedContainer, SinkError> {
+        let storage_error = |source| SinkError::Storage {
+            container: container.to_string(),
+            source,
+        };
+        let builder = self.builder(container).map_err(|reason| {
+            storage_error(object_store::Error::Generic {
+                store: "MicrosoftAzure",
+                source: reason.into(),
+            })
+        })?;
+        let store = Arc::new(builder.build().map_err(storage_error)?);
+        let exists = runtime
+            .block_on(container_exists(store.as_ref()))
+            .map_err(storage_error)?;
+        if !exists {
+            if !self.create_containers {
+                return Err(SinkError::ContainerMissing {
+                    container: container.to_string(),
+                    destination: self.describe(),
+                });
+            }
+            runtime.block_on(self.create_container(container))?;
+        }
+        Ok(OpenedContainer {
+            objects: store.clone(),
+            signer: Some(store),
+        })
+    }
+}
