@@ -5,8 +5,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::export::ExportSettings;
 use crate::fhir::canonical::DEFAULT_MAX_JSON_DEPTH;
+use crate::sink::{
+    AzureDestination, Destination, LocalDestination, S3Destination, StorageUrl, StorageUrlError,
+};
 
 /// Where the store lives.
 #[derive(Debug, Clone, clap::Args)]
@@ -83,9 +88,25 @@ pub struct ExportArgs {
     /// How long finished exports and their files are kept.
     #[arg(long, env = "FHIRLOG_RETENTION", default_value = "24h")]
     pub retention: DurationArg,
+}
+
+/// Where export files go.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StorageArgs {
     /// Create a `_container` that does not exist yet instead of refusing the export.
     #[arg(long, env = "FHIRLOG_CREATE_CONTAINERS")]
     pub create_containers: bool,
+    /// Where exports go: file:///path (default {data-dir}/exports),
+    /// s3://BUCKET?endpoint=…&region=…&allow_http=true, or az://CONTAINER?account=NAME
+    /// (&emulator=true for Azurite).
+    #[arg(long, env = "FHIRLOG_STORAGE")]
+    pub storage: Option<String>,
+    /// A destination failing for this long (transient errors retried with backoff) fails the job.
+    #[arg(long, env = "FHIRLOG_DESTINATION_TIMEOUT", default_value = "2m")]
+    pub destination_timeout: DurationArg,
+    /// Put pre-signed S3 / SAS URLs valid this long in manifests instead of server URLs.
+    #[arg(long, env = "FHIRLOG_SIGNED_URLS")]
+    pub signed_urls: Option<DurationArg>,
 }
 
 impl ExportArgs {
@@ -100,6 +121,45 @@ impl ExportArgs {
             job_timeout: self.job_timeout.0,
             max_jobs: self.max_jobs,
             retention: self.retention.0,
+        })
+    }
+}
+
+impl StorageArgs {
+    /// The destination `--storage` names (the local `{data-dir}/exports` by default).
+    pub fn storage_url(&self, data_dir: &std::path::Path) -> Result<StorageUrl, SettingsError> {
+        match &self.storage {
+            Some(text) => StorageUrl::parse(text).map_err(SettingsError::Storage),
+            None => Ok(StorageUrl::File {
+                root: data_dir.join("exports"),
+            }),
+        }
+    }
+
+    /// Builds the destination; nothing is contacted yet.
+    pub fn destination(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> Result<Arc<dyn Destination>, SettingsError> {
+        let timeout = self.destination_timeout.0;
+        let create = self.create_containers;
+        Ok(match self.storage_url(data_dir)? {
+            StorageUrl::File { root } => Arc::new(LocalDestination::new(root, create)),
+            StorageUrl::S3 {
+                bucket,
+                endpoint,
+                region,
+                allow_http,
+            } => Arc::new(S3Destination::new(
+                bucket, endpoint, region, allow_http, create, timeout,
+            )),
+            StorageUrl::Azure {
+                container,
+                account,
+                emulator,
+            } => Arc::new(AzureDestination::new(
+                container, account, emulator, create, timeout,
+            )),
         })
     }
 }
@@ -122,6 +182,8 @@ pub struct ServeArgs {
     pub limits: RequestLimits,
     #[command(flatten)]
     pub exports: ExportArgs,
+    #[command(flatten)]
+    pub storage: StorageArgs,
 }
 
 /// A base URL such as `http://127.0.0.1:8080/fhir`, without a trailing slash.
@@ -136,6 +198,8 @@ pub enum SettingsError {
     BadBaseUrl(String),
     #[error("size, count and worker limits must be greater than zero")]
     ZeroLimit,
+    #[error(transparent)]
+    Storage(StorageUrlError),
 }
 
 impl BaseUrl {
@@ -162,7 +226,7 @@ impl BaseUrl {
 }
 
 /// Validated settings for `serve`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeSettings {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
@@ -171,7 +235,9 @@ pub struct ServeSettings {
     pub load_paths: Vec<PathBuf>,
     pub limits: RequestLimits,
     pub exports: ExportSettings,
-    pub create_containers: bool,
+    pub storage: StorageUrl,
+    pub destination: Arc<dyn Destination>,
+    pub signed_url_ttl: Option<Duration>,
 }
 
 impl ServeArgs {
@@ -186,7 +252,9 @@ impl ServeArgs {
         }
         Ok(ServeSettings {
             exports: self.exports.settings()?,
-            create_containers: self.exports.create_containers,
+            storage: self.storage.storage_url(&self.data_dir.data_dir)?,
+            destination: self.storage.destination(&self.data_dir.data_dir)?,
+            signed_url_ttl: self.storage.signed_urls.map(|ttl| ttl.0),
             data_dir: self.data_dir.data_dir,
             listen,
             base_url,

@@ -8,7 +8,7 @@ use crate::config::ServeSettings;
 use crate::export::ExportEngine;
 use crate::http::ServerParts;
 use crate::load::{LoadOptions, OnError, load};
-use crate::sink::{ContainerName, LocalDestination};
+use crate::sink::{ContainerName, StorageUrl};
 use crate::store::{Store, StoreOptions};
 
 pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
@@ -34,14 +34,25 @@ pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
         .thread_name("fhirlog-http")
         .build()
         .context("starting the async runtime")?;
-    let exports_root = settings.data_dir.join("exports");
-    std::fs::create_dir_all(exports_root.join(ContainerName::DEFAULT))
-        .with_context(|| format!("creating {}", exports_root.display()))?;
-    let destination = LocalDestination::new(exports_root, settings.create_containers);
+    if let StorageUrl::File { root } = &settings.storage {
+        let default_folder = root.join(ContainerName::DEFAULT);
+        std::fs::create_dir_all(&default_folder)
+            .with_context(|| format!("creating {}", default_folder.display()))?;
+    }
+    let destination = Arc::clone(&settings.destination);
+    let default_container = destination.default_container();
+    destination
+        .open_container(&default_container, runtime.handle())
+        .with_context(|| {
+            format!(
+                "checking export storage {} (container '{default_container}')",
+                destination.describe()
+            )
+        })?;
     let exports = Arc::new(
         ExportEngine::start(
             store.clone(),
-            Arc::new(destination),
+            destination,
             settings.exports.clone(),
             runtime.handle().clone(),
         )
@@ -52,6 +63,7 @@ pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
         exports: Arc::clone(&exports),
         base_url: settings.base_url,
         limits: settings.limits,
+        signed_url_ttl: settings.signed_url_ttl,
     };
     let listen = settings.listen;
     let served = runtime.block_on(async move {

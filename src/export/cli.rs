@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde_json::Value;
 
 use super::engine::{ExportEngine, ExportSettings, JobStatus};
-use super::manifest::manifest;
+use super::manifest::{FileUrls, manifest};
 use super::request::ExportRequest;
 use crate::sink::{ContainerName, LocalDestination};
 use crate::store::Store;
@@ -49,11 +49,8 @@ pub fn run_export(
     let result = match finished {
         JobStatus::Completed { record, .. } => {
             let folder = out.join(container.as_str()).join(&record.id);
-            Ok(manifest(
-                &record,
-                &format!("file://{}", folder.display()),
-                false,
-            ))
+            let prefix = format!("file://{}", folder.display());
+            Ok(manifest(&record, FileUrls::UnderPrefix(&prefix), false))
         }
         JobStatus::Failed { message, .. } => Err(anyhow::anyhow!("export failed: {message}")),
         JobStatus::InProgress { .. } => Err(anyhow::anyhow!("export stopped before it finished")),

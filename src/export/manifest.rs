@@ -1,11 +1,25 @@
 //! The completion manifest.
 
+use std::collections::HashMap;
+
 use serde_json::{Value, json};
 
 use super::job::{FileKind, JobRecord};
 
-/// The manifest of a completed job; file URLs are `{file_url_prefix}/{name}`.
-pub fn manifest(record: &JobRecord, file_url_prefix: &str, requires_access_token: bool) -> Value {
+/// Where each file of a manifest is downloaded from.
+pub enum FileUrls<'a> {
+    /// `{prefix}/{file name}`: the server's download endpoint or a local folder.
+    UnderPrefix(&'a str),
+    /// Pre-signed URLs by file name.
+    Signed(&'a HashMap<String, String>),
+}
+
+/// The manifest of a completed job.
+pub fn manifest(record: &JobRecord, urls: FileUrls<'_>, requires_access_token: bool) -> Value {
+    let url_of = |name: &str| match &urls {
+        FileUrls::UnderPrefix(prefix) => format!("{prefix}/{name}"),
+        FileUrls::Signed(signed) => signed.get(name).cloned().unwrap_or_default(),
+    };
     let items = |kind: FileKind| -> Vec<Value> {
         record
             .files
@@ -14,7 +28,7 @@ pub fn manifest(record: &JobRecord, file_url_prefix: &str, requires_access_token
             .map(|file| {
                 json!({
                     "type": file.type_name,
-                    "url": format!("{file_url_prefix}/{}", file.name),
+                    "url": url_of(&file.name),
                     "count": file.count,
                 })
             })

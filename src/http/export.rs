@@ -16,7 +16,7 @@ use warp::reply::Response as WarpResponse;
 use super::resource::run_blocking;
 use super::response;
 use super::{ApiError, AppState};
-use crate::export::manifest::manifest;
+use crate::export::manifest::{FileUrls, manifest};
 use crate::export::{ExportLevel, ExportRequest, JobStatus, KickOff};
 use crate::fhir::Instant;
 use crate::fhir::outcome::{IssueKind, IssueSeverity, OperationOutcome};
@@ -83,7 +83,7 @@ pub async fn kick_off(
     Ok(reply)
 }
 
-pub fn status(state: &AppState, job_id: &str) -> Result<WarpResponse, ApiError> {
+pub async fn status(state: &AppState, job_id: &str) -> Result<WarpResponse, ApiError> {
     match state.exports.status(job_id)? {
         JobStatus::InProgress { progress } => {
             let mut reply = WarpResponse::new(Bytes::new().into());
@@ -99,7 +99,15 @@ pub fn status(state: &AppState, job_id: &str) -> Result<WarpResponse, ApiError> 
         }
         JobStatus::Completed { record, expires } => {
             let file_url_prefix = format!("{}/$export-file/{}", state.base_url.as_str(), record.id);
-            let body = manifest(&record, &file_url_prefix, false).to_string();
+            let signed = match state.signed_url_ttl {
+                Some(ttl) => signed_urls(state, &record, ttl).await?,
+                None => None,
+            };
+            let urls = match &signed {
+                Some(signed) => FileUrls::Signed(signed),
+                None => FileUrls::UnderPrefix(&file_url_prefix),
+            };
+            let body = manifest(&record, urls, false).to_string();
             let mut reply = WarpResponse::new(body.into());
             let headers = reply.headers_mut();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -116,6 +124,26 @@ pub fn status(state: &AppState, job_id: &str) -> Result<WarpResponse, ApiError> 
             ))
         }
     }
+}
+
+/// Pre-signed URLs for every file, or `None` when the destination cannot sign.
+async fn signed_urls(
+    state: &AppState,
+    record: &crate::export::job::JobRecord,
+    ttl: std::time::Duration,
+) -> Result<Option<std::collections::HashMap<String, String>>, ApiError> {
+    let mut urls = std::collections::HashMap::new();
+    for file in &record.files {
+        let (files, object) = state.exports.file(&record.id, &file.name)?;
+        let signed = files.signed_url(&object, ttl).await.map_err(|error| {
+            ApiError::Internal(format!("signing a download URL failed: {error}"))
+        })?;
+        match signed {
+            Some(url) => urls.insert(file.name.clone(), url),
+            None => return Ok(None),
+        };
+    }
+    Ok(Some(urls))
 }
 
 pub fn cancel(state: &AppState, job_id: &str) -> Result<WarpResponse, ApiError> {

@@ -31,6 +31,8 @@ pub struct AppState {
     pub exports: Arc<ExportEngine>,
     pub base_url: BaseUrl,
     pub limits: RequestLimits,
+    /// When set, manifests carry pre-signed storage URLs valid this long.
+    pub signed_url_ttl: Option<std::time::Duration>,
 }
 
 /// What a server is made of; [`bind_parts`] serves it.
@@ -40,6 +42,7 @@ pub struct ServerParts {
     /// `None`: derived from the bound address.
     pub base_url: Option<BaseUrl>,
     pub limits: RequestLimits,
+    pub signed_url_ttl: Option<std::time::Duration>,
 }
 
 /// Binds `address` (port 0 picks a free port) with the embedded defaults: exports go to
@@ -71,6 +74,7 @@ pub async fn bind(
         exports: Arc::new(exports),
         base_url,
         limits,
+        signed_url_ttl: None,
     };
     bind_parts(parts, address, shutdown).await
 }
@@ -91,6 +95,7 @@ pub async fn bind_parts(
             .base_url
             .unwrap_or_else(|| BaseUrl::for_listen_address(bound)),
         limits,
+        signed_url_ttl: parts.signed_url_ttl,
     });
     let routes = request::capture(limits.max_body_bytes).then(move |captured| {
         let state = Arc::clone(&state);

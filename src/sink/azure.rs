@@ -12,7 +12,8 @@ use object_store::client::HttpRequestBody;
 
 use super::s3::send_signed;
 use super::{
-    ContainerName, Destination, OpenedContainer, SinkError, container_exists, retry_config,
+    ContainerName, Destination, OpenedContainer, SinkError, container_exists,
+    ndjson_client_options, retry_config,
 };
 
 /// Azurite's published development account and key.
@@ -88,7 +89,8 @@ impl AzureDestination {
             .with_container_name(container.as_str())
             .with_account(self.account_name())
             .with_access_key(self.account_key()?)
-            .with_retry(retry_config(self.destination_timeout));
+            .with_retry(retry_config(self.destination_timeout))
+            .with_client_options(ndjson_client_options());
         Ok(if self.emulator {
             builder.with_use_emulator(true).with_allow_http(true)
         } else {

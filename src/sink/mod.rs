@@ -150,9 +150,15 @@ fn error_chain_mentions(error: &(dyn std::error::Error + 'static), needles: &[&s
 pub fn retry_config(destination_timeout: Duration) -> object_store::RetryConfig {
     object_store::RetryConfig {
         backoff: object_store::BackoffConfig::default(),
-        max_retries: usize::MAX,
+        max_retries: 1_000,
         retry_timeout: destination_timeout,
     }
+}
+
+/// Objects are stored as `application/fhir+ndjson`, so signed-URL downloads carry the
+/// right Content-Type.
+pub fn ndjson_client_options() -> object_store::ClientOptions {
+    object_store::ClientOptions::new().with_default_content_type("application/fhir+ndjson")
 }
 
 /// One container of a destination, with blocking calls for worker threads (which are

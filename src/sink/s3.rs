@@ -8,7 +8,8 @@ use object_store::aws::{AmazonS3Builder, AwsAuthorizer, AwsCredential};
 use object_store::client::HttpRequestBody;
 
 use super::{
-    ContainerName, Destination, OpenedContainer, SinkError, container_exists, retry_config,
+    ContainerName, Destination, OpenedContainer, SinkError, container_exists,
+    ndjson_client_options, retry_config,
 };
 
 pub struct S3Destination {
@@ -44,7 +45,8 @@ impl S3Destination {
             .with_bucket_name(bucket.as_str())
             .with_region(&self.region)
             .with_allow_http(self.allow_http)
-            .with_retry(retry_config(self.destination_timeout));
+            .with_retry(retry_config(self.destination_timeout))
+            .with_client_options(ndjson_client_options());
         if let Some(endpoint) = &self.endpoint {
             builder = builder
                 .with_endpoint(endpoint)
