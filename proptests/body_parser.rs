@@ -1,0 +1,309 @@
+//! `ParsedResource::parse_bytes` on untrusted input: it never panics, and accepts exactly
+//! the JSON objects with a known `resourceType`, a valid `id` if any, an object `meta` if
+//! any, and nesting within the limit.
+
+use fhirlog::fhir::canonical::{DEFAULT_MAX_JSON_DEPTH, ParsedResource, ResourceBodyError};
+use proptest::prelude::*;
+use proptest::sample::{Index, select};
+use serde_json::Value;
+
+const PARSER_CASES: u32 = 1024;
+
+const R4_RESOURCE_TYPE_LIST: &str = include_str!("../data/r4/resource-types.txt");
+
+fn is_r4_resource_type_name(name: &str) -> bool {
+    R4_RESOURCE_TYPE_LIST
+        .lines()
+        .map(str::trim)
+        .any(|listed| !listed.is_empty() && listed == name)
+}
+
+fn is_valid_fhir_id(id: &str) -> bool {
+    (1..=64).contains(&id.chars().count())
+        && id
+            .chars()
+            .all(|character| character.is_ascii_alphanumeric() || matches!(character, '-' | '.'))
+}
+
+fn container_depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(container_depth).max().unwrap_or(0),
+        Value::Object(fields) => 1 + fields.values().map(container_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn body_error_kind(error: &ResourceBodyError) -> &'static str {
+    match error {
+        ResourceBodyError::MalformedJson(_) => "malformed json",
+        ResourceBodyError::NotAnObject { .. } => "not an object",
+        ResourceBodyError::MissingResourceType => "missing resourceType",
+        ResourceBodyError::ResourceTypeNotAString => "resourceType not a string",
+        ResourceBodyError::UnknownResourceType(_) => "unknown resourceType",
+        ResourceBodyError::NestedTooDeep { .. } => "nested too deep",
+        ResourceBodyError::IdNotAString => "id not a string",
+        ResourceBodyError::InvalidId(_) => "invalid id",
+        ResourceBodyError::MetaNotAnObject => "meta not an object",
+    }
+}
+
+/// Every reason the parser may give for refusing `bytes`; empty when it must accept them.
+fn applicable_refusal_kinds(bytes: &[u8]) -> Vec<&'static str> {
+    let Ok(value) = serde_json::from_slice::<Value>(bytes) else {
+        return vec!["malformed json"];
+    };
+    let mut reasons = Vec::new();
+    if container_depth(&value) > DEFAULT_MAX_JSON_DEPTH {
+        reasons.push("nested too deep");
+    }
+    let Value::Object(fields) = &value else {
+        reasons.push("not an object");
+        return reasons;
+    };
+    match fields.get("resourceType") {
+        None => reasons.push("missing resourceType"),
+        Some(Value::String(name)) if !is_r4_resource_type_name(name) => {
+            reasons.push("unknown resourceType");
+        }
+        Some(Value::String(_)) => {}
+        Some(_) => reasons.push("resourceType not a string"),
+    }
+    match fields.get("id") {
+        None => {}
+        Some(Value::String(id)) if !is_valid_fhir_id(id) => reasons.push("invalid id"),
+        Some(Value::String(_)) => {}
+        Some(_) => reasons.push("id not a string"),
+    }
+    if fields.get("meta").is_some_and(|meta| !meta.is_object()) {
+        reasons.push("meta not an object");
+    }
+    reasons
+}
+
+fn check_parser_against_oracle(bytes: &[u8]) -> Result<(), TestCaseError> {
+    let parsed = ParsedResource::parse_bytes(bytes, DEFAULT_MAX_JSON_DEPTH);
+    let refusal_kinds = applicable_refusal_kinds(bytes);
+    match parsed {
+        Ok(resource) => {
+            prop_assert!(
+                refusal_kinds.is_empty(),
+                "accepted input that should be refused for {refusal_kinds:?}: {}",
+                String::from_utf8_lossy(bytes)
+            );
+            let Ok(Value::Object(expected_fields)) = serde_json::from_slice::<Value>(bytes) else {
+                return Err(TestCaseError::fail("accepted input is not a JSON object"));
+            };
+            prop_assert_eq!(
+                Some(resource.resource_type.as_str()),
+                expected_fields["resourceType"].as_str()
+            );
+            prop_assert_eq!(
+                resource.id.as_ref().map(|id| id.as_str()),
+                expected_fields.get("id").and_then(Value::as_str)
+            );
+            prop_assert_eq!(resource.json, expected_fields);
+        }
+        Err(error) => {
+            prop_assert!(
+                refusal_kinds.contains(&body_error_kind(&error)),
+                "refused with {error:?}, but the applicable refusals are {refusal_kinds:?}: {}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Nesting {
+    Arrays(usize),
+    Objects(usize),
+}
+
+impl Nesting {
+    fn render(self) -> String {
+        match self {
+            Nesting::Arrays(levels) => format!("{}1{}", "[".repeat(levels), "]".repeat(levels)),
+            Nesting::Objects(levels) => {
+                format!("{}1{}", r#"{"a":"#.repeat(levels), "}".repeat(levels))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ByteMutation {
+    None,
+    Truncate(Index),
+    Replace(Index, u8),
+    Insert(Index, u8),
+}
+
+impl ByteMutation {
+    fn apply(self, text: String) -> Vec<u8> {
+        let mut bytes = text.into_bytes();
+        match self {
+            ByteMutation::None => {}
+            ByteMutation::Truncate(position) => bytes.truncate(position.index(bytes.len() + 1)),
+            ByteMutation::Replace(position, byte) => {
+                if !bytes.is_empty() {
+                    let replaced = position.index(bytes.len());
+                    bytes[replaced] = byte;
+                }
+            }
+            ByteMutation::Insert(position, byte) => {
+                bytes.insert(position.index(bytes.len() + 1), byte);
+            }
+        }
+        bytes
+    }
+}
+
+fn byte_mutation_strategy() -> impl Strategy<Value = ByteMutation> {
+    let structural_byte = select(b"{}[]\":, a0\\".to_vec());
+    prop_oneof![
+        4 => Just(ByteMutation::None),
+        1 => any::<Index>().prop_map(ByteMutation::Truncate),
+        1 => (any::<Index>(), structural_byte.clone())
+            .prop_map(|(position, byte)| ByteMutation::Replace(position, byte)),
+        1 => (any::<Index>(), structural_byte)
+            .prop_map(|(position, byte)| ByteMutation::Insert(position, byte)),
+    ]
+}
+
+fn nesting_strategy() -> impl Strategy<Value = Nesting> {
+    prop_oneof![
+        (0usize..300).prop_map(Nesting::Arrays),
+        (0usize..300).prop_map(Nesting::Objects),
+    ]
+}
+
+/// Resource-shaped JSON text: each member is either right or wrong in one of the ways the
+/// parser distinguishes, in random order, possibly deeply nested, possibly not an object
+/// at the top, possibly damaged by one byte.
+fn resource_shaped_bytes_strategy() -> impl Strategy<Value = Vec<u8>> {
+    let resource_type_member = proptest::option::weighted(
+        0.9,
+        select(vec![
+            r#""Patient""#,
+            r#""Observation""#,
+            r#""Basic""#,
+            r#""patient""#,
+            r#""Resource""#,
+            r#""""#,
+            "3",
+            "null",
+            r#"["Patient"]"#,
+        ]),
+    );
+    let id_member = proptest::option::of(prop_oneof![
+        select(vec![
+            r#""p1""#.to_owned(),
+            r#""a.b-C9""#.to_owned(),
+            r#""a b""#.to_owned(),
+            r#""""#.to_owned(),
+            r#""é""#.to_owned(),
+            "7".to_owned(),
+            "null".to_owned(),
+        ]),
+        (60usize..70).prop_map(|length| format!("\"{}\"", "x".repeat(length))),
+    ]);
+    let meta_member = proptest::option::of(select(vec![
+        "{}",
+        "[]",
+        r#""meta""#,
+        r#"{"versionId":"1","lastUpdated":"2020-01-01T00:00:00Z"}"#,
+    ]));
+    let extra_members = proptest::collection::vec(
+        (
+            "[a-z]{1,6}",
+            select(vec!["1", "1.50", "true", r#""text""#, "{}", "[]", "null"]),
+        ),
+        0..4,
+    );
+    (
+        resource_type_member,
+        id_member,
+        meta_member,
+        proptest::option::of(nesting_strategy()),
+        extra_members,
+        any::<u64>(),
+        proptest::bool::weighted(0.1),
+        byte_mutation_strategy(),
+    )
+        .prop_map(
+            |(
+                resource_type,
+                id,
+                meta,
+                nesting,
+                extra,
+                member_order_seed,
+                wrap_in_array,
+                mutation,
+            )| {
+                let mut members: Vec<(String, String)> = Vec::new();
+                members
+                    .extend(resource_type.map(|raw| ("resourceType".to_owned(), raw.to_owned())));
+                members.extend(id.map(|raw| ("id".to_owned(), raw)));
+                members.extend(meta.map(|raw| ("meta".to_owned(), raw.to_owned())));
+                members.extend(nesting.map(|nesting| ("contained".to_owned(), nesting.render())));
+                members.extend(extra.into_iter().map(|(key, raw)| (key, raw.to_owned())));
+                let rotation = (member_order_seed as usize) % (members.len() + 1);
+                members.rotate_left(rotation);
+                let body_members: Vec<String> = members
+                    .iter()
+                    .map(|(key, raw)| format!("\"{key}\":{raw}"))
+                    .collect();
+                let object_text = format!("{{{}}}", body_members.join(","));
+                let text = if wrap_in_array {
+                    format!("[{object_text}]")
+                } else {
+                    object_text
+                };
+                mutation.apply(text)
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: PARSER_CASES,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn parse_bytes_never_panics_on_arbitrary_bytes(
+        bytes in proptest::collection::vec(any::<u8>(), 0..2048)
+    ) {
+        check_parser_against_oracle(&bytes)?;
+    }
+
+    #[test]
+    fn parse_bytes_never_panics_on_json_punctuation_soup(
+        text in r#"[{}\[\]":, a-zA-Z0-9]{0,300}"#
+    ) {
+        check_parser_against_oracle(text.as_bytes())?;
+    }
+
+    #[test]
+    fn parse_bytes_never_panics_on_deeply_nested_json(
+        nesting in nesting_strategy(),
+        prefix in r#"[{}\[\]":,a-z0-9]{0,8}"#
+    ) {
+        let body = format!(r#"{{"resourceType":"Basic","x":{}}}"#, nesting.render());
+        check_parser_against_oracle(body.as_bytes())?;
+        let bare = nesting.render();
+        check_parser_against_oracle(bare.as_bytes())?;
+        let prefixed = format!("{prefix}{bare}");
+        check_parser_against_oracle(prefixed.as_bytes())?;
+    }
+
+    #[test]
+    fn parse_bytes_accepts_exactly_the_well_formed_resources(
+        bytes in resource_shaped_bytes_strategy()
+    ) {
+        check_parser_against_oracle(&bytes)?;
+    }
+}
