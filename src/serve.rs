@@ -11,6 +11,9 @@ use crate::load::{LoadOptions, OnError, load};
 use crate::sink::{ContainerName, StorageUrl};
 use crate::store::{Store, StoreOptions};
 
+/// How long open requests may take to finish after SIGINT/SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
     let store = Store::open(&settings.data_dir, &StoreOptions::default())
         .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?;
@@ -67,11 +70,28 @@ pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
     };
     let listen = settings.listen;
     let served = runtime.block_on(async move {
-        let (bound, server) = crate::http::bind_parts(parts, listen, shutdown_signal())
+        let (signalled, signal_seen) = tokio::sync::oneshot::channel();
+        let shutdown = async move {
+            shutdown_signal().await;
+            let _ = signalled.send(());
+        };
+        let (bound, server) = crate::http::bind_parts(parts, listen, shutdown)
             .await
             .with_context(|| format!("listening on {listen}"))?;
         tracing::info!(address = %bound, "fhirlog is serving FHIR R4 at http://{bound}/fhir");
-        server.await;
+        let grace_expired = async {
+            match signal_seen.await {
+                Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = server => {}
+            () = grace_expired => tracing::warn!(
+                "requests were still open {}s after the shutdown signal; stopping anyway",
+                SHUTDOWN_GRACE.as_secs()
+            ),
+        }
         Ok::<_, anyhow::Error>(())
     });
     drop(exports);

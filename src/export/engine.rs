@@ -132,6 +132,8 @@ struct EngineShared {
     settings: ExportSettings,
     runtime: tokio::runtime::Handle,
     jobs: Mutex<HashMap<String, Arc<JobRuntime>>>,
+    /// Containers already checked (and created if allowed); later exports reuse them.
+    opened_containers: Mutex<HashMap<ContainerName, ContainerStore>>,
     tasks: Sender<Task>,
     stopping: AtomicBool,
 }
@@ -158,6 +160,7 @@ impl ExportEngine {
             settings,
             runtime,
             jobs: Mutex::new(HashMap::new()),
+            opened_containers: Mutex::new(HashMap::new()),
             tasks,
             stopping: AtomicBool::new(false),
         });
@@ -424,12 +427,22 @@ impl EngineShared {
     }
 
     fn open_container(&self, container: &ContainerName) -> Result<ContainerStore, SinkError> {
+        let cached = self
+            .opened_containers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(container)
+            .cloned();
+        if let Some(opened) = cached {
+            return Ok(opened);
+        }
         let opened = self.destination.open_container(container, &self.runtime)?;
-        Ok(ContainerStore::new(
-            container.clone(),
-            opened,
-            self.runtime.clone(),
-        ))
+        let store = ContainerStore::new(container.clone(), opened, self.runtime.clone());
+        self.opened_containers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(container.clone(), store.clone());
+        Ok(store)
     }
 
     /// Queues what is left of a job, from its persisted state and checkpoints.

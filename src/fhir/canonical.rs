@@ -53,6 +53,20 @@ impl ParsedResource {
         ParsedResource::from_value(value, max_depth)
     }
 
+    /// Parses a body whose `id`, if any, is to be ignored (FHIR create): the id is
+    /// dropped before validation, so an invalid one is no error.
+    pub fn parse_bytes_ignoring_id(
+        bytes: &[u8],
+        max_depth: usize,
+    ) -> Result<ParsedResource, ResourceBodyError> {
+        let mut value: Value = serde_json::from_slice(bytes)
+            .map_err(|error| ResourceBodyError::MalformedJson(error.to_string()))?;
+        if let Value::Object(fields) = &mut value {
+            fields.remove("id");
+        }
+        ParsedResource::from_value(value, max_depth)
+    }
+
     pub fn from_value(value: Value, max_depth: usize) -> Result<ParsedResource, ResourceBodyError> {
         if json_depth_exceeds(&value, max_depth) {
             return Err(ResourceBodyError::NestedTooDeep { limit: max_depth });

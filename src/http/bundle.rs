@@ -209,7 +209,13 @@ fn entry_action(
     };
     match (entry.method.as_str(), url_id, version) {
         ("POST", None, None) => {
-            let parsed = resource(entry.resource)?;
+            let mut entry_resource = entry.resource;
+            if assigned_id.is_none()
+                && let Some(Value::Object(fields)) = &mut entry_resource
+            {
+                fields.remove("id");
+            }
+            let parsed = resource(entry_resource)?;
             let id_rule = match &assigned_id {
                 Some(id) => IdRule::MustEqual(id),
                 None => IdRule::ServerAssigned,
@@ -270,6 +276,7 @@ fn transaction_actions(
         }
         assigned_ids.push(created_id);
     }
+    let mut targets = std::collections::HashSet::new();
     entries
         .into_iter()
         .zip(assigned_ids)
@@ -282,7 +289,21 @@ fn transaction_actions(
                 }
             }
             match entry_action(index, entry, base_url, limits, assigned_id)? {
-                EntryAction::Write(operation) => Ok(operation),
+                EntryAction::Write(operation) => {
+                    let target = match &operation {
+                        WriteOperation::Create(resource) | WriteOperation::Update { resource, .. } => {
+                            (resource.resource_type, resource.id.clone())
+                        }
+                        WriteOperation::Delete { resource_type, id, .. } => (*resource_type, id.clone()),
+                    };
+                    if !targets.insert(target.clone()) {
+                        return Err(ApiError::BadRequest(format!(
+                            "Bundle.entry[{index}]: {}/{} is already the target of another entry; a transaction may touch each resource once",
+                            target.0, target.1
+                        )));
+                    }
+                    Ok(operation)
+                }
                 EntryAction::Read { .. } => Err(ApiError::BadRequest(format!(
                     "Bundle.entry[{index}]: GET entries are not supported in a transaction; use a batch"
                 ))),

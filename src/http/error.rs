@@ -18,8 +18,13 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Gone(String),
+    #[error("{message}")]
+    MethodNotAllowed {
+        message: String,
+        allow: &'static str,
+    },
     #[error("{0}")]
-    MethodNotAllowed(String),
+    RequestTimeout(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
@@ -38,8 +43,9 @@ impl ApiError {
             ApiError::BadRequest(_) | ApiError::InvalidBody(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Gone(_) => StatusCode::GONE,
-            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Store(StoreError::Rejected(WriteRejection::VersionConflict { .. })) => {
                 StatusCode::PRECONDITION_FAILED
@@ -64,10 +70,11 @@ impl ApiError {
             ApiError::InvalidBody(_) => IssueKind::Structure,
             ApiError::NotFound(_) => IssueKind::NotFound,
             ApiError::Gone(_) => IssueKind::Deleted,
-            ApiError::MethodNotAllowed(_) | ApiError::UnsupportedMediaType(_) => {
+            ApiError::MethodNotAllowed { .. } | ApiError::UnsupportedMediaType(_) => {
                 IssueKind::NotSupported
             }
             ApiError::PayloadTooLarge { .. } => IssueKind::TooLong,
+            ApiError::RequestTimeout(_) => IssueKind::Timeout,
             ApiError::Store(StoreError::Rejected(_)) => IssueKind::Conflict,
             ApiError::Store(_) | ApiError::Internal(_) => IssueKind::Exception,
             ApiError::Export(ExportError::InvalidRequest(_)) => IssueKind::Invalid,

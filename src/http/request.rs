@@ -1,5 +1,7 @@
 //! Capturing a raw HTTP request with a bounded body.
 
+use std::time::Duration;
+
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use warp::Filter;
@@ -34,6 +36,7 @@ pub fn capture(
                     .and_then(|value| value.parse::<u64>().ok())
                     .is_some_and(|length| length > max_body_bytes as u64);
                 let body = if declared_too_large {
+                    drain(body).await;
                     Err(ApiError::PayloadTooLarge {
                         limit: max_body_bytes,
                     })
@@ -51,6 +54,29 @@ pub fn capture(
         )
 }
 
+/// A body that sends nothing for this long is abandoned with 408.
+const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of a refused body is read and discarded so the client gets to see the 413
+/// instead of a broken connection; past this the connection is simply closed.
+const DRAIN_LIMIT_BYTES: usize = 64 * 1024 * 1024;
+
+async fn next_chunk<S, B>(body: &mut std::pin::Pin<&mut S>) -> Result<Option<B>, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+{
+    match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.next()).await {
+        Err(_) => Err(ApiError::RequestTimeout(format!(
+            "the request body stalled for {}s",
+            BODY_IDLE_TIMEOUT.as_secs()
+        ))),
+        Ok(None) => Ok(None),
+        Ok(Some(Err(error))) => Err(ApiError::BadRequest(format!(
+            "could not read request body: {error}"
+        ))),
+        Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+    }
+}
+
 async fn read_bounded<S, B>(body: S, max_body_bytes: usize) -> Result<Bytes, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
@@ -58,11 +84,9 @@ where
 {
     let mut body = std::pin::pin!(body);
     let mut collected = BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let mut chunk = chunk.map_err(|error| {
-            ApiError::BadRequest(format!("could not read request body: {error}"))
-        })?;
+    while let Some(mut chunk) = next_chunk(&mut body).await? {
         if collected.len() + chunk.remaining() > max_body_bytes {
+            drain_rest(&mut body, collected.len() + chunk.remaining()).await;
             return Err(ApiError::PayloadTooLarge {
                 limit: max_body_bytes,
             });
@@ -75,4 +99,26 @@ where
         }
     }
     Ok(collected.freeze())
+}
+
+async fn drain<S, B>(body: S)
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let mut body = std::pin::pin!(body);
+    drain_rest(&mut body, 0).await;
+}
+
+async fn drain_rest<S, B>(body: &mut std::pin::Pin<&mut S>, mut drained: usize)
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    while drained < DRAIN_LIMIT_BYTES {
+        match next_chunk(body).await {
+            Ok(Some(chunk)) => drained += chunk.remaining(),
+            Ok(None) | Err(_) => return,
+        }
+    }
 }

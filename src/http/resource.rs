@@ -41,7 +41,12 @@ pub fn prepare_resource(
     resource_type: ResourceType,
     id_rule: IdRule<'_>,
 ) -> Result<PreparedResource, ApiError> {
-    let parsed = ParsedResource::parse_bytes(body, limits.max_json_depth)?;
+    let parsed = match id_rule {
+        IdRule::ServerAssigned => {
+            ParsedResource::parse_bytes_ignoring_id(body, limits.max_json_depth)?
+        }
+        IdRule::MustEqual(_) => ParsedResource::parse_bytes(body, limits.max_json_depth)?,
+    };
     prepare_parsed(parsed, resource_type, id_rule)
 }
 

@@ -34,6 +34,11 @@ pub const THROTTLED_RETRY_AFTER_SECONDS: u64 = 10;
 
 pub fn error(error: &ApiError) -> WarpResponse {
     let mut reply = outcome(error.status(), &error.to_outcome());
+    if let ApiError::MethodNotAllowed { allow, .. } = error {
+        reply
+            .headers_mut()
+            .insert(warp::http::header::ALLOW, HeaderValue::from_static(allow));
+    }
     if error.status() == StatusCode::TOO_MANY_REQUESTS {
         reply.headers_mut().insert(
             warp::http::header::RETRY_AFTER,

@@ -141,15 +141,16 @@ pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, Api
     } else {
         rest.trim_end_matches('/').split('/').collect()
     };
-    let not_allowed = |allowed: &str| {
-        ApiError::MethodNotAllowed(format!(
-            "{method} is not supported on {}; use {allowed}",
+    let not_allowed = |allow: &'static str| ApiError::MethodNotAllowed {
+        message: format!(
+            "{method} is not supported on {}; use {allow}",
             truncate(path)
-        ))
+        ),
+        allow,
     };
     let export_kick_off = |level: ExportLevel| match *method {
         Method::GET | Method::POST => Ok(Interaction::ExportKickOff { level }),
-        _ => Err(not_allowed("GET or POST")),
+        _ => Err(not_allowed("GET, POST")),
     };
     match segments.as_slice() {
         ["$export"] => export_kick_off(ExportLevel::System),
@@ -160,7 +161,7 @@ pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, Api
             match *method {
                 Method::GET => Ok(Interaction::ExportStatus { job_id }),
                 Method::DELETE => Ok(Interaction::ExportCancel { job_id }),
-                _ => Err(not_allowed("GET or DELETE")),
+                _ => Err(not_allowed("GET, DELETE")),
             }
         }
         ["$export-file", job_id, file_name] => {
@@ -185,7 +186,7 @@ pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, Api
         }
         [] => match *method {
             Method::POST => Ok(Interaction::BatchOrTransaction),
-            _ => Err(not_allowed("POST with a batch or transaction Bundle")),
+            _ => Err(not_allowed("POST")),
         },
         ["metadata"] => match *method {
             Method::GET => Ok(Interaction::Capabilities),
@@ -195,7 +196,7 @@ pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, Api
             let resource_type = parse_type(type_name)?;
             match *method {
                 Method::POST => Ok(Interaction::Create { resource_type }),
-                _ => Err(not_allowed("POST to create")),
+                _ => Err(not_allowed("POST")),
             }
         }
         [type_name, id] => {
@@ -204,7 +205,7 @@ pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, Api
                 Method::GET => Ok(Interaction::Read { resource_type, id }),
                 Method::PUT => Ok(Interaction::Update { resource_type, id }),
                 Method::DELETE => Ok(Interaction::Delete { resource_type, id }),
-                _ => Err(not_allowed("GET, PUT or DELETE")),
+                _ => Err(not_allowed("GET, PUT, DELETE")),
             }
         }
         [type_name, id, "_history"] => {
@@ -356,7 +357,7 @@ mod tests {
         ));
         assert!(matches!(
             parse_interaction(&Method::PATCH, "/fhir/Patient/p1"),
-            Err(ApiError::MethodNotAllowed(_))
+            Err(ApiError::MethodNotAllowed { .. })
         ));
         assert!(matches!(
             parse_interaction(&Method::GET, "/fhir/a/b/c/d/e"),
