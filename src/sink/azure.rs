@@ -12,8 +12,8 @@ use object_store::client::HttpRequestBody;
 
 use super::s3::send_signed;
 use super::{
-    ContainerName, Destination, OpenedContainer, SinkError, container_exists,
-    ndjson_client_options, retry_config,
+    ContainerName, Destination, OpenedContainer, SinkError, ndjson_client_options,
+    open_checked_container, retry_config,
 };
 
 /// Azurite's published development account and key.
@@ -86,11 +86,11 @@ impl AzureDestination {
 
     fn builder(&self, container: &ContainerName) -> Result<MicrosoftAzureBuilder, String> {
         let builder = MicrosoftAzureBuilder::new()
+            .with_client_options(ndjson_client_options())
             .with_container_name(container.as_str())
             .with_account(self.account_name())
             .with_access_key(self.account_key()?)
-            .with_retry(retry_config(self.destination_timeout))
-            .with_client_options(ndjson_client_options());
+            .with_retry(retry_config(self.destination_timeout));
         Ok(if self.emulator {
             builder.with_use_emulator(true).with_allow_http(true)
         } else {
@@ -156,21 +156,13 @@ impl Destination for AzureDestination {
             })
         })?;
         let store = Arc::new(builder.build().map_err(storage_error)?);
-        let exists = runtime
-            .block_on(container_exists(store.as_ref()))
-            .map_err(storage_error)?;
-        if !exists {
-            if !self.create_containers {
-                return Err(SinkError::ContainerMissing {
-                    container: container.to_string(),
-                    destination: self.describe(),
-                });
-            }
-            runtime.block_on(self.create_container(container))?;
-        }
-        Ok(OpenedContainer {
-            objects: store.clone(),
-            signer: Some(store),
-        })
+        open_checked_container(
+            store,
+            container,
+            self,
+            self.create_containers,
+            runtime,
+            self.create_container(container),
+        )
     }
 }

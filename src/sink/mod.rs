@@ -115,6 +115,37 @@ pub trait Destination: Send + Sync + 'static {
     ) -> Result<OpenedContainer, SinkError>;
 }
 
+/// Opens a cloud container: checks it exists, creates it with `create` when allowed, and
+/// hands out the store with its URL signer.
+pub(crate) fn open_checked_container<S: ObjectStore + Signer>(
+    store: Arc<S>,
+    container: &ContainerName,
+    destination: &dyn Destination,
+    create_containers: bool,
+    runtime: &tokio::runtime::Handle,
+    create: impl std::future::Future<Output = Result<(), SinkError>>,
+) -> Result<OpenedContainer, SinkError> {
+    let exists = runtime
+        .block_on(container_exists(store.as_ref()))
+        .map_err(|source| SinkError::Storage {
+            container: container.to_string(),
+            source,
+        })?;
+    if !exists {
+        if !create_containers {
+            return Err(SinkError::ContainerMissing {
+                container: container.to_string(),
+                destination: destination.describe(),
+            });
+        }
+        runtime.block_on(create)?;
+    }
+    Ok(OpenedContainer {
+        objects: store.clone(),
+        signer: Some(store),
+    })
+}
+
 /// Whether `objects`' container exists: listing a missing container fails with the
 /// service's `NoSuchBucket` / `ContainerNotFound` error code.
 pub(crate) async fn container_exists(
@@ -156,7 +187,8 @@ pub fn retry_config(destination_timeout: Duration) -> object_store::RetryConfig 
 }
 
 /// Objects are stored as `application/fhir+ndjson`, so signed-URL downloads carry the
-/// right Content-Type.
+/// right Content-Type. Set these before any other option: they replace the client options
+/// (`allow_http` included).
 pub fn ndjson_client_options() -> object_store::ClientOptions {
     object_store::ClientOptions::new().with_default_content_type("application/fhir+ndjson")
 }

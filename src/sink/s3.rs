@@ -8,8 +8,8 @@ use object_store::aws::{AmazonS3Builder, AwsAuthorizer, AwsCredential};
 use object_store::client::HttpRequestBody;
 
 use super::{
-    ContainerName, Destination, OpenedContainer, SinkError, container_exists,
-    ndjson_client_options, retry_config,
+    ContainerName, Destination, OpenedContainer, SinkError, ndjson_client_options,
+    open_checked_container, retry_config,
 };
 
 pub struct S3Destination {
@@ -42,11 +42,11 @@ impl S3Destination {
 
     fn builder(&self, bucket: &ContainerName) -> AmazonS3Builder {
         let mut builder = AmazonS3Builder::from_env()
+            .with_client_options(ndjson_client_options())
             .with_bucket_name(bucket.as_str())
             .with_region(&self.region)
             .with_allow_http(self.allow_http)
-            .with_retry(retry_config(self.destination_timeout))
-            .with_client_options(ndjson_client_options());
+            .with_retry(retry_config(self.destination_timeout));
         if let Some(endpoint) = &self.endpoint {
             builder = builder
                 .with_endpoint(endpoint)
@@ -157,21 +157,13 @@ impl Destination for S3Destination {
             source,
         };
         let store = Arc::new(self.builder(bucket).build().map_err(storage_error)?);
-        let exists = runtime
-            .block_on(container_exists(store.as_ref()))
-            .map_err(storage_error)?;
-        if !exists {
-            if !self.create_containers {
-                return Err(SinkError::ContainerMissing {
-                    container: bucket.to_string(),
-                    destination: self.describe(),
-                });
-            }
-            runtime.block_on(self.create_bucket(bucket))?;
-        }
-        Ok(OpenedContainer {
-            objects: store.clone(),
-            signer: Some(store),
-        })
+        open_checked_container(
+            store,
+            bucket,
+            self,
+            self.create_containers,
+            runtime,
+            self.create_bucket(bucket),
+        )
     }
 }

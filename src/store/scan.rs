@@ -78,6 +78,19 @@ fn scratch_namespace_prefix(namespace: &str) -> Vec<u8> {
     key
 }
 
+/// The seqs ending the first and the last key `keys()` yields.
+fn first_and_last_seq(keys: impl Fn() -> fjall::Iter) -> Result<Option<(u64, u64)>, StoreError> {
+    let first = keys().next().map(|guard| guard.key()).transpose()?;
+    let last = keys().next_back().map(|guard| guard.key()).transpose()?;
+    match (first, last) {
+        (Some(first), Some(last)) => Ok(Some((
+            parse_trailing_seq(&first)?,
+            parse_trailing_seq(&last)?,
+        ))),
+        _ => Ok(None),
+    }
+}
+
 fn parse_trailing_seq(key: &[u8]) -> Result<u64, StoreError> {
     key.split_last_chunk::<8>()
         .map(|(_, seq)| u64::from_be_bytes(*seq))
@@ -151,23 +164,7 @@ impl Store {
         let start = keys::type_seq(resource_type, window.after_seq + 1);
         let end = keys::type_seq(resource_type, window.through_seq);
         let events = &self.keyspaces().events;
-        let first = events
-            .range(start..=end)
-            .next()
-            .map(|guard| guard.key())
-            .transpose()?;
-        let last = events
-            .range(start..=end)
-            .next_back()
-            .map(|guard| guard.key())
-            .transpose()?;
-        match (first, last) {
-            (Some(first), Some(last)) => Ok(Some((
-                parse_trailing_seq(&first)?,
-                parse_trailing_seq(&last)?,
-            ))),
-            _ => Ok(None),
-        }
+        first_and_last_seq(|| events.range(start..=end))
     }
 
     /// Calls `visit` with event `seq` of `resource_type`; `None` if there is no such event.
@@ -256,23 +253,7 @@ impl Store {
     ) -> Result<Option<(u64, u64)>, StoreError> {
         let prefix = scratch_type_prefix(namespace, resource_type);
         let scratch = &self.keyspaces().scratch;
-        let first = scratch
-            .prefix(&prefix)
-            .next()
-            .map(|guard| guard.key())
-            .transpose()?;
-        let last = scratch
-            .prefix(&prefix)
-            .next_back()
-            .map(|guard| guard.key())
-            .transpose()?;
-        match (first, last) {
-            (Some(first), Some(last)) => Ok(Some((
-                parse_trailing_seq(&first)?,
-                parse_trailing_seq(&last)?,
-            ))),
-            _ => Ok(None),
-        }
+        first_and_last_seq(|| scratch.prefix(&prefix))
     }
 
     /// Removes the whole scratch set `namespace`.
