@@ -4,6 +4,8 @@
 //! kept in [`regressions`] as a named test.
 
 mod body_parser;
+mod export_model;
+mod export_properties;
 mod regressions;
 mod store_harness;
 mod store_model;

@@ -121,6 +121,7 @@ impl ExportArgs {
             job_timeout: self.job_timeout.0,
             max_jobs: self.max_jobs,
             retention: self.retention.0,
+            destination_timeout: defaults.destination_timeout,
         })
     }
 }
@@ -251,7 +252,10 @@ impl ServeArgs {
             return Err(SettingsError::ZeroLimit);
         }
         Ok(ServeSettings {
-            exports: self.exports.settings()?,
+            exports: ExportSettings {
+                destination_timeout: self.storage.destination_timeout.0,
+                ..self.exports.settings()?
+            },
             storage: self.storage.storage_url(&self.data_dir.data_dir)?,
             destination: self.storage.destination(&self.data_dir.data_dir)?,
             signed_url_ttl: self.storage.signed_urls.map(|ttl| ttl.0),

@@ -31,6 +31,8 @@ pub struct ExportSettings {
     pub job_timeout: Duration,
     pub max_jobs: usize,
     pub retention: Duration,
+    /// How long a failing destination is retried before the job fails.
+    pub destination_timeout: Duration,
 }
 
 impl Default for ExportSettings {
@@ -41,6 +43,7 @@ impl Default for ExportSettings {
             job_timeout: Duration::from_secs(600),
             max_jobs: 16,
             retention: Duration::from_secs(24 * 3600),
+            destination_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -132,10 +135,14 @@ struct EngineShared {
     settings: ExportSettings,
     runtime: tokio::runtime::Handle,
     jobs: Mutex<HashMap<String, Arc<JobRuntime>>>,
+    /// Held for a whole kick-off, so the job limit cannot be overrun by simultaneous ones.
+    submissions: Mutex<()>,
     /// Containers already checked (and created if allowed); later exports reuse them.
     opened_containers: Mutex<HashMap<ContainerName, ContainerStore>>,
     tasks: Sender<Task>,
     stopping: AtomicBool,
+    /// Wakes the watchdog at shutdown instead of letting it finish its sleep.
+    watchdog_wakeup: (Sender<()>, Receiver<()>),
 }
 
 /// The running engine; dropping it stops the workers (jobs resume on the next start).
@@ -160,9 +167,11 @@ impl ExportEngine {
             settings,
             runtime,
             jobs: Mutex::new(HashMap::new()),
+            submissions: Mutex::new(()),
             opened_containers: Mutex::new(HashMap::new()),
             tasks,
             stopping: AtomicBool::new(false),
+            watchdog_wakeup: crossbeam_channel::bounded(1),
         });
         let mut threads = Vec::new();
         for worker_index in 0..shared.settings.workers.max(1) {
@@ -226,6 +235,10 @@ impl ExportEngine {
         request_url: String,
     ) -> Result<String, ExportError> {
         let shared = &self.shared;
+        let _one_kick_off_at_a_time = shared
+            .submissions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let running = shared
             .lock_jobs()
             .values()
@@ -371,6 +384,7 @@ impl ExportEngine {
 impl Drop for ExportEngine {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = self.shared.watchdog_wakeup.0.try_send(());
         for _ in 0..self.threads.len() {
             let _ = self.shared.tasks.send(Task::Stop);
         }
@@ -532,6 +546,7 @@ impl EngineShared {
             return Err(UnitError::Cancelled);
         }
         job.active_tasks.fetch_add(1, Ordering::SeqCst);
+        job.touch();
         let outcome = work(self);
         job.active_tasks.fetch_sub(1, Ordering::SeqCst);
         outcome
@@ -559,6 +574,10 @@ impl EngineShared {
             let chunk_end = (next_member + MEMBERS_PER_COLLECTION_CHECKPOINT).min(members.len());
             let mut collected = Vec::new();
             for patient_id in &members[next_member..chunk_end] {
+                if job.cancelled.load(Ordering::Relaxed) || self.stopping.load(Ordering::Relaxed) {
+                    return Err(UnitError::Cancelled);
+                }
+                job.touch();
                 plan::collect_member(
                     &self.store,
                     &request,
@@ -566,6 +585,7 @@ impl EngineShared {
                     patient_id,
                     &covered,
                     &mut collected,
+                    &|| job.touch(),
                 )?;
             }
             self.store.scratch_insert(&job_id, &collected)?;
@@ -600,19 +620,57 @@ impl EngineShared {
             job: &record,
             unit_index,
             cancelled: &job.cancelled,
+            stopping: &self.stopping,
             exported: &job.exported,
             touch_progress: &touch,
         };
-        run_unit(&context)?;
+        self.retrying_transient_storage_failures(job, || run_unit(&context))?;
         if job.units_remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
             let _ = self.tasks.send(Task::Finalize(Arc::clone(job)));
         }
         Ok(())
     }
 
+    /// Runs `attempt` again while it fails with transient storage errors, until
+    /// `destination_timeout` has passed since the first failure. Every attempt resumes
+    /// from the last checkpoint, so a retried unit writes exactly what one run would.
+    fn retrying_transient_storage_failures(
+        &self,
+        job: &JobRuntime,
+        mut attempt: impl FnMut() -> Result<(), UnitError>,
+    ) -> Result<(), UnitError> {
+        let mut first_failure: Option<std::time::Instant> = None;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match attempt() {
+                Err(UnitError::Sink(error))
+                    if error.is_transient()
+                        && first_failure
+                            .get_or_insert_with(std::time::Instant::now)
+                            .elapsed()
+                            < self.settings.destination_timeout =>
+                {
+                    tracing::warn!(%error, "transient storage failure; retrying from the last checkpoint");
+                    if job.cancelled.load(Ordering::SeqCst) || self.stopping.load(Ordering::SeqCst)
+                    {
+                        return Err(UnitError::Cancelled);
+                    }
+                    job.touch();
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
     /// Names the parts `{Type}-{n}.ndjson` in unit order, writes the error file, and
     /// completes the job. Safe to repeat after a crash.
     fn finalize(&self, job: &Arc<JobRuntime>) -> Result<(), UnitError> {
+        self.retrying_transient_storage_failures(job, || self.finalize_once(job))
+    }
+
+    fn finalize_once(&self, job: &Arc<JobRuntime>) -> Result<(), UnitError> {
         let record = job.record().clone();
         if record.is_finished() {
             return Ok(());
@@ -750,15 +808,16 @@ impl EngineShared {
                     }
                 }
                 None => {
+                    let waiting_for_a_worker = job.active_tasks.load(Ordering::SeqCst) == 0;
                     let idle = job.idle_for();
-                    if idle > self.settings.job_timeout {
+                    if !waiting_for_a_worker && idle > self.settings.job_timeout {
                         self.fail_job(
                             &job,
                             500,
                             format!(
-                                "export made no progress for {}s (the limit is {}s) and was stopped",
-                                idle.as_secs(),
-                                self.settings.job_timeout.as_secs()
+                                "export made no progress for {:.1}s (the limit is {:.1}s) and was stopped",
+                                idle.as_secs_f64(),
+                                self.settings.job_timeout.as_secs_f64()
                             ),
                         );
                         let _ = self.tasks.send(Task::Cleanup(job));
@@ -780,6 +839,9 @@ fn worker_loop(shared: &EngineShared, tasks: &Receiver<Task>) {
 fn watchdog_loop(shared: &EngineShared) {
     while !shared.stopping.load(Ordering::SeqCst) {
         shared.watch();
-        std::thread::sleep(Duration::from_millis(200));
+        let _ = shared
+            .watchdog_wakeup
+            .1
+            .recv_timeout(Duration::from_millis(200));
     }
 }

@@ -148,6 +148,8 @@ impl UnitCheckpoint {
 
 /// The staging object of part `part_number` (from 1) of a unit's stream; finals are named
 /// only when the job completes, so numbering is deterministic whatever order units ran in.
+/// Staged parts sit in the job's own folder (no subfolder), so deleting a job's objects
+/// leaves no empty directories behind on a filesystem.
 pub fn staged_part_name(
     job_id: &str,
     kind: FileKind,
@@ -159,7 +161,7 @@ pub fn staged_part_name(
         FileKind::Deleted => "deleted",
         FileKind::Error => "error",
     };
-    format!("{job_id}/staging/{stream}-{unit_index:08}-{part_number:08}.ndjson")
+    format!("{job_id}/staging-{stream}-{unit_index:08}-{part_number:08}.ndjson")
 }
 
 pub fn final_file_name(job_id: &str, file_name: &str) -> String {

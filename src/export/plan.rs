@@ -15,6 +15,8 @@ use crate::store::{SeqWindow, Store, StoreError};
 /// Largest seq span one work unit covers; large types become several units so every
 /// worker has something to do.
 const UNIT_SEQ_SPAN: u64 = 100_000;
+/// Compartment members examined between progress reports.
+const PROGRESS_EVERY_MEMBERS: usize = 128;
 /// Member patients collected between durable checkpoints.
 pub const MEMBERS_PER_COLLECTION_CHECKPOINT: usize = 64;
 
@@ -280,8 +282,16 @@ pub fn collect_member(
     patient_id: &str,
     covered: &HashSet<ResourceType>,
     collected: &mut Vec<(ResourceType, u64)>,
+    touch_progress: &dyn Fn(),
 ) -> Result<(), StoreError> {
-    for (resource_type, id) in store.compartment_members(patient_id)? {
+    for (position, (resource_type, id)) in store
+        .compartment_members(patient_id)?
+        .into_iter()
+        .enumerate()
+    {
+        if position.is_multiple_of(PROGRESS_EVERY_MEMBERS) {
+            touch_progress();
+        }
         if !covered.contains(&resource_type) {
             continue;
         }

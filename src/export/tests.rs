@@ -133,6 +133,7 @@ fn small_settings(max_resources_per_file: u64) -> ExportSettings {
         job_timeout: Duration::from_secs(60),
         max_jobs: 8,
         retention: Duration::from_secs(3600),
+        destination_timeout: Duration::from_secs(60),
     }
 }
 

@@ -14,7 +14,7 @@ use crate::sink::{ContainerStore, ObjectUpload, SinkError};
 use crate::store::{EventView, ScanControl, SeqWindow, Store, StoreError};
 
 /// Events between cancellation checks.
-const CANCEL_CHECK_INTERVAL: u64 = 1024;
+const CANCEL_CHECK_INTERVAL: u64 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnitError {
@@ -33,8 +33,16 @@ pub struct UnitContext<'a> {
     pub job: &'a JobRecord,
     pub unit_index: usize,
     pub cancelled: &'a AtomicBool,
+    /// Set when the engine shuts down: the unit stops and resumes at the next start.
+    pub stopping: &'a AtomicBool,
     pub exported: &'a AtomicU64,
     pub touch_progress: &'a (dyn Fn() + Sync),
+}
+
+impl UnitContext<'_> {
+    fn should_stop(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed) || self.stopping.load(Ordering::Relaxed)
+    }
 }
 
 struct PartStream {
@@ -87,7 +95,7 @@ impl PartStream {
         let Some(upload) = self.upload.take() else {
             return Ok(());
         };
-        if context.cancelled.load(Ordering::Relaxed) {
+        if context.should_stop() {
             return Err(UnitError::Cancelled);
         }
         upload.finish()?;
@@ -124,7 +132,7 @@ pub fn run_unit(context: &UnitContext<'_>) -> Result<(), UnitError> {
         visited += 1;
         if visited.is_multiple_of(CANCEL_CHECK_INTERVAL) {
             (context.touch_progress)();
-            if context.cancelled.load(Ordering::Relaxed) {
+            if context.should_stop() {
                 failure = Some(UnitError::Cancelled);
                 return ScanControl::Stop;
             }
@@ -166,9 +174,12 @@ pub fn run_unit(context: &UnitContext<'_>) -> Result<(), UnitError> {
     };
     match unit.source {
         UnitSource::AllEvents | UnitSource::CompartmentEvents => {
-            context
-                .store
-                .scan_newest_in_window(unit.resource_type, window, &mut handle_event)?;
+            context.store.scan_newest_in_window(
+                unit.resource_type,
+                window,
+                context.job.window.through_seq,
+                &mut handle_event,
+            )?;
         }
         UnitSource::CollectedEvents => {
             context

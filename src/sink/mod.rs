@@ -94,6 +94,47 @@ pub enum SinkError {
     Io(#[from] std::io::Error),
 }
 
+/// Error texts of failures that retrying cannot fix: rejected credentials or
+/// permissions, and missing buckets or containers.
+const PERMANENT_FAILURE_MARKERS: [&str; 12] = [
+    "401 Unauthorized",
+    "403 Forbidden",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AuthenticationFailed",
+    "AuthorizationFailure",
+    "AuthorizationPermissionMismatch",
+    "NoSuchBucket",
+    "ContainerNotFound",
+    "InvalidBucketName",
+    "Permission denied",
+];
+
+impl SinkError {
+    /// Whether trying again later can succeed (timeouts, 5xx, throttling, dropped
+    /// connections); a missing container or rejected credentials never will.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SinkError::ContainerMissing { .. } | SinkError::NotFound(_) => false,
+            SinkError::Io(error) => !matches!(
+                error.kind(),
+                std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+            ),
+            SinkError::Storage { source, .. } => match source {
+                object_store::Error::NotFound { .. }
+                | object_store::Error::InvalidPath { .. }
+                | object_store::Error::NotSupported { .. }
+                | object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. } => false,
+                other => !error_chain_mentions(other, &PERMANENT_FAILURE_MARKERS),
+            },
+        }
+    }
+}
+
 /// An opened container: its objects, and a URL signer where the backend has one.
 pub struct OpenedContainer {
     pub objects: Arc<dyn ObjectStore>,

@@ -99,13 +99,16 @@ fn parse_trailing_seq(key: &[u8]) -> Result<u64, StoreError> {
 
 impl Store {
     /// Visits, in seq order, every event of `resource_type` in `window` that is still the
-    /// resource's newest version as of `window.through_seq`.
+    /// resource's newest version as of `snapshot_seq` (which may lie beyond the window
+    /// when the window is one slice of a larger export).
     pub fn scan_newest_in_window(
         &self,
         resource_type: ResourceType,
         window: SeqWindow,
+        snapshot_seq: u64,
         mut visit: impl FnMut(&EventView<'_>) -> ScanControl,
     ) -> Result<(), StoreError> {
+        debug_assert!(window.through_seq <= snapshot_seq);
         if window.is_empty() {
             return Ok(());
         }
@@ -141,7 +144,7 @@ impl Store {
                     _ => break,
                 }
             }
-            if superseded_by.is_some_and(|next| next <= window.through_seq) {
+            if superseded_by.is_some_and(|next| next <= snapshot_seq) {
                 continue;
             }
             let event: EventRecord = record::decode(&value)?;

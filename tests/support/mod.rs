@@ -12,6 +12,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use fhirlog::config::RequestLimits;
+use fhirlog::export::{ExportEngine, ExportSettings};
+use fhirlog::http::ServerParts;
+use fhirlog::sink::LocalDestination;
 use fhirlog::store::{Store, StoreOptions};
 use reqwest::blocking::{Body, Client};
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
@@ -46,6 +49,69 @@ pub fn spawn_app_with_limits(limits: RequestLimits) -> TestApp {
 
 /// Serves the store in `data_dir`, which may hold data from an earlier [`TestApp`].
 pub fn spawn_app_in_data_dir(data_dir: TempDir, limits: RequestLimits) -> TestApp {
+    spawn_server(data_dir, limits, None)
+}
+
+/// A fresh store served with these export settings (exports go to `{data-dir}/exports`).
+pub fn spawn_app_with_export_settings(export_settings: ExportSettings) -> TestApp {
+    let data_dir = TempDir::new().expect("creating a temporary data directory");
+    spawn_app_in_data_dir_with_export_settings(data_dir, export_settings)
+}
+
+/// Serves the store in `data_dir` with these export settings.
+pub fn spawn_app_in_data_dir_with_export_settings(
+    data_dir: TempDir,
+    export_settings: ExportSettings,
+) -> TestApp {
+    spawn_server(data_dir, RequestLimits::default(), Some(export_settings))
+}
+
+/// Serves `store` on port 0 with an export engine built from `export_settings`, writing
+/// to `{data-dir}/exports`; the engine is stopped after the server ends.
+async fn bind_with_export_settings(
+    store: Store,
+    limits: RequestLimits,
+    export_settings: ExportSettings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (
+    SocketAddr,
+    impl std::future::Future<Output = ()>,
+    std::sync::Arc<ExportEngine>,
+) {
+    let engine_store = store.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let engine = tokio::task::spawn_blocking(move || {
+        let exports_root = engine_store.data_dir().join("exports");
+        ExportEngine::start(
+            engine_store,
+            std::sync::Arc::new(LocalDestination::new(exports_root, true)),
+            export_settings,
+            runtime,
+        )
+    })
+    .await
+    .expect("the export engine start-up task")
+    .expect("starting the export engine");
+    let engine = std::sync::Arc::new(engine);
+    let parts = ServerParts {
+        store,
+        exports: std::sync::Arc::clone(&engine),
+        base_url: None,
+        limits,
+        signed_url_ttl: None,
+    };
+    let listen_address: SocketAddr = "127.0.0.1:0".parse().expect("a socket address");
+    let (bound_address, server) = fhirlog::http::bind_parts(parts, listen_address, shutdown)
+        .await
+        .expect("binding the server to port 0");
+    (bound_address, server, engine)
+}
+
+fn spawn_server(
+    data_dir: TempDir,
+    limits: RequestLimits,
+    export_settings: Option<ExportSettings>,
+) -> TestApp {
     let store = Store::open(data_dir.path(), &StoreOptions::default()).expect("opening the store");
     let (address_sender, address_receiver) = std::sync::mpsc::channel::<SocketAddr>();
     let (shutdown_sender, shutdown_receiver) = tokio::sync::oneshot::channel::<()>();
@@ -58,10 +124,20 @@ pub fn spawn_app_in_data_dir(data_dir: TempDir, limits: RequestLimits) -> TestAp
                 .enable_all()
                 .build()
                 .expect("building the server runtime");
-            runtime.block_on(async move {
+            let export_engine = runtime.block_on(async move {
                 let shutdown = async move {
                     let _ = shutdown_receiver.await;
                 };
+                if let Some(export_settings) = export_settings {
+                    let (bound_address, server, engine) =
+                        bind_with_export_settings(server_store, limits, export_settings, shutdown)
+                            .await;
+                    address_sender
+                        .send(bound_address)
+                        .expect("reporting the bound address");
+                    server.await;
+                    return Some(engine);
+                }
                 let listen_address: SocketAddr = "127.0.0.1:0".parse().expect("a socket address");
                 let (bound_address, server) =
                     fhirlog::http::bind(server_store, listen_address, None, limits, shutdown)
@@ -71,7 +147,9 @@ pub fn spawn_app_in_data_dir(data_dir: TempDir, limits: RequestLimits) -> TestAp
                     .send(bound_address)
                     .expect("reporting the bound address");
                 server.await;
+                None
             });
+            drop(export_engine);
         })
         .expect("starting the server thread");
     let bound_address = address_receiver
@@ -89,6 +167,14 @@ pub fn spawn_app_in_data_dir(data_dir: TempDir, limits: RequestLimits) -> TestAp
 }
 
 impl TestApp {
+    /// The directory holding the store (and, by default, `exports/`).
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir
+            .as_ref()
+            .expect("the data directory is still owned")
+            .path()
+    }
+
     /// The seq of the newest event: unchanged exactly when nothing was committed.
     pub fn high_water_seq(&self) -> u64 {
         self.store
@@ -193,6 +279,22 @@ impl Reply {
     }
 }
 
+/// One HTTP answer with its body as raw bytes (for compressed downloads).
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl RawReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .map(|value| value.to_str().expect("a text header value"))
+    }
+}
+
 pub fn parse_weak_etag(etag: &str) -> u64 {
     etag.strip_prefix("W/\"")
         .and_then(|rest| rest.strip_suffix('"'))
@@ -266,6 +368,28 @@ impl FhirClient {
 
     pub fn get(&self, path: &str) -> Reply {
         self.send(Method::GET, path, &[], None)
+    }
+
+    /// `GET {base}{path}` with `headers`, keeping the body as bytes (no decoding at all).
+    pub fn get_raw(&self, path: &str, headers: &[(&str, &str)]) -> RawReply {
+        let mut request = self.http.get(self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request
+            .send()
+            .unwrap_or_else(|error| panic!("GET {path} got no HTTP answer: {error}"));
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response
+            .bytes()
+            .unwrap_or_else(|error| panic!("reading the body of GET {path}: {error}"))
+            .to_vec();
+        RawReply {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub fn delete(&self, path: &str) -> Reply {
@@ -362,7 +486,18 @@ impl ServerProcess {
     /// Starts `fhirlog serve --data-dir DATA_DIR` on a free port and waits until
     /// `/fhir/metadata` answers. Stderr goes to a log file next to the data directory.
     pub fn start(data_dir: &Path) -> ServerProcess {
-        let port = free_local_port();
+        ServerProcess::start_on_port(data_dir, free_local_port(), &[])
+    }
+
+    /// Like [`ServerProcess::start`], with extra `serve` flags such as
+    /// `--max-resources-per-file 500`.
+    pub fn start_with_arguments(data_dir: &Path, extra_arguments: &[&str]) -> ServerProcess {
+        ServerProcess::start_on_port(data_dir, free_local_port(), extra_arguments)
+    }
+
+    /// Like [`ServerProcess::start_with_arguments`] on a chosen port, so a restarted
+    /// server keeps the URLs it handed out.
+    pub fn start_on_port(data_dir: &Path, port: u16, extra_arguments: &[&str]) -> ServerProcess {
         let log_directory = data_dir
             .parent()
             .expect("the data directory has a parent folder");
@@ -374,6 +509,7 @@ impl ServerProcess {
             .arg(data_dir)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            .args(extra_arguments)
             .env(
                 "RUST_LOG",
                 "info,fhirlog::http=warn,fjall=warn,lsm_tree=warn",
