@@ -23,8 +23,11 @@ use crate::store::{
     WriteOutcome,
 };
 
-/// Resources per commit (and per fsync, unless commits are grouped further).
+/// Most resources per commit (and per fsync, unless commits are grouped further).
 const LINES_PER_CHUNK: usize = 1_000;
+/// Most input bytes per commit: a chunk ends at whichever limit comes first, so files of
+/// very large resources (Synthea Provenance lines are ~150 KB) keep memory bounded.
+const BYTES_PER_CHUNK: usize = 4 * 1024 * 1024;
 /// Commits in flight at once, so parsing and fsync overlap.
 const MAX_COMMITS_IN_FLIGHT: usize = 4;
 
@@ -327,21 +330,27 @@ fn read_files(files: Vec<PathBuf>, chunks: Sender<RawChunk>) {
         loop {
             let first_line = line_number + 1;
             let mut batch = Vec::with_capacity(LINES_PER_CHUNK);
+            let mut batch_bytes = 0usize;
             let mut read_error = None;
+            let mut exhausted = true;
             for line in lines.by_ref() {
                 line_number += 1;
                 match line {
-                    Ok(line) => batch.push(line),
+                    Ok(line) => {
+                        batch_bytes += line.len();
+                        batch.push(line);
+                    }
                     Err(error) => {
                         read_error = Some(format!("line {line_number}: {error}"));
                         break;
                     }
                 }
-                if batch.len() == LINES_PER_CHUNK {
+                if batch.len() == LINES_PER_CHUNK || batch_bytes >= BYTES_PER_CHUNK {
+                    exhausted = false;
                     break;
                 }
             }
-            let finished = batch.len() < LINES_PER_CHUNK;
+            let finished = exhausted;
             if !batch.is_empty()
                 && !send(ChunkPayload::Lines {
                     first_line,
