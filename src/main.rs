@@ -17,6 +17,15 @@ use fhirlog::store::{Store, StoreOptions};
 #[global_allocator]
 static GLOBAL_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc.h (v2 and v3): freed memory goes back to the OS
+/// at once instead of after a delay, which kept the export's RSS ~3x higher at no speed gain.
+const MIMALLOC_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+fn return_freed_memory_at_once() {
+    // SAFETY: mi_option_set only stores an integer option; called before any thread starts.
+    unsafe { libmimalloc_sys::mi_option_set(MIMALLOC_OPTION_PURGE_DELAY, 0) };
+}
+
 #[derive(Parser)]
 #[command(
     name = "fhirlog",
@@ -82,6 +91,7 @@ enum Command {
 }
 
 fn main() {
+    return_freed_memory_at_once();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {

@@ -142,7 +142,7 @@ impl UnitCheckpoint {
     }
 
     pub fn save(&self, store: &Store, job_id: &str, unit_index: usize) -> Result<(), StoreError> {
-        store.job_put(&unit_key(job_id, unit_index), &encode_record(self))
+        store.job_put_buffered(&unit_key(job_id, unit_index), &encode_record(self))
     }
 }
 

@@ -292,6 +292,14 @@ impl Store {
         self.persist_durably()
     }
 
+    /// Writes a job record that survives a crash of the process (it reaches the OS at
+    /// once) but is not fsynced: for per-part checkpoints, whose parts are not fsynced
+    /// either, so an fsync would buy no power-loss safety and costs one per part.
+    pub fn job_put_buffered(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.keyspaces().jobs.insert(key.as_bytes(), value)?;
+        Ok(())
+    }
+
     pub fn job_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .keyspaces()
