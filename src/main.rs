@@ -18,7 +18,9 @@ use fhirlog::store::{Store, StoreOptions};
 static GLOBAL_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// `mi_option_purge_delay` in mimalloc.h (v2 and v3): freed memory goes back to the OS
-/// at once instead of after a delay, which kept the export's RSS ~3x higher at no speed gain.
+/// at once instead of after a delay. For `serve` and `export` this cut an export's peak
+/// RSS from 428 MB to 128 MB at the same speed; `load` keeps the default, which it
+/// measured ~15% faster with.
 const MIMALLOC_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn return_freed_memory_at_once() {
@@ -91,7 +93,6 @@ enum Command {
 }
 
 fn main() {
-    return_freed_memory_at_once();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -107,6 +108,9 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if matches!(cli.command, Command::Serve(_) | Command::Export { .. }) {
+        return_freed_memory_at_once();
+    }
     match cli.command {
         Command::Serve(arguments) => fhirlog::serve::run(arguments.into_settings()?),
         Command::Load {
