@@ -67,6 +67,10 @@ impl Default for StoreOptions {
 /// 2.2M-resource load); one thread loaded that store ~25% faster on two cores.
 const FJALL_WORKER_THREADS: usize = 1;
 
+/// Tables of 16 MiB instead of fjall's 64 MiB: compactions rewrite less at a time
+/// (measured ~10% faster late in a 2.2M-resource load).
+const TABLE_TARGET_BYTES: u64 = 16 << 20;
+
 /// Level-0 tables gathered before a compaction into level 1 for the indexes keyed by
 /// resource or patient id: their keys are random, so every such compaction rewrites all
 /// of level 1, and gathering more tables per compaction rewrites it less often. Their
@@ -94,7 +98,12 @@ impl Keyspaces {
         let small_index_bytes = (index_bytes / 4).max(1 << 20);
         let open = |name: &str, memtable_bytes: u64| {
             database.keyspace(name, || {
-                KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(memtable_bytes)
+                    .compaction_strategy(Arc::new(
+                        fjall::compaction::Leveled::default()
+                            .with_table_target_size(TABLE_TARGET_BYTES),
+                    ))
             })
         };
         let open_random_keyed = |name: &str, memtable_bytes: u64| {
@@ -106,7 +115,8 @@ impl Keyspaces {
                     ))
                     .compaction_strategy(Arc::new(
                         fjall::compaction::Leveled::default()
-                            .with_l0_threshold(RANDOM_KEYED_L0_THRESHOLD),
+                            .with_l0_threshold(RANDOM_KEYED_L0_THRESHOLD)
+                            .with_table_target_size(TABLE_TARGET_BYTES),
                     ))
             })
         };
