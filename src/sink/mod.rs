@@ -354,10 +354,6 @@ impl ContainerStore {
         Ok(Some(url.to_string()))
     }
 
-    pub fn can_sign(&self) -> bool {
-        self.signer.is_some()
-    }
-
     pub fn container(&self) -> &ContainerName {
         &self.container
     }
