@@ -27,6 +27,12 @@ pub(super) struct Committer {
     keyspaces: Keyspaces,
     last_seq: u64,
     last_instant: Instant,
+    /// Event bytes written since the `events` memtable was last sealed.
+    event_bytes_since_rotation: u64,
+    events_memtable_bytes: u64,
+    /// Approximate bytes written to the id-keyed indexes since they were last sealed.
+    index_bytes_since_rotation: u64,
+    index_memtable_bytes: u64,
 }
 
 struct PlannedEvent<'request> {
@@ -46,7 +52,11 @@ struct PlannedRequest<'request> {
 
 impl Committer {
     /// Resumes numbering after the newest event in the log.
-    pub fn recover(keyspaces: Keyspaces) -> Result<Committer, StoreError> {
+    pub fn recover(
+        keyspaces: Keyspaces,
+        events_memtable_bytes: u64,
+        index_memtable_bytes: u64,
+    ) -> Result<Committer, StoreError> {
         let mut last_seq = 0;
         let mut last_instant = Instant::from_micros_since_epoch(i64::MIN);
         for resource_type in ResourceType::all() {
@@ -64,6 +74,10 @@ impl Committer {
         }
         Ok(Committer {
             keyspaces,
+            event_bytes_since_rotation: 0,
+            events_memtable_bytes,
+            index_bytes_since_rotation: 0,
+            index_memtable_bytes,
             last_seq,
             last_instant,
         })
@@ -110,6 +124,29 @@ impl Committer {
         }
         for (reply, staged) in answers {
             let _ = reply.send(staged);
+        }
+        self.seal_full_memtables();
+    }
+
+    /// Seals the `events` memtable, and the id-keyed indexes' memtables, once they hold
+    /// their share of bytes. fjall asks its background worker to do this, and while that
+    /// worker compacts the request waits and the memtables keep growing; sealing here lets
+    /// fjall's own limit on sealed memtables hold writes back, which keeps memory bounded.
+    fn seal_full_memtables(&mut self) {
+        let keyspaces = self.keyspaces.clone();
+        if self.event_bytes_since_rotation >= self.events_memtable_bytes {
+            self.event_bytes_since_rotation = 0;
+            seal(&keyspaces.events);
+        }
+        if self.index_bytes_since_rotation >= self.index_memtable_bytes * 3 {
+            self.index_bytes_since_rotation = 0;
+            for index in [
+                &keyspaces.current,
+                &keyspaces.history,
+                &keyspaces.compartment,
+            ] {
+                seal(index);
+            }
         }
     }
 
@@ -158,10 +195,13 @@ impl Committer {
                     .unwrap_or_default(),
                 body: &body,
             };
+            let encoded = record::encode(&record);
+            self.event_bytes_since_rotation += encoded.len() as u64;
+            self.index_bytes_since_rotation += approximate_index_bytes(&record);
             batch.insert(
                 &self.keyspaces.events,
                 keys::type_seq(event.resource_type, event.seq),
-                record::encode(&record),
+                encoded,
             );
             stage_projections(
                 &self.keyspaces,
@@ -305,4 +345,25 @@ impl Committer {
         }
         Ok(planned)
     }
+}
+
+fn seal(keyspace: &fjall::Keyspace) {
+    if let Err(error) = keyspace.rotate_memtable() {
+        tracing::warn!(%error, "could not seal a memtable");
+    }
+}
+
+/// What one event adds to `current`, `history` and `compartment`: keys, values and
+/// fjall's per-entry overhead, roughly.
+fn approximate_index_bytes(record: &EventRecord<'_>) -> u64 {
+    const PER_ENTRY_OVERHEAD: u64 = 16;
+    let id_bytes = record.id.len() as u64;
+    let current = 2 + id_bytes + 48 + PER_ENTRY_OVERHEAD;
+    let history = 2 + id_bytes + 1 + 8 + 8 + PER_ENTRY_OVERHEAD;
+    let compartment: u64 = record
+        .compartment_patients
+        .iter()
+        .map(|patient| patient.len() as u64 + 1 + 2 + id_bytes + PER_ENTRY_OVERHEAD)
+        .sum();
+    current + history + compartment
 }

@@ -205,7 +205,11 @@ impl Store {
                 other => StoreError::Storage(other),
             })?;
         let keyspaces = Keyspaces::open(database, options)?;
-        let committer = Committer::recover(keyspaces.clone())?;
+        let committer = Committer::recover(
+            keyspaces.clone(),
+            options.events_memtable_bytes,
+            options.index_memtable_bytes,
+        )?;
         let (commit_sender, commit_receiver) = crossbeam_channel::unbounded();
         let committer_thread = std::thread::Builder::new()
             .name("fhirlog-committer".to_owned())
