@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Read;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use fhirlog::store::{Store, StoreOptions};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{FhirClient, Reply, fhirlog_command, free_local_port};
+use support::{FhirClient, Reply, ServerProcess, fhirlog_command, free_local_port};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -1023,75 +1023,6 @@ async fn read_request_head_and_body(connection: &mut TcpStream) -> bool {
 
 /// `fhirlog serve` as a child process with extra arguments and environment; dropping it
 /// kills the child.
-struct ServeProcess {
-    client: FhirClient,
-    log_path: PathBuf,
-    child: Child,
-}
-
-impl ServeProcess {
-    fn start(
-        work_dir: &Path,
-        arguments: &[String],
-        environment: &[(String, String)],
-    ) -> ServeProcess {
-        let port = free_local_port();
-        let log_path = work_dir.join(format!("fhirlog-serve-{port}.log"));
-        let log_file = File::create(&log_path).expect("creating the server log file");
-        let child = fhirlog_command()
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(work_dir.join("data"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .args(arguments)
-            .envs(environment.iter().map(|(name, value)| (name, value)))
-            .env(
-                "RUST_LOG",
-                "info,fhirlog::http=warn,fjall=warn,lsm_tree=warn",
-            )
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("starting fhirlog serve");
-        let mut server = ServeProcess {
-            client: FhirClient::new(&format!("http://127.0.0.1:{port}/fhir")),
-            log_path,
-            child,
-        };
-        let probe = FhirClient::with_timeout(&server.client.base_url, Duration::from_secs(2));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !probe.is_serving() {
-            if let Some(status) = server.child.try_wait().expect("polling fhirlog serve") {
-                panic!(
-                    "fhirlog serve exited with {status} before serving; its log:\n{}",
-                    server.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "fhirlog serve did not start; its log:\n{}",
-                server.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-}
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 fn assert_failed_status_names_container_and_error(
     reply: &Reply,
     container: &str,
@@ -1110,7 +1041,7 @@ fn assert_failed_status_names_container_and_error(
 /// `fhirlog serve` over the small sample, exporting to a fresh default container of
 /// `backend` reached through `proxy`.
 struct ServerBehindProxy {
-    server: ServeProcess,
+    server: ServerProcess,
     container: String,
     _work_dir: TempDir,
 }
@@ -1144,7 +1075,11 @@ fn serve_behind_proxy(
             .map(|path| path.display().to_string()),
     );
     ServerBehindProxy {
-        server: ServeProcess::start(work_dir.path(), &arguments, &environment),
+        server: ServerProcess::start_with_environment(
+            &work_dir.path().join("data"),
+            &arguments.iter().map(String::as_str).collect::<Vec<_>>(),
+            &environment,
+        ),
         container,
         _work_dir: work_dir,
     }

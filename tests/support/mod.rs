@@ -498,6 +498,30 @@ impl ServerProcess {
     /// Like [`ServerProcess::start_with_arguments`] on a chosen port, so a restarted
     /// server keeps the URLs it handed out.
     pub fn start_on_port(data_dir: &Path, port: u16, extra_arguments: &[&str]) -> ServerProcess {
+        ServerProcess::start_on_port_with_environment(data_dir, port, extra_arguments, &[])
+    }
+
+    /// Like [`ServerProcess::start_with_arguments`], with extra environment variables
+    /// (such as storage credentials or `AZURITE_BLOB_STORAGE_URL`).
+    pub fn start_with_environment(
+        data_dir: &Path,
+        extra_arguments: &[&str],
+        environment: &[(String, String)],
+    ) -> ServerProcess {
+        ServerProcess::start_on_port_with_environment(
+            data_dir,
+            free_local_port(),
+            extra_arguments,
+            environment,
+        )
+    }
+
+    fn start_on_port_with_environment(
+        data_dir: &Path,
+        port: u16,
+        extra_arguments: &[&str],
+        environment: &[(String, String)],
+    ) -> ServerProcess {
         let log_directory = data_dir
             .parent()
             .expect("the data directory has a parent folder");
@@ -510,6 +534,7 @@ impl ServerProcess {
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .args(extra_arguments)
+            .envs(environment.iter().map(|(name, value)| (name, value)))
             .env(
                 "RUST_LOG",
                 "info,fhirlog::http=warn,fjall=warn,lsm_tree=warn",
