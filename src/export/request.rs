@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::fhir::compartment::LiteralReference;
+use crate::fhir::compartment::{LiteralReference, PatientCompartment};
 use crate::fhir::{Instant, ResourceId, ResourceType};
 use crate::sink::ContainerName;
 
@@ -94,7 +94,8 @@ impl ExportRequest {
         for (name, value) in parameters {
             match name.as_str() {
                 "_outputFormat" => {
-                    if !OUTPUT_FORMATS.contains(&value.as_str()) {
+                    let unescaped_plus = value.replace(' ', "+");
+                    if !OUTPUT_FORMATS.contains(&unescaped_plus.as_str()) {
                         return Err(invalid(format!(
                             "_outputFormat '{value}' is not supported; use application/fhir+ndjson, application/ndjson or ndjson"
                         )));
@@ -139,6 +140,19 @@ impl ExportRequest {
             && since >= until
         {
             return Err(invalid("_since must be earlier than _until"));
+        }
+        if request.level != ExportLevel::System
+            && let Some(types) = &request.types
+            && !types.is_empty()
+            && types
+                .iter()
+                .all(|resource_type| !PatientCompartment::r4().contains_type(*resource_type))
+        {
+            let problem = "_type names only types outside the Patient compartment, which a Patient or Group export cannot contain";
+            if !lenient {
+                return Err(invalid(problem));
+            }
+            request.ignored_under_lenient.push(problem.to_owned());
         }
         if request.level == ExportLevel::System && !request.patients.is_empty() {
             return Err(invalid(
@@ -333,6 +347,30 @@ mod tests {
             let error = parse(query).expect_err(query);
             assert!(error.0.contains(expected), "{query}: {error}");
         }
+    }
+
+    #[test]
+    fn patient_level_types_must_touch_the_compartment_and_a_raw_plus_is_accepted() {
+        let mut patient_level = kick_off("_type=Organization,Practitioner", vec!["respond-async"]);
+        patient_level.level = ExportLevel::AllPatients;
+        assert!(
+            ExportRequest::parse(&patient_level)
+                .unwrap_err()
+                .0
+                .contains("Patient compartment")
+        );
+        patient_level.query = "_type=Organization,Observation";
+        assert!(ExportRequest::parse(&patient_level).is_ok());
+        patient_level.query = "_type=Organization";
+        patient_level.prefer = vec!["respond-async", "handling=lenient"];
+        assert_eq!(
+            ExportRequest::parse(&patient_level)
+                .unwrap()
+                .ignored_under_lenient
+                .len(),
+            1
+        );
+        assert!(parse("_outputFormat=application/fhir+ndjson").is_ok());
     }
 
     #[test]
