@@ -16,7 +16,7 @@ use fhirlog::export::{
 };
 use fhirlog::fhir::{Instant, ResourceId, ResourceType};
 use fhirlog::sink::MemoryDestination;
-use fhirlog::store::{Store, StoreOptions, UnchangedContent, WriteOperation, WriteOutcome};
+use fhirlog::store::{Store, UnchangedContent, WriteOperation, WriteOutcome};
 use proptest::prelude::*;
 use proptest::sample::{Index, select, subsequence};
 use serde_json::Value;
@@ -27,7 +27,7 @@ use crate::export_model::{
     ExportTargetKind, GROUP_IDS, GroupMember, LiteralReferenceTo, ORGANIZATION_IDS,
     RecordedVersion, every_export_target, stored_body_holds_content,
 };
-use crate::store_harness::scenario_directory;
+use crate::store_harness::{scenario_directory, small_memtable_store_options};
 use crate::store_model::{PATIENT_IDS, prepare_resource_from_text};
 
 const EXPORT_SCENARIO_CASES: u32 = 40;
@@ -142,15 +142,6 @@ pub struct ExportScenario {
 struct CompletedExport {
     record: Box<JobRecord>,
     file_bytes: Vec<(String, Bytes)>,
-}
-
-fn small_memtable_store_options() -> StoreOptions {
-    StoreOptions {
-        block_cache_bytes: 1 << 20,
-        max_journal_bytes: 64 << 20,
-        events_memtable_bytes: 16 << 10,
-        index_memtable_bytes: 4 << 10,
-    }
 }
 
 fn open_store(directory: &Path) -> Store {

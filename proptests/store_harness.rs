@@ -26,7 +26,7 @@ pub enum StoreStep {
 }
 
 /// Tiny memtables, so that projections are flushed to disk tables within a few commits.
-fn small_memtable_store_options() -> StoreOptions {
+pub fn small_memtable_store_options() -> StoreOptions {
     StoreOptions {
         block_cache_bytes: 1 << 20,
         max_journal_bytes: 64 << 20,

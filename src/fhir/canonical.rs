@@ -152,24 +152,23 @@ impl PreparedBody {
         };
         meta.remove("versionId");
         meta.remove("lastUpdated");
-        let mut text = String::with_capacity(256);
-        text.push_str("{\"resourceType\":\"");
-        text.push_str(resource_type.as_str());
-        text.push_str("\",\"id\":\"");
-        text.push_str(id.as_str());
-        text.push_str("\",\"meta\":{");
-        let meta_fields_start = text.len();
+        let mut bytes = Vec::with_capacity(1024);
+        bytes.extend_from_slice(b"{\"resourceType\":\"");
+        bytes.extend_from_slice(resource_type.as_str().as_bytes());
+        bytes.extend_from_slice(b"\",\"id\":\"");
+        bytes.extend_from_slice(id.as_str().as_bytes());
+        bytes.extend_from_slice(b"\",\"meta\":");
+        let meta_fields_start = bytes.len() + 1;
         let meta_has_other_fields = !meta.is_empty();
-        let meta_text =
-            serde_json::to_string(&Value::Object(meta)).unwrap_or_else(|_| "{}".to_owned());
-        text.push_str(&meta_text[1..]);
+        write_json(&mut bytes, &meta);
         for (key, value) in &json {
-            text.push(',');
-            text.push_str(&serde_json::to_string(key).unwrap_or_default());
-            text.push(':');
-            text.push_str(&serde_json::to_string(value).unwrap_or_default());
+            bytes.push(b',');
+            write_json(&mut bytes, key);
+            bytes.push(b':');
+            write_json(&mut bytes, value);
         }
-        text.push('}');
+        bytes.push(b'}');
+        let text = String::from_utf8(bytes).expect("serde_json writes UTF-8");
         PreparedBody {
             text,
             meta_fields_start,
@@ -199,6 +198,11 @@ impl PreparedBody {
         finished.push_str(tail);
         finished
     }
+}
+
+/// Appends `value` as minified JSON; writing to a `Vec` cannot fail for JSON values.
+fn write_json<T: serde::Serialize + ?Sized>(bytes: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(&mut *bytes, value).expect("serialising JSON into memory cannot fail");
 }
 
 #[cfg(test)]

@@ -10,9 +10,10 @@ use super::{Keyspaces, StoreError, keys};
 use crate::fhir::ResourceType;
 
 /// Tracks `current` for a batch that is not committed yet: reads see the batch's own
-/// writes first, then the keyspace.
+/// writes first, then the keyspace. Keyed by the `current` key bytes, which every lookup
+/// builds anyway.
 pub(super) struct CurrentOverlay {
-    pending: HashMap<(ResourceType, String), CurrentEntry>,
+    pending: HashMap<Vec<u8>, CurrentEntry>,
 }
 
 impl CurrentOverlay {
@@ -28,17 +29,14 @@ impl CurrentOverlay {
         resource_type: ResourceType,
         id: &str,
     ) -> Result<Option<CurrentEntry>, StoreError> {
-        if let Some(entry) = self.pending.get(&(resource_type, id.to_owned())) {
+        let key = keys::type_id(resource_type, id);
+        if let Some(entry) = self.pending.get(&key) {
             return Ok(Some(*entry));
         }
-        match keyspaces.current.get(keys::type_id(resource_type, id))? {
+        match keyspaces.current.get(key)? {
             Some(bytes) => Ok(Some(record::decode(&bytes)?)),
             None => Ok(None),
         }
-    }
-
-    pub fn set(&mut self, resource_type: ResourceType, id: &str, entry: CurrentEntry) {
-        self.pending.insert((resource_type, id.to_owned()), entry);
     }
 
     pub fn clear(&mut self) {
@@ -80,12 +78,9 @@ pub(super) fn stage_projections(
         deleted: event.operation == EventOperation::Delete,
         digest: event.digest,
     };
-    batch.insert(
-        &keyspaces.current,
-        keys::type_id(resource_type, event.id),
-        record::encode(&entry),
-    );
-    overlay.set(resource_type, event.id, entry);
+    let current_key = keys::type_id(resource_type, event.id);
+    overlay.pending.insert(current_key.clone(), entry);
+    batch.insert(&keyspaces.current, current_key, record::encode(&entry));
     batch.insert(
         &keyspaces.history,
         keys::history(resource_type, event.id, event.version),
