@@ -8,6 +8,7 @@ use fjall::{OwnedWriteBatch, PersistMode};
 use tokio::sync::oneshot;
 
 use super::projection::{CurrentOverlay, stage_projections};
+use super::read::newest_event_in_log;
 use super::record::{self, CurrentEntry, EventOperation, EventRecord};
 use super::write::{
     PreparedResource, UnchangedContent, VersionInfo, WriteOperation, WriteOutcome, WriteRejection,
@@ -59,18 +60,14 @@ impl Committer {
     ) -> Result<Committer, StoreError> {
         let mut last_seq = 0;
         let mut last_instant = Instant::from_micros_since_epoch(i64::MIN);
-        for resource_type in ResourceType::all() {
-            if let Some(newest) = keyspaces
+        if let Some((resource_type, seq)) = newest_event_in_log(&keyspaces)? {
+            let bytes = keyspaces
                 .events
-                .prefix(keys::type_prefix(resource_type))
-                .next_back()
-            {
-                let (_, value) = newest.into_inner()?;
-                let event: EventRecord = record::decode(&value)?;
-                last_seq = last_seq.max(event.seq);
-                last_instant =
-                    last_instant.max(Instant::from_micros_since_epoch(event.instant_micros));
-            }
+                .get(keys::event(resource_type, seq))?
+                .ok_or_else(|| StoreError::Corrupt(format!("the log names missing event {seq}")))?;
+            let event: EventRecord = record::decode(&bytes)?;
+            last_seq = event.seq;
+            last_instant = Instant::from_micros_since_epoch(event.instant_micros);
         }
         Ok(Committer {
             keyspaces,
@@ -200,7 +197,7 @@ impl Committer {
             self.index_bytes_since_rotation += approximate_index_bytes(&record);
             batch.insert(
                 &self.keyspaces.events,
-                keys::type_seq(event.resource_type, event.seq),
+                keys::event(event.resource_type, event.seq),
                 encoded,
             );
             stage_projections(

@@ -32,6 +32,11 @@ use committer::{CommitRequest, Committer};
 pub enum StoreError {
     #[error("the data directory {path} is in use by another fhirlog process")]
     Locked { path: PathBuf },
+    #[error(
+        "the data directory {path} holds a store in {found}, but this fhirlog reads layout \
+         {STORE_LAYOUT_VERSION}; load the data into a new data directory"
+    )]
+    IncompatibleLayout { path: PathBuf, found: String },
     #[error("storage failure: {0}")]
     Storage(#[from] fjall::Error),
     #[error("stored data is corrupt: {0}")]
@@ -62,6 +67,13 @@ impl Default for StoreOptions {
     }
 }
 
+/// The version of the key and record layout; a store written with another one is refused
+/// at open rather than misread. 2: `events` keys lead with a seq bucket.
+const STORE_LAYOUT_VERSION: u32 = 2;
+
+/// The `meta` entry holding the layout version.
+const STORE_LAYOUT_KEY: &[u8] = b"layout";
+
 /// One background thread for flushes and compactions: with two, fjall 3.1's idle worker
 /// spins re-queueing work while the other compacts (measured at ~18% of all CPU late in a
 /// 2.2M-resource load); one thread loaded that store ~25% faster on two cores.
@@ -89,6 +101,7 @@ pub(crate) struct Keyspaces {
     clock: Keyspace,
     jobs: Keyspace,
     scratch: Keyspace,
+    meta: Keyspace,
 }
 
 impl Keyspaces {
@@ -120,8 +133,21 @@ impl Keyspaces {
                     ))
             })
         };
+        let open_events = |memtable_bytes: u64| {
+            database.keyspace("events", || {
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(memtable_bytes)
+                    .data_block_compression_policy(fjall::config::CompressionPolicy::all(
+                        fjall::CompressionType::Lz4,
+                    ))
+                    .compaction_strategy(Arc::new(
+                        fjall::compaction::Leveled::default()
+                            .with_table_target_size(TABLE_TARGET_BYTES),
+                    ))
+            })
+        };
         Ok(Keyspaces {
-            events: open("events", events_bytes)?,
+            events: open_events(events_bytes)?,
             log: open("log", small_index_bytes)?,
             superseded: open("superseded", small_index_bytes)?,
             current: open_random_keyed("current", index_bytes)?,
@@ -130,6 +156,7 @@ impl Keyspaces {
             clock: open("clock", small_index_bytes)?,
             jobs: open("jobs", small_index_bytes)?,
             scratch: open("scratch", index_bytes)?,
+            meta: open("meta", small_index_bytes)?,
             database,
         })
     }
@@ -205,6 +232,7 @@ impl Store {
                 other => StoreError::Storage(other),
             })?;
         let keyspaces = Keyspaces::open(database, options)?;
+        check_layout(&keyspaces, data_dir)?;
         let committer = Committer::recover(
             keyspaces.clone(),
             options.events_memtable_bytes,
@@ -253,6 +281,35 @@ impl Store {
 
     pub(crate) fn keyspaces(&self) -> &Keyspaces {
         &self.shared.keyspaces
+    }
+}
+
+/// Marks a new store with [`STORE_LAYOUT_VERSION`]; refuses a store marked with another
+/// version, or holding events without a mark (written before layouts were versioned).
+fn check_layout(keyspaces: &Keyspaces, data_dir: &Path) -> Result<(), StoreError> {
+    let incompatible = |found: String| StoreError::IncompatibleLayout {
+        path: data_dir.to_path_buf(),
+        found,
+    };
+    match keyspaces.meta.get(STORE_LAYOUT_KEY)? {
+        Some(bytes) => {
+            let found = <[u8; 4]>::try_from(bytes.as_ref())
+                .map(u32::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt("bad layout entry".to_owned()))?;
+            if found == STORE_LAYOUT_VERSION {
+                Ok(())
+            } else {
+                Err(incompatible(format!("layout {found}")))
+            }
+        }
+        None if keyspaces.events.first_key_value().is_none() => {
+            keyspaces
+                .meta
+                .insert(STORE_LAYOUT_KEY, STORE_LAYOUT_VERSION.to_be_bytes())?;
+            keyspaces.database.persist(fjall::PersistMode::SyncAll)?;
+            Ok(())
+        }
+        None => Err(incompatible("an unversioned layout".to_owned())),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Point reads: current version, a given version, and a resource's history.
 
 use super::record::{self, CurrentEntry, EventOperation, EventRecord};
-use super::{Store, StoreError, keys};
+use super::{Keyspaces, Store, StoreError, keys};
 use crate::fhir::{Instant, ResourceId, ResourceType};
 
 /// One version of a resource as stored; `body` is `None` for a delete.
@@ -148,7 +148,7 @@ impl Store {
         let bytes = self
             .keyspaces()
             .events
-            .get(keys::type_seq(resource_type, seq))?
+            .get(keys::event(resource_type, seq))?
             .ok_or_else(|| {
                 StoreError::Corrupt(format!("projection points at missing event {seq}"))
             })?;
@@ -172,13 +172,30 @@ impl Store {
         let Some(type_bytes) = self.keyspaces().log.get(keys::seq(seq))? else {
             return Ok(None);
         };
-        let code = type_bytes
-            .as_ref()
-            .try_into()
-            .map(u16::from_be_bytes)
-            .map_err(|_| StoreError::Corrupt("bad log entry".to_owned()))?;
-        let resource_type = ResourceType::from_code(code)
-            .ok_or_else(|| StoreError::Corrupt("bad log type".to_owned()))?;
+        let resource_type = resource_type_of_log_entry(&type_bytes)?;
         Ok(Some(self.read_event(resource_type, seq)?.last_updated))
     }
+}
+
+/// The type of the event a `log` entry (seq → type code) points at.
+pub(super) fn resource_type_of_log_entry(value: &[u8]) -> Result<ResourceType, StoreError> {
+    value
+        .try_into()
+        .ok()
+        .map(u16::from_be_bytes)
+        .and_then(ResourceType::from_code)
+        .ok_or_else(|| StoreError::Corrupt("bad log entry".to_owned()))
+}
+
+/// `(type, seq)` of the newest event, from the last `log` entry.
+pub(super) fn newest_event_in_log(
+    keyspaces: &Keyspaces,
+) -> Result<Option<(ResourceType, u64)>, StoreError> {
+    let Some(newest) = keyspaces.log.last_key_value() else {
+        return Ok(None);
+    };
+    let (seq_bytes, type_bytes) = newest.into_inner()?;
+    let seq =
+        keys::parse_seq(&seq_bytes).ok_or_else(|| StoreError::Corrupt("bad log key".to_owned()))?;
+    Ok(Some((resource_type_of_log_entry(&type_bytes)?, seq)))
 }

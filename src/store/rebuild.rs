@@ -33,24 +33,24 @@ impl Store {
         let mut staged = 0usize;
         let mut clock_pending: std::collections::HashMap<Instant, u64> =
             std::collections::HashMap::new();
-        for resource_type in ResourceType::all() {
-            for entry in keyspaces.events.prefix(keys::type_prefix(resource_type)) {
-                let (_, value) = entry.into_inner()?;
-                let event: EventRecord = record::decode(&value)?;
-                let previous = overlay.get(keyspaces, resource_type, event.id)?;
-                stage_projections(keyspaces, &mut batch, &mut overlay, &event, previous)?;
-                let instant = Instant::from_micros_since_epoch(event.instant_micros);
-                let newest_seq = clock_pending.entry(instant).or_insert(event.seq);
-                *newest_seq = (*newest_seq).max(event.seq);
-                summary.events += 1;
-                staged += 1;
-                if staged >= REBUILD_BATCH_EVENTS {
-                    stage_clock(self, &mut batch, &mut clock_pending)?;
-                    batch.commit()?;
-                    batch = keyspaces.database.batch();
-                    overlay.clear();
-                    staged = 0;
-                }
+        for entry in keyspaces.events.iter() {
+            let (_, value) = entry.into_inner()?;
+            let event: EventRecord = record::decode(&value)?;
+            let resource_type = ResourceType::from_code(event.resource_type_code)
+                .ok_or_else(|| StoreError::Corrupt("bad event type".to_owned()))?;
+            let previous = overlay.get(keyspaces, resource_type, event.id)?;
+            stage_projections(keyspaces, &mut batch, &mut overlay, &event, previous)?;
+            let instant = Instant::from_micros_since_epoch(event.instant_micros);
+            let newest_seq = clock_pending.entry(instant).or_insert(event.seq);
+            *newest_seq = (*newest_seq).max(event.seq);
+            summary.events += 1;
+            staged += 1;
+            if staged >= REBUILD_BATCH_EVENTS {
+                stage_clock(self, &mut batch, &mut clock_pending)?;
+                batch.commit()?;
+                batch = keyspaces.database.batch();
+                overlay.clear();
+                staged = 0;
             }
         }
         stage_clock(self, &mut batch, &mut clock_pending)?;
@@ -62,7 +62,7 @@ impl Store {
 }
 
 /// A commit's clock entry maps its instant to its newest seq; events of one commit can be
-/// far apart in the per-type scan, so merge with what earlier batches wrote.
+/// far apart in `events` key order, so merge with what earlier batches wrote.
 fn stage_clock(
     store: &Store,
     batch: &mut fjall::OwnedWriteBatch,

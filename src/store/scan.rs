@@ -80,8 +80,16 @@ fn scratch_namespace_prefix(namespace: &str) -> Vec<u8> {
 
 /// The seqs ending the first and the last key `keys()` yields.
 fn first_and_last_seq(keys: impl Fn() -> fjall::Iter) -> Result<Option<(u64, u64)>, StoreError> {
-    let first = keys().next().map(|guard| guard.key()).transpose()?;
-    let last = keys().next_back().map(|guard| guard.key()).transpose()?;
+    seqs_of_first_and_last(keys().next(), keys().next_back())
+}
+
+/// The seqs ending the keys of two entries, when both exist.
+fn seqs_of_first_and_last(
+    first: Option<fjall::Guard>,
+    last: Option<fjall::Guard>,
+) -> Result<Option<(u64, u64)>, StoreError> {
+    let first = first.map(|guard| guard.key()).transpose()?;
+    let last = last.map(|guard| guard.key()).transpose()?;
     match (first, last) {
         (Some(first), Some(last)) => Ok(Some((
             parse_trailing_seq(&first)?,
@@ -113,11 +121,15 @@ impl Store {
             return Ok(());
         }
         let keyspaces = self.keyspaces();
-        let start = keys::type_seq(resource_type, window.after_seq + 1);
-        let end = keys::type_seq(resource_type, window.through_seq);
-        let mut superseded = keyspaces.superseded.range(start..=end);
+        let first_seq = window.after_seq + 1;
+        let mut superseded = keyspaces.superseded.range(
+            keys::type_seq(resource_type, first_seq)
+                ..=keys::type_seq(resource_type, window.through_seq),
+        );
         let mut pending_superseded: Option<(u64, u64)> = None;
-        for entry in keyspaces.events.range(start..=end) {
+        let events = keys::event_ranges(resource_type, first_seq, window.through_seq)
+            .flat_map(|range| keyspaces.events.range(range));
+        for entry in events {
             let (key, value) = entry.into_inner()?;
             let seq = parse_trailing_seq(&key)?;
             let mut superseded_by = None;
@@ -164,10 +176,13 @@ impl Store {
         if window.is_empty() {
             return Ok(None);
         }
-        let start = keys::type_seq(resource_type, window.after_seq + 1);
-        let end = keys::type_seq(resource_type, window.through_seq);
         let events = &self.keyspaces().events;
-        first_and_last_seq(|| events.range(start..=end))
+        let ranges = || keys::event_ranges(resource_type, window.after_seq + 1, window.through_seq);
+        let first = ranges().find_map(|range| events.range(range).next());
+        let last = ranges()
+            .rev()
+            .find_map(|range| events.range(range).next_back());
+        seqs_of_first_and_last(first, last)
     }
 
     /// Calls `visit` with event `seq` of `resource_type`; `None` if there is no such event.
@@ -180,7 +195,7 @@ impl Store {
         let Some(bytes) = self
             .keyspaces()
             .events
-            .get(keys::type_seq(resource_type, seq))?
+            .get(keys::event(resource_type, seq))?
         else {
             return Ok(None);
         };

@@ -218,3 +218,184 @@ fn rebuilt_projections_equal_incremental_ones() {
     assert_eq!(summary.events, 5);
     assert_eq!(store.dump_projections().unwrap(), incremental);
 }
+
+/// `events` keys are grouped in buckets of 2^14 seqs; scans, bounds, rebuild and recovery
+/// must see one type's events across bucket boundaries as one seq-ordered sequence.
+#[test]
+fn scans_rebuild_and_recovery_span_event_buckets() {
+    const PATIENTS: u64 = 17_000;
+    const OBSERVATIONS: u64 = 20_000;
+    const UPDATED_PATIENTS: u64 = 100;
+    let observation = ResourceType::parse("Observation").unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    store
+        .commit(
+            (0..PATIENTS)
+                .map(|index| update(&format!(r#"{{"resourceType":"Patient","id":"p{index}"}}"#)))
+                .collect(),
+        )
+        .unwrap();
+    store
+        .commit(
+            (0..OBSERVATIONS)
+                .map(|index| {
+                    update(&format!(
+                        r#"{{"resourceType":"Observation","id":"o{index}","status":"final","code":{{}}}}"#
+                    ))
+                })
+                .collect(),
+        )
+        .unwrap();
+    let before_updates = PATIENTS + OBSERVATIONS;
+    store
+        .commit(
+            (0..UPDATED_PATIENTS)
+                .map(|index| {
+                    update(&format!(
+                        r#"{{"resourceType":"Patient","id":"p{index}","active":true}}"#
+                    ))
+                })
+                .collect(),
+        )
+        .unwrap();
+    let high_water = before_updates + UPDATED_PATIENTS;
+    assert_eq!(store.high_water_seq().unwrap(), high_water);
+    let window = |after_seq, through_seq| SeqWindow {
+        after_seq,
+        through_seq,
+    };
+    let newest = |resource_type, scanned: SeqWindow, snapshot_seq| {
+        let mut seen = Vec::new();
+        store
+            .scan_newest_in_window(resource_type, scanned, snapshot_seq, |event| {
+                seen.push((event.seq, event.id.to_owned(), event.version));
+                ScanControl::Continue
+            })
+            .unwrap();
+        seen
+    };
+
+    let patients_now = newest(ResourceType::PATIENT, window(0, high_water), high_water);
+    assert_eq!(patients_now.len() as u64, PATIENTS);
+    assert!(patients_now.windows(2).all(|pair| pair[0].0 < pair[1].0));
+    assert_eq!(
+        patients_now[0],
+        (UPDATED_PATIENTS + 1, format!("p{UPDATED_PATIENTS}"), 1)
+    );
+    assert_eq!(
+        patients_now.last().unwrap(),
+        &(high_water, format!("p{}", UPDATED_PATIENTS - 1), 2)
+    );
+
+    let patients_before_updates = newest(
+        ResourceType::PATIENT,
+        window(0, before_updates),
+        before_updates,
+    );
+    assert_eq!(patients_before_updates.len() as u64, PATIENTS);
+    assert_eq!(patients_before_updates[0], (1, "p0".to_owned(), 1));
+
+    let across_first_boundary = newest(ResourceType::PATIENT, window(16_000, 17_000), high_water);
+    assert_eq!(
+        across_first_boundary
+            .iter()
+            .map(|event| event.0)
+            .collect::<Vec<_>>(),
+        (16_001..=17_000).collect::<Vec<_>>()
+    );
+    let across_second_boundary = newest(observation, window(30_000, 34_000), high_water);
+    assert_eq!(across_second_boundary.len(), 4_000);
+    assert_eq!(across_second_boundary[0].0, 30_001);
+
+    assert_eq!(
+        store
+            .type_seq_bounds(ResourceType::PATIENT, window(0, high_water))
+            .unwrap(),
+        Some((1, high_water))
+    );
+    assert_eq!(
+        store
+            .type_seq_bounds(observation, window(0, high_water))
+            .unwrap(),
+        Some((PATIENTS + 1, before_updates))
+    );
+    assert_eq!(
+        store
+            .type_seq_bounds(ResourceType::PATIENT, window(PATIENTS, before_updates))
+            .unwrap(),
+        None
+    );
+    for seq in [16_384, 16_385, 32_767, 32_768] {
+        assert_eq!(
+            store
+                .with_event(observation, seq, |event| event.seq)
+                .unwrap(),
+            (seq > PATIENTS).then_some(seq),
+            "event {seq}"
+        );
+    }
+
+    let incremental = store.dump_projections().unwrap();
+    assert_eq!(store.rebuild_projections().unwrap().events, high_water);
+    assert_eq!(store.dump_projections().unwrap(), incremental);
+
+    drop(store);
+    let reopened = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    let outcome = reopened
+        .commit(vec![update(r#"{"resourceType":"Patient","id":"late"}"#)])
+        .unwrap();
+    assert!(
+        matches!(&outcome[0], WriteOutcome::Created { version } if version.seq == high_water + 1)
+    );
+}
+
+#[test]
+fn a_store_of_another_layout_is_refused_at_open() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    store
+        .commit(vec![update(r#"{"resourceType":"Patient","id":"p1"}"#)])
+        .unwrap();
+    drop(store);
+    let refused = reopen_after(directory.path(), |meta| {
+        meta.insert(STORE_LAYOUT_KEY, 1u32.to_be_bytes()).unwrap()
+    });
+    assert!(refused.is_err_and(|error| error.to_string().contains("holds a store in layout 1")));
+
+    let store = reopen_after(directory.path(), |meta| {
+        meta.remove(STORE_LAYOUT_KEY).unwrap()
+    });
+    assert!(store.is_err_and(|error| error.to_string().contains("an unversioned layout")));
+
+    let store = reopen_after(directory.path(), |meta| {
+        meta.insert(STORE_LAYOUT_KEY, STORE_LAYOUT_VERSION.to_be_bytes())
+            .unwrap()
+    })
+    .unwrap();
+    assert!(
+        store
+            .read_current(ResourceType::PATIENT, &id("p1"))
+            .unwrap()
+            .is_some()
+    );
+}
+
+/// Opens the raw database in `directory`, lets `change` edit the `meta` keyspace, and opens
+/// the store again.
+fn reopen_after(
+    directory: &std::path::Path,
+    change: impl FnOnce(&fjall::Keyspace),
+) -> Result<Store, StoreError> {
+    {
+        let database = fjall::Database::builder(directory.join("store"))
+            .open()
+            .unwrap();
+        let meta = database
+            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        change(&meta);
+        database.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    Store::open(directory, &StoreOptions::default())
+}
