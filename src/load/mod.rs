@@ -27,9 +27,9 @@ use crate::store::{
 const LINES_PER_CHUNK: usize = 1_000;
 /// Most input bytes per commit: a chunk ends at whichever limit comes first, so files of
 /// very large resources (Synthea Provenance lines are ~150 KB) keep memory bounded.
-const BYTES_PER_CHUNK: usize = 4 * 1024 * 1024;
+const BYTES_PER_CHUNK: usize = 1024 * 1024;
 /// Commits in flight at once, so parsing and fsync overlap.
-const MAX_COMMITS_IN_FLIGHT: usize = 4;
+const MAX_COMMITS_IN_FLIGHT: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnError {
