@@ -62,17 +62,17 @@ impl Committer {
         events_memtable_bytes: u64,
         index_memtable_bytes: u64,
     ) -> Result<Committer, StoreError> {
-        let mut last_seq = 0;
-        let mut last_instant = Instant::from_micros_since_epoch(i64::MIN);
-        if let Some((resource_type, seq)) = newest_event_in_log(&keyspaces)? {
-            let bytes = keyspaces
-                .events
-                .get(keys::event(resource_type, seq))?
-                .ok_or_else(|| StoreError::Corrupt(format!("the log names missing event {seq}")))?;
-            let event: EventRecord = record::decode(&bytes)?;
-            last_seq = event.seq;
-            last_instant = Instant::from_micros_since_epoch(event.instant_micros);
-        }
+        let (last_seq, last_instant) = match newest_event_in_log(&keyspaces)? {
+            Some((resource_type, seq)) => keyspaces
+                .with_event_record(resource_type, seq, |event| {
+                    (
+                        event.seq,
+                        Instant::from_micros_since_epoch(event.instant_micros),
+                    )
+                })?
+                .ok_or_else(|| StoreError::Corrupt(format!("the log names missing event {seq}")))?,
+            None => (0, Instant::from_micros_since_epoch(i64::MIN)),
+        };
         Ok(Committer {
             keyspaces,
             event_bytes_since_rotation: 0,

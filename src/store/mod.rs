@@ -91,6 +91,36 @@ const TABLE_TARGET_BYTES: u64 = 16 << 20;
 /// blocks (UUIDs and seqs) barely compress, so they are stored uncompressed.
 const RANDOM_KEYED_L0_THRESHOLD: u8 = 12;
 
+/// How a keyspace's keys arrive, which decides how it is compressed and compacted.
+#[derive(Debug, Clone, Copy)]
+enum KeyOrder {
+    /// Mostly ascending keys (seqs, instants, job names): fjall's defaults.
+    Ascending,
+    /// `events`: ascending seq buckets, so older tables are moved down, never rewritten;
+    /// hence LZ4 from level 0, as a moved table is never recompressed.
+    EventBuckets,
+    /// Keys led by a resource or patient id: see [`RANDOM_KEYED_L0_THRESHOLD`].
+    RandomIds,
+}
+
+fn keyspace_options(memtable_bytes: u64, key_order: KeyOrder) -> KeyspaceCreateOptions {
+    let options = KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes);
+    let leveled = fjall::compaction::Leveled::default().with_table_target_size(TABLE_TARGET_BYTES);
+    let all_blocks = fjall::config::CompressionPolicy::all;
+    let (options, leveled) = match key_order {
+        KeyOrder::Ascending => (options, leveled),
+        KeyOrder::EventBuckets => (
+            options.data_block_compression_policy(all_blocks(fjall::CompressionType::Lz4)),
+            leveled,
+        ),
+        KeyOrder::RandomIds => (
+            options.data_block_compression_policy(all_blocks(fjall::CompressionType::None)),
+            leveled.with_l0_threshold(RANDOM_KEYED_L0_THRESHOLD),
+        ),
+    };
+    options.compaction_strategy(Arc::new(leveled))
+}
+
 #[derive(Clone)]
 pub(crate) struct Keyspaces {
     database: Database,
@@ -111,54 +141,20 @@ impl Keyspaces {
         let events_bytes = options.events_memtable_bytes;
         let index_bytes = options.index_memtable_bytes;
         let small_index_bytes = (index_bytes / 4).max(1 << 20);
-        let open = |name: &str, memtable_bytes: u64| {
-            database.keyspace(name, || {
-                KeyspaceCreateOptions::default()
-                    .max_memtable_size(memtable_bytes)
-                    .compaction_strategy(Arc::new(
-                        fjall::compaction::Leveled::default()
-                            .with_table_target_size(TABLE_TARGET_BYTES),
-                    ))
-            })
-        };
-        let open_random_keyed = |name: &str, memtable_bytes: u64| {
-            database.keyspace(name, || {
-                KeyspaceCreateOptions::default()
-                    .max_memtable_size(memtable_bytes)
-                    .data_block_compression_policy(fjall::config::CompressionPolicy::all(
-                        fjall::CompressionType::None,
-                    ))
-                    .compaction_strategy(Arc::new(
-                        fjall::compaction::Leveled::default()
-                            .with_l0_threshold(RANDOM_KEYED_L0_THRESHOLD)
-                            .with_table_target_size(TABLE_TARGET_BYTES),
-                    ))
-            })
-        };
-        let open_events = |memtable_bytes: u64| {
-            database.keyspace("events", || {
-                KeyspaceCreateOptions::default()
-                    .max_memtable_size(memtable_bytes)
-                    .data_block_compression_policy(fjall::config::CompressionPolicy::all(
-                        fjall::CompressionType::Lz4,
-                    ))
-                    .compaction_strategy(Arc::new(
-                        fjall::compaction::Leveled::default()
-                            .with_table_target_size(TABLE_TARGET_BYTES),
-                    ))
-            })
+        let open = |name: &str, memtable_bytes: u64, key_order: KeyOrder| {
+            database.keyspace(name, || keyspace_options(memtable_bytes, key_order))
         };
         Ok(Keyspaces {
-            events: open_events(events_bytes)?,
-            log: open("log", small_index_bytes)?,
-            superseded: open("superseded", small_index_bytes)?,
-            current: open_random_keyed("current", index_bytes)?,
-            history: open_random_keyed("history", index_bytes)?,
-            compartment: open_random_keyed("compartment", index_bytes)?,
-            clock: open("clock", small_index_bytes)?,
-            jobs: open("jobs", small_index_bytes)?,
-            scratch: open("scratch", index_bytes)?,
-            meta: open("meta", small_index_bytes)?,
+            events: open("events", events_bytes, KeyOrder::EventBuckets)?,
+            log: open("log", small_index_bytes, KeyOrder::Ascending)?,
+            superseded: open("superseded", small_index_bytes, KeyOrder::Ascending)?,
+            current: open("current", index_bytes, KeyOrder::RandomIds)?,
+            history: open("history", index_bytes, KeyOrder::RandomIds)?,
+            compartment: open("compartment", index_bytes, KeyOrder::RandomIds)?,
+            clock: open("clock", small_index_bytes, KeyOrder::Ascending)?,
+            jobs: open("jobs", small_index_bytes, KeyOrder::Ascending)?,
+            scratch: open("scratch", index_bytes, KeyOrder::Ascending)?,
+            meta: open("meta", small_index_bytes, KeyOrder::Ascending)?,
             database,
         })
     }

@@ -145,24 +145,22 @@ impl Store {
         resource_type: ResourceType,
         seq: u64,
     ) -> Result<StoredVersion, StoreError> {
-        let bytes = self
-            .keyspaces()
-            .events
-            .get(keys::event(resource_type, seq))?
+        self.keyspaces()
+            .with_event_record(resource_type, seq, |event| {
+                let id = ResourceId::parse(event.id)
+                    .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+                Ok(StoredVersion {
+                    resource_type,
+                    id,
+                    version: event.version,
+                    last_updated: Instant::from_micros_since_epoch(event.instant_micros),
+                    seq: event.seq,
+                    body: (event.operation == EventOperation::Put).then(|| event.body.to_owned()),
+                })
+            })?
             .ok_or_else(|| {
                 StoreError::Corrupt(format!("projection points at missing event {seq}"))
-            })?;
-        let event: EventRecord = record::decode(&bytes)?;
-        let id =
-            ResourceId::parse(event.id).map_err(|error| StoreError::Corrupt(error.to_string()))?;
-        Ok(StoredVersion {
-            resource_type,
-            id,
-            version: event.version,
-            last_updated: Instant::from_micros_since_epoch(event.instant_micros),
-            seq: event.seq,
-            body: (event.operation == EventOperation::Put).then(|| event.body.to_owned()),
-        })
+            })?
     }
 }
 
@@ -174,6 +172,23 @@ impl Store {
         };
         let resource_type = resource_type_of_log_entry(&type_bytes)?;
         Ok(Some(self.read_event(resource_type, seq)?.last_updated))
+    }
+}
+
+impl Keyspaces {
+    /// Calls `visit` with the decoded event `seq` of `resource_type`; `None` if there is no
+    /// such event.
+    pub(super) fn with_event_record<R>(
+        &self,
+        resource_type: ResourceType,
+        seq: u64,
+        visit: impl FnOnce(&EventRecord<'_>) -> R,
+    ) -> Result<Option<R>, StoreError> {
+        let Some(bytes) = self.events.get(keys::event(resource_type, seq))? else {
+            return Ok(None);
+        };
+        let event: EventRecord = record::decode(&bytes)?;
+        Ok(Some(visit(&event)))
     }
 }
 

@@ -192,15 +192,10 @@ impl Store {
         seq: u64,
         visit: impl FnOnce(&EventView<'_>) -> R,
     ) -> Result<Option<R>, StoreError> {
-        let Some(bytes) = self
-            .keyspaces()
-            .events
-            .get(keys::event(resource_type, seq))?
-        else {
-            return Ok(None);
-        };
-        let event: EventRecord = record::decode(&bytes)?;
-        Ok(Some(visit(&view_of(resource_type, &event))))
+        self.keyspaces()
+            .with_event_record(resource_type, seq, |event| {
+                visit(&view_of(resource_type, event))
+            })
     }
 
     /// `(version, seq)` of every version of a resource, newest first.
