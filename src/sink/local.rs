@@ -25,10 +25,6 @@ impl Destination for LocalDestination {
         format!("file://{}", self.root.display())
     }
 
-    fn default_container(&self) -> ContainerName {
-        ContainerName::default_container()
-    }
-
     fn open_container(
         &self,
         container: &ContainerName,

@@ -26,10 +26,6 @@ impl Destination for MemoryDestination {
         "memory://".to_owned()
     }
 
-    fn default_container(&self) -> ContainerName {
-        ContainerName::default_container()
-    }
-
     fn open_container(
         &self,
         container: &ContainerName,

@@ -146,7 +146,9 @@ pub trait Destination: Send + Sync + 'static {
     /// Where this destination writes, for messages (no secrets).
     fn describe(&self) -> String;
     /// The container exports use when a request names none.
-    fn default_container(&self) -> ContainerName;
+    fn default_container(&self) -> ContainerName {
+        ContainerName::default_container()
+    }
     /// The store for `container`; a missing container is created (when the destination
     /// may create containers) or reported as [`SinkError::ContainerMissing`]. Blocking.
     fn open_container(
@@ -431,13 +433,14 @@ impl ContainerStore {
         impl futures_util::Stream<Item = Result<Bytes, object_store::Error>> + Send + 'static,
         SinkError,
     > {
-        let path = ObjectPath::from(name);
-        let result = self
-            .objects
-            .get(&path)
+        Ok(self.get(name).await?.into_stream())
+    }
+
+    async fn get(&self, name: &str) -> Result<object_store::GetResult, SinkError> {
+        self.objects
+            .get(&ObjectPath::from(name))
             .await
-            .map_err(|error| self.storage_error(error))?;
-        Ok(result.into_stream())
+            .map_err(|error| self.storage_error(error))
     }
 
     pub async fn get_range(
@@ -453,13 +456,8 @@ impl ContainerStore {
     }
 
     pub async fn get_bytes(&self, name: &str) -> Result<Bytes, SinkError> {
-        let path = ObjectPath::from(name);
-        let result = self
-            .objects
-            .get(&path)
-            .await
-            .map_err(|error| self.storage_error(error))?;
-        result
+        self.get(name)
+            .await?
             .bytes()
             .await
             .map_err(|error| self.storage_error(error))
