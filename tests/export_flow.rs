@@ -894,6 +894,30 @@ impl BulkClient {
     }
 
     /// The whole flow: kick-off, polling, manifest checks, every file downloaded.
+    /// One export kicked off by GET (polling as Retry-After says) and one by POST (polling
+    /// eagerly), both downloaded and compared with their gzip forms.
+    fn export_by_get_and_post(
+        &self,
+        by_get: &KickOffRequest,
+        by_post: &KickOffRequest,
+        max_per_file: u64,
+    ) -> (Export, Export) {
+        (
+            self.export(
+                by_get,
+                Polling::HonoringRetryAfter,
+                Downloads::ComparingGzip,
+                max_per_file,
+            ),
+            self.export(
+                by_post,
+                Polling::Eagerly,
+                Downloads::ComparingGzip,
+                max_per_file,
+            ),
+        )
+    }
+
     fn export(
         &self,
         request: &KickOffRequest,
@@ -1030,19 +1054,12 @@ fn system_export_by_get_and_post_delivers_every_stored_resource_once_with_its_st
     let expected = current_bodies(&app.client, &world.every_live_resource());
     let bulk = BulkClient::new(&app.base_url);
 
-    let by_get = bulk.export(
+    let (by_get, by_post) = bulk.export_by_get_and_post(
         &KickOffRequest::get("/$export"),
-        Polling::HonoringRetryAfter,
-        Downloads::ComparingGzip,
-        SMALL_FILE_LIMIT,
-    );
-    let by_post = bulk.export(
         &KickOffRequest::post(
             "/$export",
             parameters(&[("_outputFormat", "application/fhir+ndjson")]),
         ),
-        Polling::Eagerly,
-        Downloads::ComparingGzip,
         SMALL_FILE_LIMIT,
     );
 
@@ -1073,19 +1090,12 @@ fn patient_export_by_get_and_post_delivers_exactly_the_patient_compartments() {
     let expected = current_bodies(&app.client, &world.in_some_patient_compartment());
     let bulk = BulkClient::new(&app.base_url);
 
-    let by_get = bulk.export(
+    let (by_get, by_post) = bulk.export_by_get_and_post(
         &KickOffRequest::get("/Patient/$export?_outputFormat=ndjson"),
-        Polling::HonoringRetryAfter,
-        Downloads::ComparingGzip,
-        SMALL_FILE_LIMIT,
-    );
-    let by_post = bulk.export(
         &KickOffRequest::post(
             "/Patient/$export",
             parameters(&[("_outputFormat", "application/ndjson")]),
         ),
-        Polling::Eagerly,
-        Downloads::ComparingGzip,
         SMALL_FILE_LIMIT,
     );
     for export in [&by_get, &by_post] {
@@ -1129,16 +1139,9 @@ fn group_export_by_get_and_post_delivers_exactly_the_members_compartments() {
     let bulk = BulkClient::new(&app.base_url);
     let path = format!("/Group/{SMALL_WORLD_GROUP}/$export");
 
-    let by_get = bulk.export(
+    let (by_get, by_post) = bulk.export_by_get_and_post(
         &KickOffRequest::get(&path),
-        Polling::HonoringRetryAfter,
-        Downloads::ComparingGzip,
-        SMALL_FILE_LIMIT,
-    );
-    let by_post = bulk.export(
         &KickOffRequest::post(&path, parameters(&[("_outputFormat", "ndjson")])),
-        Polling::Eagerly,
-        Downloads::ComparingGzip,
         SMALL_FILE_LIMIT,
     );
     for export in [&by_get, &by_post] {

@@ -1303,15 +1303,8 @@ fn assert_refused_to_start(finished: &FinishedServe, fragments: &[&str]) {
     );
 }
 
-#[test]
-fn serve_refuses_to_start_when_the_default_s3_bucket_does_not_exist() {
-    let Some(StorageBackend::MotoS3 { endpoint }) = moto_or_skip() else {
-        return;
-    };
-    let bucket = unique_container_name("missing-bucket");
-    let storage = format!("s3://{bucket}?endpoint={endpoint}&allow_http=true");
-    let finished = run_serve_expecting_exit(&["--storage", &storage], &[], Duration::from_secs(30));
-    assert_refused_to_start(&finished, &[&bucket, "does not exist"]);
+/// The refusal is the whole of stderr: one non-empty line.
+fn assert_stderr_is_one_line(finished: &FinishedServe) {
     assert_eq!(
         finished
             .stderr
@@ -1325,6 +1318,18 @@ fn serve_refuses_to_start_when_the_default_s3_bucket_does_not_exist() {
 }
 
 #[test]
+fn serve_refuses_to_start_when_the_default_s3_bucket_does_not_exist() {
+    let Some(StorageBackend::MotoS3 { endpoint }) = moto_or_skip() else {
+        return;
+    };
+    let bucket = unique_container_name("missing-bucket");
+    let storage = format!("s3://{bucket}?endpoint={endpoint}&allow_http=true");
+    let finished = run_serve_expecting_exit(&["--storage", &storage], &[], Duration::from_secs(30));
+    assert_refused_to_start(&finished, &[&bucket, "does not exist"]);
+    assert_stderr_is_one_line(&finished);
+}
+
+#[test]
 fn serve_refuses_to_start_when_the_default_azurite_container_does_not_exist() {
     if azurite_or_skip().is_none() {
         return;
@@ -1333,16 +1338,7 @@ fn serve_refuses_to_start_when_the_default_azurite_container_does_not_exist() {
     let storage = format!("az://{container}?emulator=true");
     let finished = run_serve_expecting_exit(&["--storage", &storage], &[], Duration::from_secs(30));
     assert_refused_to_start(&finished, &[&container, "does not exist"]);
-    assert_eq!(
-        finished
-            .stderr
-            .lines()
-            .filter(|line| !line.trim().is_empty())
-            .count(),
-        1,
-        "stderr:\n{}",
-        finished.stderr
-    );
+    assert_stderr_is_one_line(&finished);
 }
 
 #[test]
