@@ -27,7 +27,7 @@ use crate::export_model::{
     ExportTargetKind, GROUP_IDS, GroupMember, LiteralReferenceTo, ORGANIZATION_IDS,
     RecordedVersion, every_export_target, stored_body_holds_content,
 };
-use crate::store_harness::{scenario_directory, small_memtable_store_options};
+use crate::store_harness::{CommitInstantCheck, scenario_directory, small_memtable_store_options};
 use crate::store_model::{PATIENT_IDS, prepare_resource_from_text};
 
 const EXPORT_SCENARIO_CASES: u32 = 40;
@@ -232,7 +232,7 @@ impl ExportScenarioRun {
         );
         let mut newest_version_in_request: BTreeMap<ExportTarget, (u64, bool)> = BTreeMap::new();
         let mut appended = Vec::new();
-        let mut commit_instant: Option<Instant> = None;
+        let mut commit_instants = CommitInstantCheck::after(self.history.last_commit_instant());
         for (operation, outcome) in operations.iter().zip(&outcomes) {
             let target = match operation {
                 HistoryOperation::Put { target, .. } | HistoryOperation::Delete { target } => {
@@ -279,23 +279,7 @@ impl ExportScenarioRun {
                 (target.resource_type(), target.id, newest_version + 1),
                 "{context}: the version appended for {target:?}"
             );
-            match commit_instant {
-                Some(instant) => assert_eq!(
-                    info.last_updated, instant,
-                    "{context}: versions of one commit carry different instants"
-                ),
-                None => {
-                    if let Some(previous_instant) = self.history.last_commit_instant() {
-                        assert!(
-                            info.last_updated > previous_instant,
-                            "{context}: commit instant {} is not after the previous commit's {}",
-                            info.last_updated,
-                            previous_instant
-                        );
-                    }
-                    commit_instant = Some(info.last_updated);
-                }
-            }
+            commit_instants.check(context, info.last_updated);
             let live = match operation {
                 HistoryOperation::Put { content, .. } => {
                     let stored = self
@@ -326,7 +310,7 @@ impl ExportScenarioRun {
                 },
             ));
         }
-        if let Some(instant) = commit_instant {
+        if let Some(instant) = commit_instants.commit_instant() {
             self.history.record_commit(instant, appended);
         }
     }

@@ -271,7 +271,7 @@ fn match_outcomes(
     );
     let mut events = Vec::new();
     let mut previous_seq = model.last_seq();
-    let mut commit_instant: Option<Instant> = None;
+    let mut commit_instants = CommitInstantCheck::after(model.last_commit_instant());
     for (predicted, actual) in predicted_outcomes.iter().zip(actual_outcomes) {
         let Some((target, version, content)) = predicted.appended_version() else {
             continue;
@@ -284,23 +284,7 @@ fn match_outcomes(
             info.seq
         );
         previous_seq = info.seq;
-        match commit_instant {
-            Some(instant) => assert_eq!(
-                info.last_updated, instant,
-                "{context}: events of one commit carry different instants"
-            ),
-            None => {
-                if let Some(previous_commit_instant) = model.last_commit_instant() {
-                    assert!(
-                        info.last_updated > previous_commit_instant,
-                        "{context}: commit instant {} is not after the previous commit's {}",
-                        info.last_updated,
-                        previous_commit_instant
-                    );
-                }
-                commit_instant = Some(info.last_updated);
-            }
-        }
+        commit_instants.check(context, info.last_updated);
         events.push(RecordedEvent {
             target,
             version,
@@ -310,6 +294,46 @@ fn match_outcomes(
         });
     }
     events
+}
+
+/// Follows the versions one commit appends: each must carry the commit's one instant, and
+/// that instant must be later than the previous commit's.
+pub struct CommitInstantCheck {
+    previous_commit_instant: Option<Instant>,
+    commit_instant: Option<Instant>,
+}
+
+impl CommitInstantCheck {
+    pub fn after(previous_commit_instant: Option<Instant>) -> CommitInstantCheck {
+        CommitInstantCheck {
+            previous_commit_instant,
+            commit_instant: None,
+        }
+    }
+
+    pub fn check(&mut self, context: &str, instant: Instant) {
+        match self.commit_instant {
+            Some(commit_instant) => assert_eq!(
+                instant, commit_instant,
+                "{context}: versions of one commit carry different instants"
+            ),
+            None => {
+                if let Some(previous_commit_instant) = self.previous_commit_instant {
+                    assert!(
+                        instant > previous_commit_instant,
+                        "{context}: commit instant {instant} is not after the previous \
+                         commit's {previous_commit_instant}"
+                    );
+                }
+                self.commit_instant = Some(instant);
+            }
+        }
+    }
+
+    /// The commit's instant, once one of its versions was checked.
+    pub fn commit_instant(&self) -> Option<Instant> {
+        self.commit_instant
+    }
 }
 
 /// Every read the store offers, for every resource of the id space, against the model.
