@@ -376,7 +376,6 @@ impl ExportScenarioRun {
             }
         };
         ExportRequest {
-            level,
             since,
             until,
             types: choice
@@ -384,8 +383,7 @@ impl ExportScenarioRun {
                 .as_ref()
                 .map(|types| types.iter().copied().collect()),
             patients,
-            container: None,
-            ignored_under_lenient: Vec::new(),
+            ..ExportRequest::everything_at(level)
         }
     }
 

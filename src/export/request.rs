@@ -62,6 +62,19 @@ fn invalid(message: impl Into<String>) -> InvalidExportRequest {
 }
 
 impl ExportRequest {
+    /// Every resource `level` covers, as of now, into the default container.
+    pub fn everything_at(level: ExportLevel) -> ExportRequest {
+        ExportRequest {
+            level,
+            since: None,
+            until: None,
+            types: None,
+            patients: Vec::new(),
+            container: None,
+            ignored_under_lenient: Vec::new(),
+        }
+    }
+
     pub fn parse(kick_off: &KickOff<'_>) -> Result<ExportRequest, InvalidExportRequest> {
         require_headers(kick_off)?;
         let lenient = kick_off
@@ -81,15 +94,7 @@ impl ExportRequest {
         if kick_off.is_post {
             parameters.extend(parameters_from_body(kick_off.body)?);
         }
-        let mut request = ExportRequest {
-            level: kick_off.level.clone(),
-            since: None,
-            until: None,
-            types: None,
-            patients: Vec::new(),
-            container: None,
-            ignored_under_lenient: Vec::new(),
-        };
+        let mut request = ExportRequest::everything_at(kick_off.level.clone());
         let mut problems = Vec::new();
         for (name, value) in parameters {
             match name.as_str() {

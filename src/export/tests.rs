@@ -100,18 +100,6 @@ impl Harness {
     }
 }
 
-fn request(level: ExportLevel) -> ExportRequest {
-    ExportRequest {
-        level,
-        since: None,
-        until: None,
-        types: None,
-        patients: Vec::new(),
-        container: None,
-        ignored_under_lenient: Vec::new(),
-    }
-}
-
 fn ids_in(contents: &BTreeMap<String, Vec<String>>, prefix: &str) -> BTreeSet<String> {
     contents
         .iter()
@@ -159,7 +147,8 @@ fn system_export_writes_numbered_parts_of_current_versions() {
     harness.delete("Patient", "p6");
     harness.put(r#"{"resourceType":"Organization","id":"org"}"#);
     let engine = harness.engine(small_settings(3));
-    let (record, contents) = harness.run(&engine, request(ExportLevel::System));
+    let (record, contents) =
+        harness.run(&engine, ExportRequest::everything_at(ExportLevel::System));
     let names: Vec<&str> = record.files.iter().map(|file| file.name.as_str()).collect();
     assert_eq!(
         names,
@@ -199,7 +188,7 @@ fn until_exports_the_store_as_it_was_and_since_reports_changes_and_deletes() {
     harness.put(r#"{"resourceType":"Patient","id":"d"}"#);
     let engine = harness.engine(small_settings(100));
 
-    let mut as_it_was = request(ExportLevel::System);
+    let mut as_it_was = ExportRequest::everything_at(ExportLevel::System);
     as_it_was.until = Some(between);
     let (record, contents) = harness.run(&engine, as_it_was);
     assert_eq!(record.transaction_time, between);
@@ -213,7 +202,7 @@ fn until_exports_the_store_as_it_was_and_since_reports_changes_and_deletes() {
             .any(|line| line.contains("male") && !line.contains("female"))
     );
 
-    let mut changes = request(ExportLevel::System);
+    let mut changes = ExportRequest::everything_at(ExportLevel::System);
     changes.since = Some(between);
     let (_, contents) = harness.run(&engine, changes);
     assert_eq!(
@@ -237,7 +226,10 @@ fn writes_after_kick_off_are_not_exported() {
     }
     let engine = harness.engine(small_settings(5));
     let job_id = engine
-        .submit(request(ExportLevel::System), "x".to_owned())
+        .submit(
+            ExportRequest::everything_at(ExportLevel::System),
+            "x".to_owned(),
+        )
         .unwrap();
     for index in 50..80 {
         harness.put(&format!(r#"{{"resourceType":"Patient","id":"p{index}"}}"#));
@@ -275,7 +267,10 @@ fn patient_and_group_exports_cover_compartments_once() {
     );
     let engine = harness.engine(small_settings(100));
 
-    let (_, everyone) = harness.run(&engine, request(ExportLevel::AllPatients));
+    let (_, everyone) = harness.run(
+        &engine,
+        ExportRequest::everything_at(ExportLevel::AllPatients),
+    );
     assert_eq!(ids_in(&everyone, "Patient-").len(), 3);
     assert_eq!(
         ids_in(&everyone, "Observation-"),
@@ -289,7 +284,7 @@ fn patient_and_group_exports_cover_compartments_once() {
 
     let (_, group) = harness.run(
         &engine,
-        request(ExportLevel::Group(ResourceId::parse("outer").unwrap())),
+        ExportRequest::everything_at(ExportLevel::Group(ResourceId::parse("outer").unwrap())),
     );
     assert_eq!(
         ids_in(&group, "Patient-"),
@@ -302,7 +297,8 @@ fn patient_and_group_exports_cover_compartments_once() {
     );
     assert!(!group.keys().any(|name| name.starts_with("Group")));
 
-    let mut narrowed = request(ExportLevel::Group(ResourceId::parse("outer").unwrap()));
+    let mut narrowed =
+        ExportRequest::everything_at(ExportLevel::Group(ResourceId::parse("outer").unwrap()));
     narrowed.patients = vec![ResourceId::parse("p2").unwrap()];
     let (_, narrowed) = harness.run(&engine, narrowed);
     assert_eq!(
@@ -315,11 +311,12 @@ fn patient_and_group_exports_cover_compartments_once() {
     );
 
     let missing = engine.submit(
-        request(ExportLevel::Group(ResourceId::parse("nope").unwrap())),
+        ExportRequest::everything_at(ExportLevel::Group(ResourceId::parse("nope").unwrap())),
         "x".to_owned(),
     );
     assert!(matches!(missing, Err(ExportError::NotFound(_))));
-    let mut outsider = request(ExportLevel::Group(ResourceId::parse("outer").unwrap()));
+    let mut outsider =
+        ExportRequest::everything_at(ExportLevel::Group(ResourceId::parse("outer").unwrap()));
     outsider.patients = vec![ResourceId::parse("p3").unwrap()];
     assert!(matches!(
         engine.submit(outsider, "x".to_owned()),
@@ -335,7 +332,8 @@ fn group_membership_is_read_as_of_the_snapshot() {
     let before = harness.put(r#"{"resourceType":"Group","id":"g","type":"person","actual":true,"member":[{"entity":{"reference":"Patient/p1"}}]}"#);
     harness.put(r#"{"resourceType":"Group","id":"g","type":"person","actual":true,"member":[{"entity":{"reference":"Patient/p2"}}]}"#);
     let engine = harness.engine(small_settings(100));
-    let mut then = request(ExportLevel::Group(ResourceId::parse("g").unwrap()));
+    let mut then =
+        ExportRequest::everything_at(ExportLevel::Group(ResourceId::parse("g").unwrap()));
     then.until = Some(before);
     let (_, contents) = harness.run(&engine, then);
     assert_eq!(
@@ -344,7 +342,7 @@ fn group_membership_is_read_as_of_the_snapshot() {
     );
     let (_, now) = harness.run(
         &engine,
-        request(ExportLevel::Group(ResourceId::parse("g").unwrap())),
+        ExportRequest::everything_at(ExportLevel::Group(ResourceId::parse("g").unwrap())),
     );
     assert_eq!(ids_in(&now, "Patient-"), BTreeSet::from(["p2".to_owned()]));
 }
@@ -356,7 +354,7 @@ fn cancel_removes_the_job_and_its_files() {
         harness.put(&format!(r#"{{"resourceType":"Patient","id":"p{index}"}}"#));
     }
     let engine = harness.engine(small_settings(10));
-    let (record, _) = harness.run(&engine, request(ExportLevel::System));
+    let (record, _) = harness.run(&engine, ExportRequest::everything_at(ExportLevel::System));
     engine.cancel(&record.id).unwrap();
     assert!(matches!(
         engine.status(&record.id),
@@ -397,12 +395,17 @@ fn a_job_interrupted_by_shutdown_resumes_to_the_same_output() {
     }
     let uninterrupted = {
         let engine = harness.engine(small_settings(7));
-        harness.run(&engine, request(ExportLevel::System)).1
+        harness
+            .run(&engine, ExportRequest::everything_at(ExportLevel::System))
+            .1
     };
     let job_id = {
         let engine = harness.engine(small_settings(7));
         let job_id = engine
-            .submit(request(ExportLevel::System), "x".to_owned())
+            .submit(
+                ExportRequest::everything_at(ExportLevel::System),
+                "x".to_owned(),
+            )
             .unwrap();
         std::thread::sleep(Duration::from_millis(20));
         job_id
@@ -432,7 +435,7 @@ fn lenient_problems_become_the_error_file() {
     let harness = Harness::new();
     harness.put(r#"{"resourceType":"Patient","id":"p1"}"#);
     let engine = harness.engine(small_settings(100));
-    let mut lenient = request(ExportLevel::System);
+    let mut lenient = ExportRequest::everything_at(ExportLevel::System);
     lenient.ignored_under_lenient = vec!["_elements is not supported yet".to_owned()];
     let (record, contents) = harness.run(&engine, lenient);
     let error_file = record
@@ -454,10 +457,16 @@ fn the_job_limit_is_enforced() {
     settings.workers = 1;
     let engine = harness.engine(settings);
     engine
-        .submit(request(ExportLevel::System), "x".to_owned())
+        .submit(
+            ExportRequest::everything_at(ExportLevel::System),
+            "x".to_owned(),
+        )
         .unwrap();
     assert!(matches!(
-        engine.submit(request(ExportLevel::System), "x".to_owned()),
+        engine.submit(
+            ExportRequest::everything_at(ExportLevel::System),
+            "x".to_owned()
+        ),
         Err(ExportError::TooManyJobs { limit: 1, .. })
     ));
 }
