@@ -23,30 +23,7 @@ use crate::fhir::{Instant, ResourceType};
 use crate::sink::{ContainerName, ContainerStore, Destination, SinkError};
 use crate::store::{Store, StoreError};
 
-/// Engine settings; see `fhirlog serve --help`.
-#[derive(Debug, Clone)]
-pub struct ExportSettings {
-    pub workers: usize,
-    pub max_resources_per_file: u64,
-    pub job_timeout: Duration,
-    pub max_jobs: usize,
-    pub retention: Duration,
-    /// How long a failing destination is retried before the job fails.
-    pub destination_timeout: Duration,
-}
-
-impl Default for ExportSettings {
-    fn default() -> Self {
-        ExportSettings {
-            workers: std::thread::available_parallelism().map_or(2, |count| count.get()),
-            max_resources_per_file: 5_000,
-            job_timeout: Duration::from_secs(600),
-            max_jobs: 16,
-            retention: Duration::from_secs(24 * 3600),
-            destination_timeout: Duration::from_secs(120),
-        }
-    }
-}
+pub use super::settings::ExportSettings;
 
 /// Errors a caller of the engine can act on.
 #[derive(Debug, thiserror::Error)]

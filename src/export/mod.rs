@@ -7,6 +7,7 @@ pub mod job;
 pub mod manifest;
 pub mod plan;
 pub mod request;
+pub mod settings;
 pub mod unit;
 
 pub use engine::{ExportEngine, ExportError, ExportSettings, JobStatus};
