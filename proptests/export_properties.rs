@@ -12,7 +12,8 @@ use bytes::Bytes;
 use fhirlog::export::job::{FileKind, JobRecord};
 use fhirlog::export::manifest::{FileUrls, manifest};
 use fhirlog::export::{
-    ExportEngine, ExportError, ExportLevel, ExportRequest, ExportSettings, JobStatus,
+    ExportEngine, ExportError, ExportErrorKind, ExportLevel, ExportRequest, ExportSettings,
+    JobStatus,
 };
 use fhirlog::fhir::{Instant, ResourceId, ResourceType};
 use fhirlog::sink::MemoryDestination;
@@ -400,8 +401,8 @@ impl ExportScenarioRun {
                     );
                     std::thread::sleep(JOB_STATUS_POLL_INTERVAL);
                 }
-                Ok(JobStatus::Failed { status, message }) => {
-                    panic!("{context}: job {job_id} failed with {status}: {message}")
+                Ok(JobStatus::Failed { kind, message }) => {
+                    panic!("{context}: job {job_id} failed ({kind:?}): {message}")
                 }
                 Err(error) => panic!("{context}: status of job {job_id}: {error}"),
             }
@@ -544,8 +545,8 @@ pub fn run_export_scenario(scenario: &ExportScenario) {
 
 fn engine_error_answers_refusal(error: &ExportError, refusal: ExpectedRefusal) -> bool {
     match refusal {
-        ExpectedRefusal::GroupMissingAtSnapshot => matches!(error, ExportError::NotFound(_)),
-        ExpectedRefusal::PatientOutsideTheLevel => matches!(error, ExportError::InvalidRequest(_)),
+        ExpectedRefusal::GroupMissingAtSnapshot => error.kind() == ExportErrorKind::NotFound,
+        ExpectedRefusal::PatientOutsideTheLevel => error.kind() == ExportErrorKind::InvalidRequest,
     }
 }
 

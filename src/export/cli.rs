@@ -7,9 +7,10 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::Value;
 
-use super::engine::{ExportEngine, ExportSettings, JobStatus};
+use super::engine::{ExportEngine, JobStatus};
 use super::manifest::{FileUrls, manifest};
 use super::request::ExportRequest;
+use super::settings::ExportSettings;
 use crate::sink::{ContainerName, LocalDestination};
 use crate::store::Store;
 
@@ -44,7 +45,7 @@ pub fn run_export(
     let job_id = engine.submit(request, "fhirlog export".to_owned())?;
     let progress = indicatif::ProgressBar::new_spinner();
     progress.enable_steady_tick(Duration::from_millis(200));
-    let finished = engine.wait(&job_id, |text| progress.set_message(text.to_owned()))?;
+    let finished = engine.wait(&job_id, |text| progress.set_message(text.to_string()))?;
     progress.finish_and_clear();
     let result = match finished {
         JobStatus::Completed { record, .. } => {

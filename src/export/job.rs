@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::error::ExportErrorKind;
 use super::request::ExportRequest;
 use crate::fhir::{Instant, ResourceType};
 use crate::sink::ContainerName;
@@ -40,7 +41,7 @@ pub enum JobState {
     },
     Failed {
         failed_at: Instant,
-        status: u16,
+        kind: ExportErrorKind,
         message: String,
     },
 }
@@ -72,8 +73,9 @@ pub struct JobRecord {
     pub transaction_time: Instant,
     pub created_at: Instant,
     pub max_resources_per_file: u64,
-    /// Sorted member patient ids for Group and `patient=` exports.
-    pub members: Vec<String>,
+    /// How many member patients a Group or `patient=` export covers; their ids are kept
+    /// apart ([`save_members`]) so that saving the record stays cheap.
+    pub member_count: usize,
     pub units: Vec<WorkUnit>,
     pub state: JobState,
     pub files: Vec<ExportedFile>,
@@ -102,22 +104,46 @@ fn unit_key(job_id: &str, unit_index: usize) -> String {
     format!("unit/{job_id}/{unit_index:08}")
 }
 
+fn members_key(job_id: &str) -> String {
+    format!("members/{job_id}")
+}
+
+/// Saves the sorted member patient ids of a Group or `patient=` export (fsynced).
+pub fn save_members(store: &Store, job_id: &str, members: &[String]) -> Result<(), StoreError> {
+    store.job_put(&members_key(job_id), &encode_record(&members))
+}
+
+pub fn load_members(store: &Store, job_id: &str) -> Result<Vec<String>, StoreError> {
+    match store.job_get(&members_key(job_id))? {
+        Some(bytes) => decode_record(&bytes),
+        None => Ok(Vec::new()),
+    }
+}
+
 impl JobRecord {
     pub fn save(&self, store: &Store) -> Result<(), StoreError> {
         store.job_put(&job_key(&self.id), &encode_record(self))
     }
 
+    /// Every persisted job; a record this version cannot read (written by an older
+    /// fhirlog) is reported and left out.
     pub fn load_all(store: &Store) -> Result<Vec<JobRecord>, StoreError> {
-        store
-            .job_scan("job/")?
-            .iter()
-            .map(|(_, bytes)| decode_record(bytes))
-            .collect()
+        let mut records = Vec::new();
+        for (key, bytes) in store.job_scan("job/")? {
+            match decode_record(&bytes) {
+                Ok(record) => records.push(record),
+                Err(error) => {
+                    tracing::warn!(%key, %error, "ignoring an export job record this version cannot read")
+                }
+            }
+        }
+        Ok(records)
     }
 
-    /// Removes the record and every checkpoint of the job.
+    /// Removes the record, the member list and every checkpoint of the job.
     pub fn delete(store: &Store, job_id: &str) -> Result<(), StoreError> {
-        store.job_delete_prefix(&format!("unit/{job_id}/"))?;
+        delete_checkpoints(store, job_id)?;
+        store.job_delete_prefix(&members_key(job_id))?;
         store.job_delete_prefix(&job_key(job_id))
     }
 
@@ -127,6 +153,11 @@ impl JobRecord {
             JobState::Completed { .. } | JobState::Failed { .. }
         )
     }
+}
+
+/// Removes every unit checkpoint of the job.
+pub fn delete_checkpoints(store: &Store, job_id: &str) -> Result<(), StoreError> {
+    store.job_delete_prefix(&format!("unit/{job_id}/"))
 }
 
 impl UnitCheckpoint {
@@ -144,26 +175,4 @@ impl UnitCheckpoint {
     pub fn save(&self, store: &Store, job_id: &str, unit_index: usize) -> Result<(), StoreError> {
         store.job_put_buffered(&unit_key(job_id, unit_index), &encode_record(self))
     }
-}
-
-/// The staging object of part `part_number` (from 1) of a unit's stream; finals are named
-/// only when the job completes, so numbering is deterministic whatever order units ran in.
-/// Staged parts sit in the job's own folder (no subfolder), so deleting a job's objects
-/// leaves no empty directories behind on a filesystem.
-pub fn staged_part_name(
-    job_id: &str,
-    kind: FileKind,
-    unit_index: usize,
-    part_number: usize,
-) -> String {
-    let stream = match kind {
-        FileKind::Output => "output",
-        FileKind::Deleted => "deleted",
-        FileKind::Error => "error",
-    };
-    format!("{job_id}/staging-{stream}-{unit_index:08}-{part_number:08}.ndjson")
-}
-
-pub fn final_file_name(job_id: &str, file_name: &str) -> String {
-    format!("{job_id}/{file_name}")
 }

@@ -1,17 +1,40 @@
-//! Bulk Data `$export`: request parsing, planning, persisted jobs, work units run by a
-//! worker pool, and the manifest (DESIGN.md §3–4).
+//! Bulk Data `$export` as stages (DESIGN.md §3–4): a kick-off becomes a typed
+//! [`ExportRequest`]; the [`engine`] wires the stages and answers the HTTP layer and the CLI.
+//!
+//! - [`request`]: kick-off parameters parsed into an [`ExportRequest`].
+//! - [`settings`]: how the engine runs.
+//! - [`error`]: the one export error type, with a kind the caller acts on.
+//! - [`job`]: the persisted job record, work units and checkpoints.
+//! - [`registry`]: the jobs in memory and their control (stop, progress, the decision of their end).
+//! - [`scheduler`]: persisted state → work items on a bounded channel to the workers.
+//! - [`planner`]: snapshot, members, collection into the scratch set, units.
+//! - [`worker`]: running one unit, retrying transient destination failures.
+//! - [`finalizer`]: final file names, durable files, completion; clean-up.
+//! - [`files`]: every object name and prefix a job uses.
+//! - [`watchdog`]: stalled and expired jobs.
+//! - [`manifest`]: the completion manifest.
+//! - [`cli`]: `fhirlog export`.
 
 pub mod cli;
 pub mod engine;
+pub mod error;
+pub mod files;
+pub mod finalizer;
 pub mod job;
 pub mod manifest;
-pub mod plan;
+pub mod planner;
+pub mod registry;
 pub mod request;
+pub mod scheduler;
 pub mod settings;
-pub mod unit;
+pub mod watchdog;
+pub mod worker;
 
-pub use engine::{ExportEngine, ExportError, ExportSettings, JobStatus};
+pub use engine::{ExportEngine, JobStatus};
+pub use error::{ExportError, ExportErrorKind};
+pub use registry::JobProgress;
 pub use request::{ExportLevel, ExportRequest, InvalidExportRequest, KickOff};
+pub use settings::ExportSettings;
 
 #[cfg(test)]
 mod tests;

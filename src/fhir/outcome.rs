@@ -27,6 +27,7 @@ pub enum IssueKind {
     Timeout,
     Processing,
     Exception,
+    Transient,
     Informational,
 }
 
@@ -69,6 +70,7 @@ impl IssueKind {
             IssueKind::Timeout => "timeout",
             IssueKind::Processing => "processing",
             IssueKind::Exception => "exception",
+            IssueKind::Transient => "transient",
             IssueKind::Informational => "informational",
         }
     }

@@ -3,7 +3,7 @@
 
 use warp::http::StatusCode;
 
-use crate::export::ExportError;
+use crate::export::{ExportError, ExportErrorKind};
 use crate::fhir::canonical::ResourceBodyError;
 use crate::fhir::outcome::{IssueKind, OperationOutcome};
 use crate::store::{StoreError, WriteRejection};
@@ -33,6 +33,12 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Export(#[from] ExportError),
+    /// A job that failed after it was accepted, as its status poll reports it.
+    #[error("{message}")]
+    ExportFailed {
+        kind: ExportErrorKind,
+        message: String,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -55,12 +61,8 @@ impl ApiError {
             }
             ApiError::Store(StoreError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Store(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::Export(ExportError::InvalidRequest(_)) => StatusCode::BAD_REQUEST,
-            ApiError::Export(ExportError::NotFound(_)) => StatusCode::NOT_FOUND,
-            ApiError::Export(ExportError::TooManyJobs { .. }) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Export(ExportError::Sink(_) | ExportError::Store(_)) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ApiError::Export(error) => export_status(error.kind()),
+            ApiError::ExportFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -77,15 +79,37 @@ impl ApiError {
             ApiError::RequestTimeout(_) => IssueKind::Timeout,
             ApiError::Store(StoreError::Rejected(_)) => IssueKind::Conflict,
             ApiError::Store(_) | ApiError::Internal(_) => IssueKind::Exception,
-            ApiError::Export(ExportError::InvalidRequest(_)) => IssueKind::Invalid,
-            ApiError::Export(ExportError::NotFound(_)) => IssueKind::NotFound,
-            ApiError::Export(ExportError::TooManyJobs { .. }) => IssueKind::Throttled,
-            ApiError::Export(ExportError::Sink(_) | ExportError::Store(_)) => IssueKind::Exception,
+            ApiError::Export(error) => export_issue_kind(error.kind()),
+            ApiError::ExportFailed { kind, .. } => export_issue_kind(*kind),
         }
     }
 
     pub fn to_outcome(&self) -> OperationOutcome {
         OperationOutcome::error(self.issue_kind(), self.to_string())
+    }
+}
+
+/// The status of a refused export request or operation.
+fn export_status(kind: ExportErrorKind) -> StatusCode {
+    match kind {
+        ExportErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+        ExportErrorKind::NotFound | ExportErrorKind::Cancelled => StatusCode::NOT_FOUND,
+        ExportErrorKind::TooManyJobs => StatusCode::TOO_MANY_REQUESTS,
+        ExportErrorKind::DestinationUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ExportErrorKind::Destination | ExportErrorKind::Store | ExportErrorKind::TimedOut => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
+}
+
+fn export_issue_kind(kind: ExportErrorKind) -> IssueKind {
+    match kind {
+        ExportErrorKind::InvalidRequest => IssueKind::Invalid,
+        ExportErrorKind::NotFound | ExportErrorKind::Cancelled => IssueKind::NotFound,
+        ExportErrorKind::TooManyJobs => IssueKind::Throttled,
+        ExportErrorKind::DestinationUnavailable => IssueKind::Transient,
+        ExportErrorKind::TimedOut => IssueKind::Timeout,
+        ExportErrorKind::Destination | ExportErrorKind::Store => IssueKind::Exception,
     }
 }
 

@@ -91,7 +91,7 @@ pub async fn status(state: &AppState, job_id: &str) -> Result<WarpResponse, ApiE
             let headers = reply.headers_mut();
             headers.insert(RETRY_AFTER, HeaderValue::from(STATUS_RETRY_AFTER_SECONDS));
             if let Ok(progress) =
-                HeaderValue::from_str(&progress.chars().take(99).collect::<String>())
+                HeaderValue::from_str(&progress.to_string().chars().take(99).collect::<String>())
             {
                 headers.insert(X_PROGRESS, progress);
             }
@@ -116,13 +116,7 @@ pub async fn status(state: &AppState, job_id: &str) -> Result<WarpResponse, ApiE
             }
             Ok(reply)
         }
-        JobStatus::Failed { status, message } => {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            Ok(response::outcome(
-                status,
-                &OperationOutcome::error(IssueKind::Exception, message),
-            ))
-        }
+        JobStatus::Failed { kind, message } => Err(ApiError::ExportFailed { kind, message }),
     }
 }
 
@@ -146,8 +140,10 @@ async fn signed_urls(
     Ok(Some(urls))
 }
 
-pub fn cancel(state: &AppState, job_id: &str) -> Result<WarpResponse, ApiError> {
-    state.exports.cancel(job_id)?;
+pub async fn cancel(state: &AppState, job_id: String) -> Result<WarpResponse, ApiError> {
+    let engine = Arc::clone(&state.exports);
+    let cancelled_job = job_id.clone();
+    run_blocking(move || Ok(engine.cancel(&cancelled_job)?)).await?;
     Ok(response::outcome(
         StatusCode::ACCEPTED,
         &OperationOutcome::single(

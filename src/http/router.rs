@@ -122,7 +122,7 @@ async fn dispatch(
             export::kick_off(state, kick_off).await
         }
         Interaction::ExportStatus { job_id } => export::status(&state, &job_id).await,
-        Interaction::ExportCancel { job_id } => export::cancel(&state, &job_id),
+        Interaction::ExportCancel { job_id } => export::cancel(&state, job_id).await,
         Interaction::ExportFile { job_id, file_name } => {
             export::file(Arc::clone(&state), &job_id, &file_name, &request.headers).await
         }

@@ -1,12 +1,15 @@
-//! Planning a job: the snapshot window, the members of a Group or `patient=` list as of
-//! the snapshot, collecting their compartments into the job's scratch set, and splitting
-//! each type's seq range into work units.
+//! The planner: every plan step of a job — the snapshot window, the members of a Group or
+//! `patient=` list as of the snapshot, collecting their compartments into the job's
+//! scratch set (checkpointed, on a worker), and splitting each type's seq range into work
+//! units.
 
 use std::collections::{BTreeSet, HashSet};
 
 use serde_json::Value;
 
-use super::job::{UnitSource, WorkUnit};
+use super::error::ExportError;
+use super::job::{JobState, UnitSource, WorkUnit, load_members};
+use super::registry::JobHandle;
 use super::request::{ExportLevel, ExportRequest};
 use crate::fhir::compartment::{LiteralReference, PatientCompartment};
 use crate::fhir::{Instant, ResourceId, ResourceType};
@@ -18,22 +21,90 @@ const UNIT_SEQ_SPAN: u64 = 100_000;
 /// Compartment members examined between progress reports.
 const PROGRESS_EVERY_MEMBERS: usize = 128;
 /// Member patients collected between durable checkpoints.
-pub const MEMBERS_PER_COLLECTION_CHECKPOINT: usize = 64;
-
-#[derive(Debug, thiserror::Error)]
-pub enum PlanError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
+const MEMBERS_PER_COLLECTION_CHECKPOINT: usize = 1024;
 
 /// The export's snapshot: the seq window and the instant the manifest reports.
 pub struct Snapshot {
     pub window: SeqWindow,
     pub transaction_time: Instant,
+}
+
+/// What a new job starts from: its snapshot, and either its units or the members whose
+/// compartments a worker collects first.
+pub struct NewJobPlan {
+    pub snapshot: Snapshot,
+    pub members: Option<Vec<String>>,
+    pub units: Vec<WorkUnit>,
+    pub state: JobState,
+}
+
+/// Plans a job at kick-off: fixes the snapshot and resolves members; the units of a
+/// system or all-patients export are planned at once, a member export's after collection.
+pub fn plan_new_job(
+    store: &Store,
+    request: &ExportRequest,
+    now: Instant,
+) -> Result<NewJobPlan, ExportError> {
+    let snapshot = take_snapshot(store, request, now)?;
+    let members = resolve_members(store, request, snapshot.window.through_seq)?;
+    let (units, state) = match &members {
+        Some(_) => (Vec::new(), JobState::Collecting { next_member: 0 }),
+        None => (
+            plan_event_units(store, request, snapshot.window)?,
+            JobState::Exporting,
+        ),
+    };
+    Ok(NewJobPlan {
+        snapshot,
+        members,
+        units,
+        state,
+    })
+}
+
+/// Collects the members' compartments into the job's scratch set from where the last
+/// checkpoint left off, then plans the units over that set and moves the job on to
+/// exporting. Runs on a worker; stops at once when the job must stop.
+pub fn run_collection(store: &Store, job: &JobHandle) -> Result<(), ExportError> {
+    let (request, window, mut next_member) = {
+        let record = job.record();
+        let JobState::Collecting { next_member } = record.state else {
+            return Ok(());
+        };
+        (record.request.clone(), record.window, next_member)
+    };
+    let members = load_members(store, job.id())?;
+    let covered: HashSet<ResourceType> = covered_types(&request).into_iter().collect();
+    while next_member < members.len() {
+        let chunk_end = (next_member + MEMBERS_PER_COLLECTION_CHECKPOINT).min(members.len());
+        let mut collected = Vec::new();
+        for patient_id in &members[next_member..chunk_end] {
+            if job.should_stop() {
+                return Err(ExportError::cancelled());
+            }
+            job.touch();
+            collect_member(
+                store,
+                &request,
+                window,
+                patient_id,
+                &covered,
+                &mut collected,
+                &|| job.touch(),
+            )?;
+        }
+        store.scratch_insert(job.id(), &collected)?;
+        next_member = chunk_end;
+        job.persist(store, |record| {
+            record.state = JobState::Collecting { next_member };
+        })?;
+        job.touch();
+    }
+    let units = plan_collected_units(store, job.id(), &request)?;
+    job.persist(store, |record| {
+        record.units = units;
+        record.state = JobState::Exporting;
+    })
 }
 
 /// Fixes the snapshot: everything committed so far (or up to `_until`), after `_since`.
@@ -162,7 +233,7 @@ pub fn resolve_members(
     store: &Store,
     request: &ExportRequest,
     through_seq: u64,
-) -> Result<Option<Vec<String>>, PlanError> {
+) -> Result<Option<Vec<String>>, ExportError> {
     let mut members: BTreeSet<String> = match &request.level {
         ExportLevel::System => return Ok(None),
         ExportLevel::AllPatients if request.patients.is_empty() => return Ok(None),
@@ -177,7 +248,7 @@ pub fn resolve_members(
         let present = match &request.level {
             ExportLevel::Group(group_id) => {
                 if !members.contains(patient.as_str()) {
-                    return Err(PlanError::Invalid(format!(
+                    return Err(ExportError::invalid_request(format!(
                         "Patient/{patient} is not a member of Group/{group_id}"
                     )));
                 }
@@ -186,7 +257,7 @@ pub fn resolve_members(
             _ => live_as_of(store, ResourceType::PATIENT, patient, through_seq)?,
         };
         if !present {
-            return Err(PlanError::Invalid(format!(
+            return Err(ExportError::invalid_request(format!(
                 "Patient/{patient} does not exist"
             )));
         }
@@ -216,7 +287,7 @@ fn group_members(
     store: &Store,
     group_id: &ResourceId,
     through_seq: u64,
-) -> Result<BTreeSet<String>, PlanError> {
+) -> Result<BTreeSet<String>, ExportError> {
     let mut members = BTreeSet::new();
     let mut pending = vec![group_id.as_str().to_owned()];
     let mut visited = HashSet::new();
@@ -234,7 +305,7 @@ fn group_members(
         };
         let Some(body) = body else {
             if current == group_id.as_str() {
-                return Err(PlanError::NotFound(format!(
+                return Err(ExportError::not_found(format!(
                     "Group/{group_id} does not exist"
                 )));
             }

@@ -1,0 +1,102 @@
+//! The export boundary's one error type: a kind the caller acts on, a message for the
+//! client, and the underlying cause for the log. The HTTP status is chosen from the kind
+//! in `http/error.rs` only.
+
+use serde::{Deserialize, Serialize};
+
+use crate::sink::SinkError;
+use crate::store::StoreError;
+
+/// What went wrong, as far as a caller can act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExportErrorKind {
+    /// The request cannot be honoured as written.
+    InvalidRequest,
+    /// The job, file, Group or patient named does not exist.
+    NotFound,
+    /// Too many exports are queued or running; retry later.
+    TooManyJobs,
+    /// The destination did not answer in time or refused the connection.
+    DestinationUnavailable,
+    /// The destination answered with a failure (permissions, missing container, full disk).
+    Destination,
+    /// Reading or writing the store failed.
+    Store,
+    /// The job was cancelled or the engine is stopping.
+    Cancelled,
+    /// The job made no progress for longer than `--job-timeout`.
+    TimedOut,
+}
+
+/// An export failure: its kind, a message fit for a client, and its cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ExportError {
+    kind: ExportErrorKind,
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl ExportError {
+    pub fn new(kind: ExportErrorKind, message: impl Into<String>) -> ExportError {
+        ExportError {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub fn invalid_request(message: impl Into<String>) -> ExportError {
+        ExportError::new(ExportErrorKind::InvalidRequest, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ExportError {
+        ExportError::new(ExportErrorKind::NotFound, message)
+    }
+
+    pub fn cancelled() -> ExportError {
+        ExportError::new(ExportErrorKind::Cancelled, "the export was cancelled")
+    }
+
+    pub fn kind(&self) -> ExportErrorKind {
+        self.kind
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether retrying from the last checkpoint may succeed.
+    pub fn is_transient_destination_failure(&self) -> bool {
+        self.source
+            .as_deref()
+            .and_then(|source| source.downcast_ref::<SinkError>())
+            .is_some_and(SinkError::is_transient)
+    }
+}
+
+impl From<StoreError> for ExportError {
+    fn from(error: StoreError) -> Self {
+        ExportError {
+            kind: ExportErrorKind::Store,
+            message: format!("reading the store failed: {error}"),
+            source: Some(Box::new(error)),
+        }
+    }
+}
+
+impl From<SinkError> for ExportError {
+    fn from(error: SinkError) -> Self {
+        let kind = match &error {
+            SinkError::ContainerMissing { .. } => ExportErrorKind::InvalidRequest,
+            _ if error.is_transient() => ExportErrorKind::DestinationUnavailable,
+            _ => ExportErrorKind::Destination,
+        };
+        ExportError {
+            kind,
+            message: error.to_string(),
+            source: Some(Box::new(error)),
+        }
+    }
+}

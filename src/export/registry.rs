@@ -1,0 +1,348 @@
+//! The jobs the engine knows and the control of each: one `should_stop()`, one `touch()`,
+//! progress counters, and the one lock under which a job's end (completed, failed or
+//! cancelled) is decided.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use super::error::{ExportError, ExportErrorKind};
+use super::job::{ExportedFile, JobRecord, JobState, UnitCheckpoint};
+use crate::fhir::Instant;
+use crate::sink::ContainerStore;
+use crate::store::Store;
+
+/// Locks `mutex`, carrying on with the data if a thread panicked while holding it: every
+/// value guarded here is left consistent between statements.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// How far a running job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobProgress {
+    Collecting {
+        members_done: usize,
+        members_total: usize,
+    },
+    Exporting {
+        units_done: usize,
+        units_total: usize,
+        resources_exported: u64,
+    },
+}
+
+impl fmt::Display for JobProgress {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            JobProgress::Collecting {
+                members_done,
+                members_total,
+            } => write!(
+                formatter,
+                "collecting patients ({members_done}/{members_total} done)"
+            ),
+            JobProgress::Exporting {
+                units_done,
+                units_total,
+                resources_exported,
+            } => {
+                let total = units_total.max(1);
+                write!(
+                    formatter,
+                    "{}% ({} resources; {units_done}/{units_total} work units)",
+                    units_done.min(total) * 100 / total,
+                    group_thousands(resources_exported)
+                )
+            }
+        }
+    }
+}
+
+fn group_thousands(value: u64) -> String {
+    let digits = value.to_string();
+    let mut grouped = String::with_capacity(digits.len() + digits.len() / 3);
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    grouped
+}
+
+/// One job: its persisted record, its container once opened, and its control.
+pub struct JobHandle {
+    id: String,
+    record: Mutex<JobRecord>,
+    /// Held while the record is written or deleted: decisions about the job's end.
+    persistence: Mutex<()>,
+    container: OnceLock<ContainerStore>,
+    /// Set once the job is cancelled or has failed: its tasks stop at the next check.
+    halted: AtomicBool,
+    engine_stopping: Arc<AtomicBool>,
+    started: std::time::Instant,
+    last_progress_millis: AtomicU64,
+    active_tasks: AtomicUsize,
+    resources_exported: AtomicU64,
+    units_total: AtomicUsize,
+    units_remaining: AtomicUsize,
+    /// The final checkpoints of finished units, for the finalizer.
+    finished_units: Mutex<BTreeMap<usize, UnitCheckpoint>>,
+}
+
+impl JobHandle {
+    pub fn new(record: JobRecord, engine_stopping: Arc<AtomicBool>) -> JobHandle {
+        JobHandle {
+            id: record.id.clone(),
+            record: Mutex::new(record),
+            persistence: Mutex::new(()),
+            container: OnceLock::new(),
+            halted: AtomicBool::new(false),
+            engine_stopping,
+            started: std::time::Instant::now(),
+            last_progress_millis: AtomicU64::new(0),
+            active_tasks: AtomicUsize::new(0),
+            resources_exported: AtomicU64::new(0),
+            units_total: AtomicUsize::new(0),
+            units_remaining: AtomicUsize::new(0),
+            finished_units: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The record as last persisted; hold the guard briefly and do no I/O under it.
+    pub fn record(&self) -> MutexGuard<'_, JobRecord> {
+        lock(&self.record)
+    }
+
+    /// Whether work on this job must stop now: it was cancelled or failed, or the engine
+    /// is shutting down (the job then resumes at the next start).
+    pub fn should_stop(&self) -> bool {
+        self.halted.load(Ordering::SeqCst) || self.engine_stopping.load(Ordering::SeqCst)
+    }
+
+    /// Records that the job made progress (the watchdog fails jobs that stop doing so).
+    pub fn touch(&self) {
+        let elapsed = self.started.elapsed().as_millis() as u64;
+        self.last_progress_millis.store(elapsed, Ordering::SeqCst);
+    }
+
+    pub fn idle_for(&self) -> std::time::Duration {
+        let last = self.last_progress_millis.load(Ordering::SeqCst);
+        let now = self.started.elapsed().as_millis() as u64;
+        std::time::Duration::from_millis(now.saturating_sub(last))
+    }
+
+    /// The container, once a worker or the kick-off opened it.
+    pub fn container(&self) -> Option<&ContainerStore> {
+        self.container.get()
+    }
+
+    pub fn set_container(&self, container: ContainerStore) -> &ContainerStore {
+        self.container.get_or_init(|| container)
+    }
+
+    /// Runs `work` as an active task of the job unless it must stop.
+    pub fn run_task<T>(
+        &self,
+        work: impl FnOnce() -> Result<T, ExportError>,
+    ) -> Result<T, ExportError> {
+        if self.should_stop() {
+            return Err(ExportError::cancelled());
+        }
+        self.active_tasks.fetch_add(1, Ordering::SeqCst);
+        self.touch();
+        let outcome = work();
+        self.active_tasks.fetch_sub(1, Ordering::SeqCst);
+        outcome
+    }
+
+    pub fn has_active_tasks(&self) -> bool {
+        self.active_tasks.load(Ordering::SeqCst) > 0
+    }
+
+    pub fn count_exported(&self, resources: u64) {
+        self.resources_exported
+            .fetch_add(resources, Ordering::Relaxed);
+    }
+
+    pub fn resources_exported(&self) -> u64 {
+        self.resources_exported.load(Ordering::Relaxed)
+    }
+
+    /// Starts counting `remaining` of `total` units as still to run.
+    pub fn expect_units(&self, total: usize, remaining: usize) {
+        self.units_total.store(total, Ordering::SeqCst);
+        self.units_remaining.store(remaining, Ordering::SeqCst);
+    }
+
+    /// Keeps the checkpoint of a unit found done when the job was scheduled.
+    pub fn unit_was_done(&self, unit_index: usize, checkpoint: UnitCheckpoint) {
+        lock(&self.finished_units).insert(unit_index, checkpoint);
+    }
+
+    /// Counts a unit as done with its final checkpoint; true when it was the last.
+    pub fn unit_done(&self, unit_index: usize, checkpoint: UnitCheckpoint) -> bool {
+        lock(&self.finished_units).insert(unit_index, checkpoint);
+        self.units_remaining.fetch_sub(1, Ordering::SeqCst) == 1
+    }
+
+    /// The final checkpoint of a finished unit, if this run knows it.
+    pub fn finished_unit(&self, unit_index: usize) -> Option<UnitCheckpoint> {
+        lock(&self.finished_units).get(&unit_index).cloned()
+    }
+
+    pub fn progress(&self) -> JobProgress {
+        let record = self.record();
+        match record.state {
+            JobState::Collecting { next_member } => JobProgress::Collecting {
+                members_done: next_member,
+                members_total: record.member_count,
+            },
+            _ => {
+                let units_total = self.units_total.load(Ordering::SeqCst);
+                let remaining = self.units_remaining.load(Ordering::SeqCst);
+                JobProgress::Exporting {
+                    units_done: units_total.saturating_sub(remaining),
+                    units_total,
+                    resources_exported: self.resources_exported(),
+                }
+            }
+        }
+    }
+
+    /// Saves `change` applied to the record, unless the job was cancelled or failed
+    /// meanwhile. Decisions are serialised by the persistence lock, so a job that was
+    /// cancelled is never written back; status readers never wait on the disk.
+    pub fn persist(
+        &self,
+        store: &Store,
+        change: impl FnOnce(&mut JobRecord),
+    ) -> Result<(), ExportError> {
+        let _persisting = lock(&self.persistence);
+        if self.halted.load(Ordering::SeqCst) {
+            return Err(ExportError::cancelled());
+        }
+        let mut changed = self.record().clone();
+        change(&mut changed);
+        changed.save(store)?;
+        *self.record() = changed;
+        Ok(())
+    }
+
+    /// Completes the job with `files`; the Completed state is durable when this returns.
+    pub fn complete(&self, store: &Store, files: Vec<ExportedFile>) -> Result<(), ExportError> {
+        self.persist(store, |record| {
+            record.files = files;
+            record.state = JobState::Completed {
+                completed_at: Instant::now(),
+            };
+        })
+    }
+
+    /// Fails the job with `error` unless it already ended; its tasks stop. True when this
+    /// call decided the failure.
+    pub fn fail(&self, store: &Store, error: &ExportError) -> bool {
+        let _persisting = lock(&self.persistence);
+        if self.halted.swap(true, Ordering::SeqCst) || self.record().is_finished() {
+            return false;
+        }
+        tracing::error!(job = %self.id, kind = ?error.kind(), error = %error, "export failed");
+        let mut failed = self.record().clone();
+        failed.state = JobState::Failed {
+            failed_at: Instant::now(),
+            kind: error.kind(),
+            message: error.message().to_owned(),
+        };
+        if let Err(save_error) = failed.save(store) {
+            tracing::error!(job = %self.id, error = %save_error, "could not persist the failure of an export");
+        }
+        *self.record() = failed;
+        true
+    }
+
+    /// Stops the job for good and deletes its record durably: a later completion or
+    /// failure is refused, so a cancelled job never comes back after a restart.
+    pub fn cancel(&self, store: &Store) -> Result<(), ExportError> {
+        let _persisting = lock(&self.persistence);
+        self.halted.store(true, Ordering::SeqCst);
+        JobRecord::delete(store, &self.id)?;
+        Ok(())
+    }
+}
+
+/// Every job the engine knows, by id.
+#[derive(Default)]
+pub struct JobRegistry {
+    jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+}
+
+impl JobRegistry {
+    pub fn get(&self, job_id: &str) -> Result<Arc<JobHandle>, ExportError> {
+        lock(&self.jobs)
+            .get(job_id)
+            .cloned()
+            .ok_or_else(|| ExportError::not_found(format!("no export job '{job_id}'")))
+    }
+
+    /// Adds a resumed job, whatever the limit.
+    pub fn insert(&self, job: Arc<JobHandle>) {
+        lock(&self.jobs).insert(job.id().to_owned(), job);
+    }
+
+    /// Adds a new job unless `max_unfinished` jobs are already queued or running.
+    pub fn insert_within_limit(
+        &self,
+        job: Arc<JobHandle>,
+        max_unfinished: usize,
+    ) -> Result<(), ExportError> {
+        let mut jobs = lock(&self.jobs);
+        let unfinished = jobs
+            .values()
+            .filter(|existing| !existing.record().is_finished())
+            .count();
+        if unfinished >= max_unfinished {
+            return Err(too_many_jobs(unfinished, max_unfinished));
+        }
+        jobs.insert(job.id().to_owned(), job);
+        Ok(())
+    }
+
+    /// Refuses early when the limit is already reached (checked again at insertion).
+    pub fn check_room(&self, max_unfinished: usize) -> Result<(), ExportError> {
+        let unfinished = lock(&self.jobs)
+            .values()
+            .filter(|existing| !existing.record().is_finished())
+            .count();
+        if unfinished >= max_unfinished {
+            return Err(too_many_jobs(unfinished, max_unfinished));
+        }
+        Ok(())
+    }
+
+    pub fn remove(&self, job_id: &str) -> Option<Arc<JobHandle>> {
+        lock(&self.jobs).remove(job_id)
+    }
+
+    pub fn contains(&self, job_id: &str) -> bool {
+        lock(&self.jobs).contains_key(job_id)
+    }
+
+    pub fn all(&self) -> Vec<Arc<JobHandle>> {
+        lock(&self.jobs).values().cloned().collect()
+    }
+}
+
+fn too_many_jobs(unfinished: usize, limit: usize) -> ExportError {
+    ExportError::new(
+        ExportErrorKind::TooManyJobs,
+        format!("{unfinished} exports are queued or running (the limit is {limit}); retry later"),
+    )
+}

@@ -1,0 +1,315 @@
+//! The worker: runs one work unit — scan its seq range as of the job's snapshot, keep what
+//! the export covers, write parts of at most `max_resources_per_file` lines, and save a
+//! checkpoint after every part so a restart resumes exactly where the last part ended —
+//! retrying transient destination failures from the last checkpoint.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::error::ExportError;
+use super::files;
+use super::job::{FileKind, StreamCheckpoint, UnitCheckpoint, UnitSource, WorkUnit};
+use super::registry::JobHandle;
+use crate::fhir::ResourceType;
+use crate::sink::{ContainerStore, ObjectUpload};
+use crate::store::{EventView, ScanControl, SeqWindow, Store, StoreError};
+
+/// Events between cancellation checks.
+const CANCEL_CHECK_INTERVAL: u64 = 256;
+
+/// What a unit needs of its job, fixed when the job was planned.
+#[derive(Debug, Clone, Copy)]
+pub struct UnitSettings {
+    /// The job's snapshot: newer versions do not count.
+    pub snapshot_through_seq: u64,
+    /// Deletions are exported (to `deleted` files) only when `_since` was given.
+    pub wants_deleted: bool,
+    pub max_resources_per_file: u64,
+}
+
+/// One unit of one job, with its checkpoint as last saved.
+pub struct UnitAssignment {
+    pub unit_index: usize,
+    pub unit: WorkUnit,
+    pub checkpoint: UnitCheckpoint,
+    pub settings: UnitSettings,
+}
+
+/// Runs `attempt` again while it fails with transient destination errors, until
+/// `destination_timeout` has passed since the first failure, pausing with backoff.
+/// Attempts resume from the last checkpoint, so a retried step writes exactly what one
+/// run would.
+pub fn retrying_transient_failures<T>(
+    job: &JobHandle,
+    destination_timeout: Duration,
+    mut attempt: impl FnMut() -> Result<T, ExportError>,
+) -> Result<T, ExportError> {
+    let mut first_failure: Option<std::time::Instant> = None;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match attempt() {
+            Err(error)
+                if error.is_transient_destination_failure()
+                    && first_failure
+                        .get_or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                        < destination_timeout =>
+            {
+                tracing::warn!(job = %job.id(), %error, "transient storage failure; retrying from the last checkpoint");
+                if job.should_stop() {
+                    return Err(ExportError::cancelled());
+                }
+                job.touch();
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+struct PartStream {
+    kind: FileKind,
+    checkpoint: StreamCheckpoint,
+    upload: Option<ObjectUpload>,
+    count: u64,
+    last_seq: u64,
+}
+
+impl PartStream {
+    fn new(kind: FileKind, checkpoint: StreamCheckpoint) -> PartStream {
+        PartStream {
+            kind,
+            checkpoint,
+            upload: None,
+            count: 0,
+            last_seq: 0,
+        }
+    }
+
+    /// Streams a line into the current part unless a written part already holds it.
+    fn push(&mut self, unit: &UnitRun<'_>, seq: u64, line: &[u8]) -> Result<bool, ExportError> {
+        if seq <= self.checkpoint.resume_after_seq {
+            return Ok(false);
+        }
+        let upload = match &mut self.upload {
+            Some(upload) => upload,
+            None => {
+                let part_number = self.checkpoint.part_counts.len() + 1;
+                let name =
+                    files::staged_part(unit.job.id(), self.kind, unit.unit_index, part_number);
+                self.upload.insert(unit.files.begin_upload(&name)?)
+            }
+        };
+        upload.write(line)?;
+        upload.write(b"\n")?;
+        self.count += 1;
+        self.last_seq = seq;
+        Ok(true)
+    }
+
+    /// Completes the current part, if it has any lines.
+    fn flush(&mut self, unit: &UnitRun<'_>) -> Result<(), ExportError> {
+        let Some(upload) = self.upload.take() else {
+            return Ok(());
+        };
+        if unit.job.should_stop() {
+            return Err(ExportError::cancelled());
+        }
+        upload.finish()?;
+        self.checkpoint.part_counts.push(self.count);
+        self.checkpoint.resume_after_seq = self.last_seq;
+        self.count = 0;
+        Ok(())
+    }
+}
+
+/// The parts of a unit run that the part streams need.
+struct UnitRun<'a> {
+    job: &'a JobHandle,
+    files: &'a ContainerStore,
+    unit_index: usize,
+}
+
+/// Runs (or resumes) a unit to completion; `assignment.checkpoint` follows every part
+/// written, so a retry after a failure resumes from it.
+pub fn run_unit(
+    store: &Store,
+    files: &ContainerStore,
+    job: &JobHandle,
+    assignment: &mut UnitAssignment,
+) -> Result<(), ExportError> {
+    if assignment.checkpoint.done {
+        return Ok(());
+    }
+    let unit = assignment.unit.clone();
+    let settings = assignment.settings;
+    let run = UnitRun {
+        job,
+        files,
+        unit_index: assignment.unit_index,
+    };
+    let mut output = PartStream::new(FileKind::Output, assignment.checkpoint.output.clone());
+    let mut deleted = PartStream::new(FileKind::Deleted, assignment.checkpoint.deleted.clone());
+    let resume_after = output
+        .checkpoint
+        .resume_after_seq
+        .min(deleted.checkpoint.resume_after_seq)
+        .max(unit.seqs.after_seq);
+    let window = SeqWindow {
+        after_seq: resume_after,
+        through_seq: unit.seqs.through_seq,
+    };
+    let mut failure: Option<ExportError> = None;
+    let mut visited = 0u64;
+    let mut handle_event = |view: &EventView<'_>| -> ScanControl {
+        visited += 1;
+        if visited.is_multiple_of(CANCEL_CHECK_INTERVAL) {
+            job.touch();
+            if job.should_stop() {
+                failure = Some(ExportError::cancelled());
+                return ScanControl::Stop;
+            }
+        }
+        let outcome = keep_event(store, unit.source, view).and_then(|keep| {
+            if !keep {
+                return Ok(());
+            }
+            let pushed = if view.deleted {
+                if !settings.wants_deleted {
+                    return Ok(());
+                }
+                deleted.push(&run, view.seq, deleted_bundle_line(view).as_bytes())?
+            } else {
+                output.push(&run, view.seq, view.body.as_bytes())?
+            };
+            if pushed {
+                job.count_exported(1);
+            }
+            let stream = if view.deleted {
+                &mut deleted
+            } else {
+                &mut output
+            };
+            if stream.count >= settings.max_resources_per_file {
+                stream.flush(&run)?;
+                save_checkpoint(store, &run, assignment, false, &output, &deleted)?;
+                job.touch();
+            }
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => ScanControl::Continue,
+            Err(error) => {
+                failure = Some(error);
+                ScanControl::Stop
+            }
+        }
+    };
+    match unit.source {
+        UnitSource::AllEvents | UnitSource::CompartmentEvents => {
+            store.scan_newest_in_window(
+                unit.resource_type,
+                window,
+                settings.snapshot_through_seq,
+                &mut handle_event,
+            )?;
+        }
+        UnitSource::CollectedEvents => {
+            store.scratch_scan(job.id(), unit.resource_type, window, |seq| {
+                let control = store
+                    .with_event(unit.resource_type, seq, &mut handle_event)?
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!("collected event {seq} is missing"))
+                    })?;
+                Ok(control)
+            })?;
+        }
+    }
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    output.flush(&run)?;
+    deleted.flush(&run)?;
+    save_checkpoint(store, &run, assignment, true, &output, &deleted)?;
+    job.touch();
+    Ok(())
+}
+
+fn save_checkpoint(
+    store: &Store,
+    run: &UnitRun<'_>,
+    assignment: &mut UnitAssignment,
+    done: bool,
+    output: &PartStream,
+    deleted: &PartStream,
+) -> Result<(), ExportError> {
+    assignment.checkpoint = UnitCheckpoint {
+        done,
+        output: output.checkpoint.clone(),
+        deleted: deleted.checkpoint.clone(),
+    };
+    assignment
+        .checkpoint
+        .save(store, run.job.id(), run.unit_index)?;
+    Ok(())
+}
+
+/// Whether the unit's source covers this event.
+fn keep_event(
+    store: &Store,
+    source: UnitSource,
+    view: &EventView<'_>,
+) -> Result<bool, ExportError> {
+    match source {
+        UnitSource::AllEvents | UnitSource::CollectedEvents => Ok(true),
+        UnitSource::CompartmentEvents => {
+            if view.resource_type == ResourceType::PATIENT || !view.compartment_patients.is_empty()
+            {
+                return Ok(true);
+            }
+            if !view.deleted {
+                return Ok(false);
+            }
+            Ok(last_live_version_had_patients(
+                store,
+                view.resource_type,
+                view.id,
+                view.seq,
+            )?)
+        }
+    }
+}
+
+/// For a delete: whether the version it deleted was in some patient's compartment.
+pub fn last_live_version_had_patients(
+    store: &Store,
+    resource_type: ResourceType,
+    id: &str,
+    delete_seq: u64,
+) -> Result<bool, StoreError> {
+    for (_, seq) in store.version_seqs(resource_type, id)? {
+        if seq >= delete_seq {
+            continue;
+        }
+        let had_patients = store.with_event(resource_type, seq, |earlier| {
+            (!earlier.deleted).then_some(!earlier.compartment_patients.is_empty())
+        })?;
+        if let Some(Some(had_patients)) = had_patients {
+            return Ok(had_patients);
+        }
+    }
+    Ok(false)
+}
+
+/// One line of a `deleted` file: a transaction Bundle with a DELETE entry.
+fn deleted_bundle_line(view: &EventView<'_>) -> String {
+    json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "meta": {"lastUpdated": view.last_updated.to_fhir_string()},
+        "entry": [{"request": {"method": "DELETE", "url": format!("{}/{}", view.resource_type, view.id)}}],
+    })
+    .to_string()
+}
