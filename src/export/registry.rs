@@ -346,3 +346,94 @@ fn too_many_jobs(unfinished: usize, limit: usize) -> ExportError {
         format!("{unfinished} exports are queued or running (the limit is {limit}); retry later"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::job::JobRecord;
+    use crate::export::request::{ExportLevel, ExportRequest};
+    use crate::sink::ContainerName;
+    use crate::store::{SeqWindow, StoreOptions};
+
+    fn exporting_job(store: &Store) -> JobHandle {
+        let record = JobRecord {
+            id: "0123456789abcdef0123456789abcdef".to_owned(),
+            request: ExportRequest::everything_at(ExportLevel::System),
+            request_url: "http://test/fhir/$export".to_owned(),
+            container: ContainerName::default_container(),
+            window: SeqWindow {
+                after_seq: 0,
+                through_seq: 0,
+            },
+            transaction_time: Instant::now(),
+            created_at: Instant::now(),
+            max_resources_per_file: 10,
+            member_count: 0,
+            units: Vec::new(),
+            state: JobState::Exporting,
+            files: Vec::new(),
+        };
+        record.save(store).unwrap();
+        JobHandle::new(record, Arc::new(AtomicBool::new(false)))
+    }
+
+    fn persisted_states(store: &Store) -> Vec<JobState> {
+        JobRecord::load_all(store)
+            .unwrap()
+            .into_iter()
+            .map(|record| record.state)
+            .collect()
+    }
+
+    #[test]
+    fn a_cancelled_job_is_never_completed_or_written_back() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+        let job = exporting_job(&store);
+        job.cancel(&store).unwrap();
+        assert!(job.should_stop());
+        let completion = job.complete(&store, Vec::new()).unwrap_err();
+        assert_eq!(completion.kind(), ExportErrorKind::Cancelled);
+        let failure = ExportError::new(ExportErrorKind::Store, "late failure");
+        assert!(!job.fail(&store, &failure));
+        assert_eq!(persisted_states(&store), Vec::new());
+    }
+
+    #[test]
+    fn the_first_end_decided_is_the_one_kept() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+        let failed = exporting_job(&store);
+        let failure = ExportError::new(ExportErrorKind::TimedOut, "stalled");
+        assert!(failed.fail(&store, &failure));
+        assert!(failed.complete(&store, Vec::new()).is_err());
+        assert!(matches!(
+            persisted_states(&store).as_slice(),
+            [JobState::Failed {
+                kind: ExportErrorKind::TimedOut,
+                ..
+            }]
+        ));
+
+        let completed = exporting_job(&store);
+        completed.complete(&store, Vec::new()).unwrap();
+        assert!(!completed.fail(&store, &failure));
+        assert!(matches!(
+            persisted_states(&store).as_slice(),
+            [JobState::Completed { .. }]
+        ));
+    }
+
+    #[test]
+    fn progress_reads_like_the_status_header() {
+        let progress = JobProgress::Exporting {
+            units_done: 3,
+            units_total: 10,
+            resources_exported: 1_917_000,
+        };
+        assert_eq!(
+            progress.to_string(),
+            "30% (1,917,000 resources; 3/10 work units)"
+        );
+    }
+}

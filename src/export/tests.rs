@@ -411,9 +411,31 @@ fn a_job_interrupted_by_shutdown_resumes_to_the_same_output() {
                 "x".to_owned(),
             )
             .unwrap();
-        std::thread::sleep(Duration::from_millis(20));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match engine.status(&job_id).unwrap() {
+                JobStatus::InProgress {
+                    progress:
+                        JobProgress::Exporting {
+                            resources_exported, ..
+                        },
+                } if resources_exported >= 70 => break,
+                JobStatus::InProgress { .. } => {}
+                other => panic!("the job ended before it could be interrupted: {other:?}"),
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the job made no progress"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         job_id
     };
+    let interrupted_unit = job::UnitCheckpoint::load(&harness.store, &job_id, 0).unwrap();
+    assert!(
+        !interrupted_unit.done && !interrupted_unit.output.part_counts.is_empty(),
+        "the job was not stopped in the middle of its unit: {interrupted_unit:?}"
+    );
     let engine = harness.engine(small_settings(7));
     let JobStatus::Completed { record, .. } = engine.wait(&job_id, |_| {}).unwrap() else {
         panic!()
