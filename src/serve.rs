@@ -43,15 +43,7 @@ pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", default_folder.display()))?;
     }
     let destination = Arc::clone(&settings.destination);
-    let default_container = destination.default_container();
-    destination
-        .open_container(&default_container, runtime.handle())
-        .with_context(|| {
-            format!(
-                "checking export storage {} (container '{default_container}')",
-                destination.describe()
-            )
-        })?;
+    let describe_destination = destination.describe();
     let exports = Arc::new(
         ExportEngine::start(
             store.clone(),
@@ -61,6 +53,9 @@ pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
         )
         .context("starting the export engine")?,
     );
+    exports
+        .open_default_container()
+        .with_context(|| format!("checking export storage {describe_destination}"))?;
     let parts = ServerParts {
         store,
         exports: Arc::clone(&exports),

@@ -195,6 +195,13 @@ impl ExportEngine {
         Ok(id)
     }
 
+    /// Opens (creating it when allowed) and keeps the default container: the start-up
+    /// check that the destination answers. Bounded by the destination's open timeout.
+    pub fn open_default_container(&self) -> Result<(), ExportError> {
+        let name = self.shared.destination.default_container();
+        self.shared.open_container(&name).map(|_| ())
+    }
+
     /// The job's state as held in memory: never waits on storage.
     pub fn status(&self, job_id: &str) -> Result<JobStatus, ExportError> {
         let job = self.shared.registry.get(job_id)?;

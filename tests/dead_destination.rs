@@ -1,0 +1,277 @@
+//! A destination that refuses connections or stops answering must never keep a client
+//! waiting: start-up gives up within seconds with one short line, kick-offs answer within
+//! 5 s, status polls and cancels within 1 s, and a job whose destination died fails
+//! within about `--destination-timeout` with an OperationOutcome naming the container.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::json;
+use support::{FhirClient, ServerProcess, fhirlog_command, free_local_port};
+
+const BUCKET: &str = "dead-destination";
+const KICK_OFF_HEADERS: [(&str, &str); 2] = [
+    ("Accept", "application/fhir+json"),
+    ("Prefer", "respond-async"),
+];
+
+/// An S3 endpoint that answers every request with an empty bucket listing while alive,
+/// and once dead accepts connections and never answers them.
+struct SwitchableS3 {
+    port: u16,
+    alive: Arc<AtomicBool>,
+    closing: Arc<AtomicBool>,
+}
+
+impl SwitchableS3 {
+    fn start() -> SwitchableS3 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the fake S3 endpoint");
+        let port = listener.local_addr().expect("its address").port();
+        let alive = Arc::new(AtomicBool::new(true));
+        let closing = Arc::new(AtomicBool::new(false));
+        let (accept_alive, accept_closing) = (Arc::clone(&alive), Arc::clone(&closing));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if accept_closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let (alive, closing) = (Arc::clone(&accept_alive), Arc::clone(&accept_closing));
+                std::thread::spawn(move || serve_connection(stream, &alive, &closing));
+            }
+        });
+        SwitchableS3 {
+            port,
+            alive,
+            closing,
+        }
+    }
+
+    fn die(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+    }
+
+    fn storage_url(&self) -> String {
+        format!(
+            "s3://{BUCKET}?endpoint=http://127.0.0.1:{}&region=us-east-1&allow_http=true",
+            self.port
+        )
+    }
+}
+
+impl Drop for SwitchableS3 {
+    fn drop(&mut self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn serve_connection(stream: TcpStream, alive: &AtomicBool, closing: &AtomicBool) {
+    let mut reader = BufReader::new(stream.try_clone().expect("cloning the connection"));
+    let mut writer = stream;
+    loop {
+        let mut content_length = 0usize;
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                return;
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                content_length = value.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; content_length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        if !alive.load(Ordering::SeqCst) {
+            while !closing.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            return;
+        }
+        let listing = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>{BUCKET}</Name><Prefix></Prefix><KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys><Delimiter>/</Delimiter><IsTruncated>false</IsTruncated></ListBucketResult>"
+        );
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{listing}",
+            listing.len()
+        );
+        if writer.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn storage_environment() -> Vec<(String, String)> {
+    [
+        ("AWS_ACCESS_KEY_ID", "fhirlog-test"),
+        ("AWS_SECRET_ACCESS_KEY", "fhirlog-test"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value.to_owned()))
+    .collect()
+}
+
+fn timed<T>(action: impl FnOnce() -> T) -> (T, Duration) {
+    let started = Instant::now();
+    let outcome = action();
+    (outcome, started.elapsed())
+}
+
+#[test]
+fn start_up_against_a_closed_port_exits_within_seconds_with_one_short_line() {
+    let data_dir = tempfile::tempdir().expect("a data directory");
+    let closed_port = free_local_port();
+    let storage = format!(
+        "s3://{BUCKET}?endpoint=http://127.0.0.1:{closed_port}&region=us-east-1&allow_http=true"
+    );
+    let (output, elapsed) = timed(|| {
+        fhirlog_command()
+            .args(["serve", "--listen", "127.0.0.1:0", "--storage", &storage])
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .envs(storage_environment())
+            .env("RUST_LOG", "off")
+            .output()
+            .expect("running fhirlog serve")
+    });
+    assert!(
+        !output.status.success(),
+        "serve started against a closed port"
+    );
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "serve took {elapsed:?} to give up on a closed port"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|line| !line.is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got:\n{stderr}");
+    let line = lines[0];
+    assert!(line.len() < 400, "{} characters: {line}", line.len());
+    assert!(
+        line.contains(BUCKET) || line.contains(&closed_port.to_string()),
+        "the line names neither the bucket nor the endpoint: {line}"
+    );
+}
+
+#[test]
+fn a_destination_that_dies_keeps_no_client_waiting_and_fails_the_job_within_the_timeout() {
+    let destination = SwitchableS3::start();
+    let data_dir = tempfile::tempdir().expect("a data directory");
+    let store_dir = data_dir.path().join("store");
+    let destination_timeout = Duration::from_secs(3);
+    let server = ServerProcess::start_with_environment(
+        &store_dir,
+        &[
+            "--storage",
+            &destination.storage_url(),
+            "--destination-timeout",
+            "3s",
+        ],
+        &storage_environment(),
+    );
+    let client = FhirClient::with_timeout(&server.base_url, Duration::from_secs(30));
+    for index in 0..20 {
+        client
+            .put_json(
+                &format!("/Patient/p{index}"),
+                &json!({"resourceType": "Patient", "id": format!("p{index}")}),
+            )
+            .expect_json(StatusCode::CREATED);
+    }
+    destination.die();
+
+    let (cached, kick_off_time) =
+        timed(|| client.send(reqwest::Method::GET, "/$export", &KICK_OFF_HEADERS, None));
+    assert!(
+        kick_off_time < Duration::from_secs(5),
+        "the kick-off took {kick_off_time:?}"
+    );
+    assert_eq!(cached.status, StatusCode::ACCEPTED, "{}", cached.text);
+    let status_path = cached
+        .required_header("content-location")
+        .split("/fhir")
+        .nth(1)
+        .expect("a status URL under /fhir")
+        .to_owned();
+
+    let (uncached, uncached_time) = timed(|| {
+        client.send(
+            reqwest::Method::GET,
+            "/$export?_container=another-bucket",
+            &KICK_OFF_HEADERS,
+            None,
+        )
+    });
+    assert!(
+        uncached_time < Duration::from_secs(5),
+        "a kick-off into an unopened container took {uncached_time:?}"
+    );
+    assert!(
+        matches!(
+            uncached.status,
+            StatusCode::ACCEPTED | StatusCode::SERVICE_UNAVAILABLE
+        ),
+        "{} {}",
+        uncached.status,
+        uncached.text
+    );
+
+    let deadline = Instant::now() + destination_timeout + Duration::from_secs(30);
+    let failure = loop {
+        let (poll, poll_time) = timed(|| client.get(&status_path));
+        assert!(
+            poll_time < Duration::from_secs(1),
+            "a status poll took {poll_time:?}"
+        );
+        match poll.status {
+            StatusCode::ACCEPTED => {}
+            _ => break poll,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job was still running {:?} after its destination died",
+            destination_timeout + Duration::from_secs(30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(failure.status.is_server_error(), "{}", failure.text);
+    let outcome = failure.json();
+    assert_eq!(outcome["resourceType"], "OperationOutcome", "{outcome}");
+    let diagnostics = outcome.to_string();
+    assert!(diagnostics.contains(BUCKET), "{diagnostics}");
+
+    let second = client.send(reqwest::Method::GET, "/$export", &KICK_OFF_HEADERS, None);
+    if second.status == StatusCode::ACCEPTED {
+        let second_status = second
+            .required_header("content-location")
+            .split("/fhir")
+            .nth(1)
+            .expect("a status URL under /fhir")
+            .to_owned();
+        let (cancelled, cancel_time) = timed(|| client.delete(&second_status));
+        assert!(
+            cancel_time < Duration::from_secs(1),
+            "a cancel took {cancel_time:?}"
+        );
+        assert_eq!(cancelled.status, StatusCode::ACCEPTED, "{}", cancelled.text);
+    }
+}
