@@ -81,6 +81,8 @@ impl EngineChoice {
             max_jobs: 64,
             retention: Duration::from_secs(24 * 3600),
             destination_timeout: Duration::from_secs(120),
+            max_retained_exports: usize::MAX,
+            max_export_bytes: None,
         }
     }
 }

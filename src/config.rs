@@ -121,7 +121,7 @@ impl ExportArgs {
             job_timeout: self.job_timeout.0,
             max_jobs: self.max_jobs,
             retention: self.retention.0,
-            destination_timeout: defaults.destination_timeout,
+            ..defaults
         })
     }
 }

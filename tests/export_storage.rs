@@ -223,6 +223,7 @@ fn export_settings(max_resources_per_file: u64) -> ExportSettings {
         max_jobs: 16,
         retention: Duration::from_secs(3600),
         destination_timeout: Duration::from_secs(20),
+        ..ExportSettings::default()
     }
 }
 

@@ -154,7 +154,11 @@ impl ExportEngine {
         request_url: String,
     ) -> Result<String, ExportError> {
         let shared = &self.shared;
-        shared.registry.check_room(shared.settings.max_jobs)?;
+        shared.registry.check_room(
+            shared.settings.max_jobs,
+            shared.settings.max_retained_exports,
+            shared.settings.max_export_bytes,
+        )?;
         let container_name = request
             .container
             .clone()

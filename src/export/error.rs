@@ -14,8 +14,10 @@ pub enum ExportErrorKind {
     InvalidRequest,
     /// The job, file, Group or patient named does not exist.
     NotFound,
-    /// Too many exports are queued or running; retry later.
+    /// Too many exports are queued, running or kept; retry later.
     TooManyJobs,
+    /// The exports kept use up their storage quota, or the destination ran out of space.
+    InsufficientStorage,
     /// The destination did not answer in time or refused the connection.
     DestinationUnavailable,
     /// The destination answered with a failure (permissions, missing container, full disk).
@@ -90,6 +92,7 @@ impl From<SinkError> for ExportError {
     fn from(error: SinkError) -> Self {
         let kind = match &error {
             SinkError::ContainerMissing { .. } => ExportErrorKind::InvalidRequest,
+            _ if is_out_of_space(&error) => ExportErrorKind::InsufficientStorage,
             _ if error.is_transient() => ExportErrorKind::DestinationUnavailable,
             _ => ExportErrorKind::Destination,
         };
@@ -99,4 +102,23 @@ impl From<SinkError> for ExportError {
             source: Some(Box::new(error)),
         }
     }
+}
+
+/// Whether a file system or storage service ran out of space somewhere in the chain.
+fn is_out_of_space(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        let io_kind = error
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind);
+        if matches!(
+            io_kind,
+            Some(std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+        ) || error.to_string().contains("No space left on device")
+        {
+            return true;
+        }
+        current = error.source();
+    }
+    false
 }

@@ -36,7 +36,7 @@ pub fn finalize(
             Some(checkpoint) => checkpoint,
             None => UnitCheckpoint::load(store, &record.id, unit_index)?,
         };
-        for (part_index, count) in checkpoint.output.part_counts.iter().enumerate() {
+        for (part_index, part) in checkpoint.output.parts.iter().enumerate() {
             let number = next_output_number.entry(unit.resource_type).or_insert(0);
             *number += 1;
             let name = files::output_file_name(unit.resource_type, *number);
@@ -48,10 +48,11 @@ pub fn finalize(
                 kind: FileKind::Output,
                 type_name: unit.resource_type.to_string(),
                 name,
-                count: *count,
+                count: part.resources,
+                bytes: part.bytes,
             });
         }
-        for (part_index, count) in checkpoint.deleted.part_counts.iter().enumerate() {
+        for (part_index, part) in checkpoint.deleted.parts.iter().enumerate() {
             next_deleted_number += 1;
             let name = files::deleted_file_name(next_deleted_number);
             renames.push((
@@ -62,7 +63,8 @@ pub fn finalize(
                 kind: FileKind::Deleted,
                 type_name: "Bundle".to_owned(),
                 name,
-                count: *count,
+                count: part.resources,
+                bytes: part.bytes,
             });
         }
     }
@@ -114,15 +116,18 @@ fn write_error_file(
             .to_string()
         })
         .collect();
+    let contents = Bytes::from(lines.join("\n") + "\n");
+    let bytes = contents.len() as u64;
     container.put_blocking(
         &files::final_object(&record.id, files::ERROR_FILE_NAME),
-        Bytes::from(lines.join("\n") + "\n"),
+        contents,
     )?;
     Ok(Some(ExportedFile {
         kind: FileKind::Error,
         type_name: "OperationOutcome".to_owned(),
         name: files::ERROR_FILE_NAME.to_owned(),
         count: lines.len() as u64,
+        bytes,
     }))
 }
 

@@ -60,6 +60,7 @@ pub struct ExportedFile {
     pub type_name: String,
     pub name: String,
     pub count: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,11 +82,18 @@ pub struct JobRecord {
     pub files: Vec<ExportedFile>,
 }
 
+/// One finished part of a unit's stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrittenPart {
+    pub resources: u64,
+    pub bytes: u64,
+}
+
 /// Progress of one output stream of a unit: the parts written so far and the seq of the
 /// last event in the last part.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamCheckpoint {
-    pub part_counts: Vec<u64>,
+    pub parts: Vec<WrittenPart>,
     pub resume_after_seq: u64,
 }
 

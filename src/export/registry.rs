@@ -315,14 +315,46 @@ impl JobRegistry {
         Ok(())
     }
 
-    /// Refuses early when the limit is already reached (checked again at insertion).
-    pub fn check_room(&self, max_unfinished: usize) -> Result<(), ExportError> {
-        let unfinished = lock(&self.jobs)
-            .values()
-            .filter(|existing| !existing.record().is_finished())
-            .count();
+    /// Refuses a new job early when the running limit (checked again at insertion) or a
+    /// quota on kept exports is reached.
+    pub fn check_room(
+        &self,
+        max_unfinished: usize,
+        max_retained: usize,
+        max_retained_bytes: Option<u64>,
+    ) -> Result<(), ExportError> {
+        let (mut unfinished, mut retained, mut retained_bytes) = (0usize, 0usize, 0u64);
+        for existing in lock(&self.jobs).values() {
+            let record = existing.record();
+            match record.state {
+                JobState::Completed { .. } => {
+                    retained += 1;
+                    retained_bytes += record.files.iter().map(|file| file.bytes).sum::<u64>();
+                }
+                JobState::Failed { .. } => {}
+                JobState::Collecting { .. } | JobState::Exporting => unfinished += 1,
+            }
+        }
         if unfinished >= max_unfinished {
             return Err(too_many_jobs(unfinished, max_unfinished));
+        }
+        if retained >= max_retained {
+            return Err(ExportError::new(
+                ExportErrorKind::TooManyJobs,
+                format!(
+                    "{retained} completed exports are kept (the limit is {max_retained}); delete one with DELETE on its status URL or retry after one expires"
+                ),
+            ));
+        }
+        if let Some(limit) = max_retained_bytes
+            && retained_bytes >= limit
+        {
+            return Err(ExportError::new(
+                ExportErrorKind::InsufficientStorage,
+                format!(
+                    "completed exports kept use {retained_bytes} bytes (the limit is {limit}); delete one with DELETE on its status URL or retry after one expires"
+                ),
+            ));
         }
         Ok(())
     }

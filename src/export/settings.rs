@@ -12,6 +12,12 @@ pub struct ExportSettings {
     pub retention: Duration,
     /// How long a failing destination is retried before the job fails.
     pub destination_timeout: Duration,
+    /// Most completed exports kept at once; more kick-offs get 429 until one is deleted
+    /// or expires.
+    pub max_retained_exports: usize,
+    /// Most bytes of completed exports kept at once (`None`: no limit); more kick-offs
+    /// get 507 until an export is deleted or expires.
+    pub max_export_bytes: Option<u64>,
 }
 
 impl Default for ExportSettings {
@@ -23,6 +29,8 @@ impl Default for ExportSettings {
             max_jobs: 16,
             retention: Duration::from_secs(24 * 3600),
             destination_timeout: Duration::from_secs(120),
+            max_retained_exports: 100,
+            max_export_bytes: None,
         }
     }
 }

@@ -126,6 +126,7 @@ fn small_settings(max_resources_per_file: u64) -> ExportSettings {
         max_jobs: 8,
         retention: Duration::from_secs(3600),
         destination_timeout: Duration::from_secs(60),
+        ..ExportSettings::default()
     }
 }
 
@@ -433,7 +434,7 @@ fn a_job_interrupted_by_shutdown_resumes_to_the_same_output() {
     };
     let interrupted_unit = job::UnitCheckpoint::load(&harness.store, &job_id, 0).unwrap();
     assert!(
-        !interrupted_unit.done && !interrupted_unit.output.part_counts.is_empty(),
+        !interrupted_unit.done && !interrupted_unit.output.parts.is_empty(),
         "the job was not stopped in the middle of its unit: {interrupted_unit:?}"
     );
     let engine = harness.engine(small_settings(7));
@@ -496,4 +497,42 @@ fn the_job_limit_is_enforced() {
         .unwrap_err();
     assert_eq!(refused.kind(), ExportErrorKind::TooManyJobs);
     assert!(refused.message().contains("the limit is 1"), "{refused}");
+}
+
+#[test]
+fn kept_exports_are_limited_by_count_and_by_bytes() {
+    let harness = Harness::new();
+    for index in 0..20 {
+        harness.put(&format!(r#"{{"resourceType":"Patient","id":"p{index}"}}"#));
+    }
+    let mut settings = small_settings(5);
+    settings.max_retained_exports = 1;
+    let engine = harness.engine(settings);
+    let (first, _) = harness.run(&engine, ExportRequest::everything_at(ExportLevel::System));
+    let refused = engine
+        .submit(
+            ExportRequest::everything_at(ExportLevel::System),
+            "x".to_owned(),
+        )
+        .unwrap_err();
+    assert_eq!(refused.kind(), ExportErrorKind::TooManyJobs);
+    assert!(refused.message().contains("kept"), "{refused}");
+    engine.cancel(&first.id).unwrap();
+    let (second, _) = harness.run(&engine, ExportRequest::everything_at(ExportLevel::System));
+    let exported_bytes: u64 = second.files.iter().map(|file| file.bytes).sum();
+    assert!(exported_bytes > 20 * 30, "{exported_bytes} bytes");
+    drop(engine);
+
+    let mut settings = small_settings(5);
+    settings.max_export_bytes = Some(exported_bytes);
+    let engine = harness.engine(settings);
+    let refused = engine
+        .submit(
+            ExportRequest::everything_at(ExportLevel::System),
+            "x".to_owned(),
+        )
+        .unwrap_err();
+    assert_eq!(refused.kind(), ExportErrorKind::InsufficientStorage);
+    engine.cancel(&second.id).unwrap();
+    harness.run(&engine, ExportRequest::everything_at(ExportLevel::System));
 }

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::error::ExportError;
 use super::files;
-use super::job::{FileKind, StreamCheckpoint, UnitCheckpoint, UnitSource, WorkUnit};
+use super::job::{FileKind, StreamCheckpoint, UnitCheckpoint, UnitSource, WorkUnit, WrittenPart};
 use super::registry::JobHandle;
 use crate::fhir::ResourceType;
 use crate::sink::{ContainerStore, ObjectUpload};
@@ -74,6 +74,7 @@ struct PartStream {
     checkpoint: StreamCheckpoint,
     upload: Option<ObjectUpload>,
     count: u64,
+    bytes: u64,
     last_seq: u64,
 }
 
@@ -84,6 +85,7 @@ impl PartStream {
             checkpoint,
             upload: None,
             count: 0,
+            bytes: 0,
             last_seq: 0,
         }
     }
@@ -96,7 +98,7 @@ impl PartStream {
         let upload = match &mut self.upload {
             Some(upload) => upload,
             None => {
-                let part_number = self.checkpoint.part_counts.len() + 1;
+                let part_number = self.checkpoint.parts.len() + 1;
                 let name =
                     files::staged_part(unit.job.id(), self.kind, unit.unit_index, part_number);
                 self.upload.insert(unit.files.begin_upload(&name)?)
@@ -105,6 +107,7 @@ impl PartStream {
         upload.write(line)?;
         upload.write(b"\n")?;
         self.count += 1;
+        self.bytes += line.len() as u64 + 1;
         self.last_seq = seq;
         Ok(true)
     }
@@ -118,9 +121,13 @@ impl PartStream {
             return Err(ExportError::cancelled());
         }
         upload.finish()?;
-        self.checkpoint.part_counts.push(self.count);
+        self.checkpoint.parts.push(WrittenPart {
+            resources: self.count,
+            bytes: self.bytes,
+        });
         self.checkpoint.resume_after_seq = self.last_seq;
         self.count = 0;
+        self.bytes = 0;
         Ok(())
     }
 }

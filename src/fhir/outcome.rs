@@ -28,6 +28,7 @@ pub enum IssueKind {
     Processing,
     Exception,
     Transient,
+    TooCostly,
     Informational,
 }
 
@@ -71,6 +72,7 @@ impl IssueKind {
             IssueKind::Processing => "processing",
             IssueKind::Exception => "exception",
             IssueKind::Transient => "transient",
+            IssueKind::TooCostly => "too-costly",
             IssueKind::Informational => "informational",
         }
     }

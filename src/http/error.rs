@@ -95,6 +95,7 @@ fn export_status(kind: ExportErrorKind) -> StatusCode {
         ExportErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
         ExportErrorKind::NotFound | ExportErrorKind::Cancelled => StatusCode::NOT_FOUND,
         ExportErrorKind::TooManyJobs => StatusCode::TOO_MANY_REQUESTS,
+        ExportErrorKind::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
         ExportErrorKind::DestinationUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         ExportErrorKind::Destination | ExportErrorKind::Store | ExportErrorKind::TimedOut => {
             StatusCode::INTERNAL_SERVER_ERROR
@@ -107,6 +108,7 @@ fn export_issue_kind(kind: ExportErrorKind) -> IssueKind {
         ExportErrorKind::InvalidRequest => IssueKind::Invalid,
         ExportErrorKind::NotFound | ExportErrorKind::Cancelled => IssueKind::NotFound,
         ExportErrorKind::TooManyJobs => IssueKind::Throttled,
+        ExportErrorKind::InsufficientStorage => IssueKind::TooCostly,
         ExportErrorKind::DestinationUnavailable => IssueKind::Transient,
         ExportErrorKind::TimedOut => IssueKind::Timeout,
         ExportErrorKind::Destination | ExportErrorKind::Store => IssueKind::Exception,
