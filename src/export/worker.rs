@@ -37,7 +37,8 @@ pub struct UnitAssignment {
 }
 
 /// Runs `attempt` again while it fails with transient destination errors, until
-/// `destination_timeout` has passed since the first failure, pausing with backoff.
+/// `destination_timeout` has passed since the first failing attempt began (a destination
+/// that hangs counts from when it stopped answering), pausing with backoff.
 /// Attempts resume from the last checkpoint, so a retried step writes exactly what one
 /// run would.
 pub fn retrying_transient_failures<T>(
@@ -45,15 +46,14 @@ pub fn retrying_transient_failures<T>(
     destination_timeout: Duration,
     mut attempt: impl FnMut() -> Result<T, ExportError>,
 ) -> Result<T, ExportError> {
-    let mut first_failure: Option<std::time::Instant> = None;
+    let mut failing_since: Option<std::time::Instant> = None;
     let mut pause = Duration::from_millis(100);
     loop {
+        let attempt_started = std::time::Instant::now();
         match attempt() {
             Err(error)
                 if error.is_transient_destination_failure()
-                    && first_failure
-                        .get_or_insert_with(std::time::Instant::now)
-                        .elapsed()
+                    && failing_since.get_or_insert(attempt_started).elapsed()
                         < destination_timeout =>
             {
                 tracing::warn!(job = %job.id(), %error, "transient storage failure; retrying from the last checkpoint");
