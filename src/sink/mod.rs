@@ -490,11 +490,3 @@ mod tests {
         }
     }
 }
-
-impl ContainerStore {
-    /// Interim until the sink branch lands: replaced by its real implementation at merge.
-    pub fn make_durable_blocking(&self, object_names: &[String]) -> Result<(), SinkError> {
-        let _ = object_names;
-        Ok(())
-    }
-}
