@@ -6,6 +6,7 @@ use warp::http::StatusCode;
 use crate::export::ExportError;
 use crate::fhir::canonical::ResourceBodyError;
 use crate::fhir::outcome::{IssueKind, OperationOutcome};
+use crate::sink::SinkError;
 use crate::store::{StoreError, WriteRejection};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,9 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Export(#[from] ExportError),
+    /// A destination read for a download failed.
+    #[error(transparent)]
+    Destination(#[from] SinkError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -61,6 +65,11 @@ impl ApiError {
             ApiError::Export(ExportError::Sink(_) | ExportError::Store(_)) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            ApiError::Destination(SinkError::NotFound(_) | SinkError::ContainerMissing { .. }) => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::Destination(SinkError::Unreachable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Destination(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -81,6 +90,11 @@ impl ApiError {
             ApiError::Export(ExportError::NotFound(_)) => IssueKind::NotFound,
             ApiError::Export(ExportError::TooManyJobs { .. }) => IssueKind::Throttled,
             ApiError::Export(ExportError::Sink(_) | ExportError::Store(_)) => IssueKind::Exception,
+            ApiError::Destination(SinkError::NotFound(_) | SinkError::ContainerMissing { .. }) => {
+                IssueKind::NotFound
+            }
+            ApiError::Destination(SinkError::Unreachable { .. }) => IssueKind::Timeout,
+            ApiError::Destination(_) => IssueKind::Exception,
         }
     }
 
