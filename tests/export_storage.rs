@@ -1479,6 +1479,7 @@ fn assert_downloads_are_ranged_and_fail_fast_on_dead_storage(backend: &StorageBa
     let started = Instant::now();
     let (status, headers, body) = get_with_headers(&http, &url, &[("Range", "bytes=0-99")]);
     let answered_after = started.elapsed();
+    println!("{label}: a download from dead storage answered {status} after {answered_after:?}");
     assert_eq!(
         status,
         StatusCode::SERVICE_UNAVAILABLE,

@@ -68,13 +68,19 @@ impl AzureDestination {
             .map_err(|_| "AZURE_STORAGE_ACCOUNT_KEY is not set".to_owned())
     }
 
+    /// The emulator's blob endpoint: `AZURITE_BLOB_STORAGE_URL` or Azurite's default.
+    fn emulator_url() -> String {
+        std::env::var("AZURITE_BLOB_STORAGE_URL")
+            .unwrap_or_else(|_| EMULATOR_DEFAULT_URL.to_owned())
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
     fn container_url(&self, container: &ContainerName) -> String {
         if self.emulator {
-            let base = std::env::var("AZURITE_BLOB_STORAGE_URL")
-                .unwrap_or_else(|_| EMULATOR_DEFAULT_URL.to_owned());
             format!(
                 "{}/{}/{container}",
-                base.trim_end_matches('/'),
+                Self::emulator_url(),
                 self.account_name()
             )
         } else {
@@ -133,7 +139,11 @@ impl AzureDestination {
 impl Destination for AzureDestination {
     fn describe(&self) -> String {
         if self.emulator {
-            format!("azure emulator account {}", self.account_name())
+            format!(
+                "azure emulator at {} account {}",
+                Self::emulator_url(),
+                self.account_name()
+            )
         } else {
             format!("azure account {}", self.account_name())
         }
