@@ -450,7 +450,7 @@ pub fn retry_config(destination_timeout: Duration) -> object_store::RetryConfig 
 }
 
 /// A short retry budget for requests a client waits on.
-pub fn interactive_retry_config() -> object_store::RetryConfig {
+pub(crate) fn interactive_retry_config() -> object_store::RetryConfig {
     object_store::RetryConfig {
         backoff: object_store::BackoffConfig::default(),
         max_retries: 2,
@@ -467,7 +467,7 @@ pub fn ndjson_client_options() -> object_store::ClientOptions {
 
 /// [`ndjson_client_options`] with a short connect timeout, for requests a client waits on
 /// (no whole-request timeout: a download's body may take long).
-pub fn interactive_client_options() -> object_store::ClientOptions {
+pub(crate) fn interactive_client_options() -> object_store::ClientOptions {
     ndjson_client_options().with_connect_timeout(INTERACTIVE_CONNECT_TIMEOUT)
 }
 
