@@ -8,23 +8,24 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::json;
-use support::{FhirClient, RawReply, TestApp, spawn_app};
+use support::{FhirClient, spawn_app};
 
 const PATIENT_COUNT: usize = 300;
 const EXPORT_DEADLINE: Duration = Duration::from_secs(120);
 const STATUS_POLL_INTERVAL: Duration = Duration::from_millis(50);
 const IDENTITY: (&str, &str) = ("Accept-Encoding", "identity");
 
-/// A server holding one exported Patient file: its download path (relative to the base
-/// URL) and its whole bytes as a plain download returns them.
-struct ExportedFile {
-    app: TestApp,
+/// A server (`_app`, kept running) holding one exported Patient file: its download path
+/// (relative to the base URL) and its whole bytes as a plain download returns them.
+struct ExportedFile<App> {
+    _app: App,
+    client: FhirClient,
     path: String,
     whole: Vec<u8>,
     entity_tag: String,
 }
 
-fn export_patients() -> ExportedFile {
+fn export_patients() -> ExportedFile<impl Sized> {
     let app = spawn_app();
     for index in 0..PATIENT_COUNT {
         let reply = app.client.put_json(
@@ -82,7 +83,8 @@ fn export_patients() -> ExportedFile {
         "'{entity_tag}' is not a strong ETag"
     );
     ExportedFile {
-        app,
+        client: app.client.clone(),
+        _app: app,
         path,
         whole: plain.body,
         entity_tag,
@@ -95,18 +97,16 @@ fn relative(client: &FhirClient, url: &str) -> String {
         .to_owned()
 }
 
-impl ExportedFile {
-    fn get(&self, headers: &[(&str, &str)]) -> RawReply {
-        self.app.client.get_raw(&self.path, headers)
-    }
-
+impl<App> ExportedFile<App> {
     fn size(&self) -> usize {
         self.whole.len()
     }
 
     /// A 206 for `range` carrying exactly `expected` bytes of the file.
     fn assert_partial(&self, range: &str, expected: std::ops::Range<usize>) {
-        let reply = self.get(&[("Range", range), IDENTITY]);
+        let reply = self
+            .client
+            .get_raw(&self.path, &[("Range", range), IDENTITY]);
         assert_eq!(reply.status, StatusCode::PARTIAL_CONTENT, "Range: {range}");
         assert_eq!(
             reply.header("content-range"),
@@ -140,7 +140,10 @@ fn byte_ranges_answer_206_with_exactly_the_requested_bytes() {
     file.assert_partial(&format!("bytes={}-{}", size - 1, size - 1), size - 1..size);
     file.assert_partial("bytes=-100000000", 0..size);
 
-    let gzip_accepted = file.get(&[("Range", "bytes=10-19"), ("Accept-Encoding", "gzip")]);
+    let gzip_accepted = file.client.get_raw(
+        &file.path,
+        &[("Range", "bytes=10-19"), ("Accept-Encoding", "gzip")],
+    );
     assert_eq!(gzip_accepted.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(
         gzip_accepted.header("content-encoding"),
@@ -159,7 +162,9 @@ fn unsatisfiable_ranges_answer_416_with_the_size() {
         format!("bytes={}-{}", size + 10, size + 20),
         "bytes=-0".to_owned(),
     ] {
-        let reply = file.get(&[("Range", range.as_str())]);
+        let reply = file
+            .client
+            .get_raw(&file.path, &[("Range", range.as_str())]);
         assert_eq!(
             reply.status,
             StatusCode::RANGE_NOT_SATISFIABLE,
@@ -172,7 +177,9 @@ fn unsatisfiable_ranges_answer_416_with_the_size() {
         assert_eq!(reply.header("accept-ranges"), Some("bytes"));
     }
     for ignored in ["bytes=50-10", "bytes=0-1,5-9", "lines=0-10", "bytes=x-"] {
-        let reply = file.get(&[("Range", ignored), IDENTITY]);
+        let reply = file
+            .client
+            .get_raw(&file.path, &[("Range", ignored), IDENTITY]);
         assert_eq!(reply.status, StatusCode::OK, "Range: {ignored}");
         assert_eq!(reply.body, file.whole, "Range: {ignored}");
     }
@@ -182,7 +189,7 @@ fn unsatisfiable_ranges_answer_416_with_the_size() {
 fn an_interrupted_download_resumes_where_it_stopped_while_the_etag_matches() {
     let file = export_patients();
     let size = file.size();
-    let again = file.get(&[IDENTITY]);
+    let again = file.client.get_raw(&file.path, &[IDENTITY]);
     assert_eq!(
         again.header("etag"),
         Some(file.entity_tag.as_str()),
@@ -193,10 +200,13 @@ fn an_interrupted_download_resumes_where_it_stopped_while_the_etag_matches() {
     let mut resumed = Vec::new();
     while resumed.len() < size {
         let range = format!("bytes={}-{}", resumed.len(), resumed.len() + chunk - 1);
-        let reply = file.get(&[
-            ("Range", range.as_str()),
-            ("If-Range", file.entity_tag.as_str()),
-        ]);
+        let reply = file.client.get_raw(
+            &file.path,
+            &[
+                ("Range", range.as_str()),
+                ("If-Range", file.entity_tag.as_str()),
+            ],
+        );
         assert_eq!(reply.status, StatusCode::PARTIAL_CONTENT, "Range: {range}");
         assert!(!reply.body.is_empty());
         resumed.extend_from_slice(&reply.body);
@@ -208,7 +218,10 @@ fn an_interrupted_download_resumes_where_it_stopped_while_the_etag_matches() {
         "W/\"weak\"",
         "Tue, 01 Dec 2026 06:00:00 GMT",
     ] {
-        let reply = file.get(&[("Range", "bytes=100-199"), ("If-Range", stale), IDENTITY]);
+        let reply = file.client.get_raw(
+            &file.path,
+            &[("Range", "bytes=100-199"), ("If-Range", stale), IDENTITY],
+        );
         assert_eq!(reply.status, StatusCode::OK, "If-Range: {stale}");
         assert_eq!(reply.header("content-range"), None);
         assert_eq!(reply.body, file.whole, "If-Range: {stale}");
@@ -218,7 +231,9 @@ fn an_interrupted_download_resumes_where_it_stopped_while_the_etag_matches() {
 #[test]
 fn a_whole_gzip_download_has_its_own_strong_etag_and_decodes_to_the_file() {
     let file = export_patients();
-    let compressed = file.get(&[("Accept-Encoding", "gzip")]);
+    let compressed = file
+        .client
+        .get_raw(&file.path, &[("Accept-Encoding", "gzip")]);
     assert_eq!(compressed.status, StatusCode::OK);
     assert_eq!(compressed.header("content-encoding"), Some("gzip"));
     assert_eq!(compressed.header("accept-ranges"), Some("bytes"));
@@ -231,7 +246,9 @@ fn a_whole_gzip_download_has_its_own_strong_etag_and_decodes_to_the_file() {
         .expect("decoding gzip");
     assert_eq!(plain, file.whole);
     assert!(compressed.body.len() < file.size());
-    let compressed_again = file.get(&[("Accept-Encoding", "gzip")]);
+    let compressed_again = file
+        .client
+        .get_raw(&file.path, &[("Accept-Encoding", "gzip")]);
     assert_eq!(compressed_again.header("etag"), Some(gzip_tag.as_str()));
     assert_eq!(
         compressed_again.body, compressed.body,
