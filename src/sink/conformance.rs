@@ -561,3 +561,71 @@ fn s3_open_container_gives_up_on_a_destination_that_never_answers() {
     assert_open_reports_unreachable("s3", &url, "no answer within");
     drop(silent);
 }
+
+/// A store whose reads go to an S3 endpoint at `url`, with the interactive settings.
+fn interactive_s3_store(url: &str, runtime: &tokio::runtime::Runtime) -> ContainerStore {
+    let objects = std::sync::Arc::new(
+        object_store::aws::AmazonS3Builder::new()
+            .with_client_options(super::interactive_client_options())
+            .with_endpoint(url)
+            .with_bucket_name("silent")
+            .with_region("us-east-1")
+            .with_access_key_id("download-test")
+            .with_secret_access_key("download-test")
+            .with_allow_http(true)
+            .with_retry(super::interactive_retry_config())
+            .build()
+            .unwrap(),
+    );
+    let opened = super::OpenedContainer {
+        objects: objects.clone(),
+        interactive_objects: objects,
+        signer: None,
+        durability: super::Durability::CommittedOnUpload,
+        destination: format!("s3 at {url}"),
+    };
+    ContainerStore::new(
+        ContainerName::parse("silent").unwrap(),
+        opened,
+        runtime.handle().clone(),
+    )
+}
+
+/// Download reads of a dead destination fail as unreachable within `limit`, naming
+/// `expected_cause`.
+fn assert_download_reads_fail_fast(url: &str, expected_cause: &str, limit: Duration) {
+    let runtime = test_runtime();
+    let store = interactive_s3_store(url, &runtime);
+    let started = std::time::Instant::now();
+    let described = runtime.block_on(store.describe_object("job/Patient-1.ndjson"));
+    let streamed = runtime
+        .block_on(store.stream_object("job/Patient-1.ndjson", Some(0..10)))
+        .map(|_| ());
+    let elapsed = started.elapsed();
+    for outcome in [described.map(|_| ()), streamed] {
+        match outcome {
+            Err(error @ SinkError::Unreachable { .. }) => {
+                assert!(error.to_string().contains(expected_cause), "{error}")
+            }
+            other => panic!("expected an unreachable destination, got {other:?}"),
+        }
+    }
+    assert!(elapsed < limit, "two reads took {elapsed:?}");
+}
+
+#[test]
+fn download_reads_of_a_closed_port_fail_as_unreachable_at_once() {
+    assert_download_reads_fail_fast(
+        &closed_port_url(),
+        "Connection refused",
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
+fn download_reads_of_a_destination_that_never_answers_give_up_at_the_deadline() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    assert_download_reads_fail_fast(&url, "no answer within", Duration::from_secs(8));
+    drop(silent);
+}
