@@ -1385,3 +1385,192 @@ fn serve_rejects_malformed_storage_urls_naming_the_problem() {
         assert_refused_to_start(&finished, &[storage, problem]);
     }
 }
+
+/// A plain GET of `url` with extra `headers`: status, headers and raw body.
+fn get_with_headers(
+    http: &reqwest::blocking::Client,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
+    let mut request = http.get(url).header("Accept-Encoding", "identity");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
+        .send()
+        .unwrap_or_else(|error| panic!("GET {url} got no answer: {error}"));
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response
+        .bytes()
+        .unwrap_or_else(|error| panic!("reading {url}: {error}"))
+        .to_vec();
+    (status, headers, body)
+}
+
+fn header_text<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// Ranged downloads of a file the server reads from `backend`, then the same download
+/// while the storage refuses connections: a 503 within seconds, not the destination
+/// timeout, and ranges work again once the storage is back.
+fn assert_downloads_are_ranged_and_fail_fast_on_dead_storage(backend: &StorageBackend) {
+    let destination_timeout = Duration::from_secs(60);
+    let proxy = FaultInjectingProxy::start(backend.server_address());
+    let behind_proxy = serve_behind_proxy(backend, &proxy, destination_timeout);
+    let client = &behind_proxy.server.client;
+    let label = backend.label();
+    let status_url = kick_off_accepted(client, "/$export");
+    let manifest = wait_for_manifest(client, &status_url);
+    assert_urls_are_server_downloads(&manifest, client, &status_url);
+    let http = download_client();
+    let url = manifest_items(&manifest)
+        .into_iter()
+        .filter(|(kind, _)| kind == "output")
+        .map(|(_, item)| item["url"].as_str().expect("a file url").to_owned())
+        .max_by_key(|url| get_ndjson(&http, url).len())
+        .expect("an output file");
+
+    let (status, headers, whole) = get_with_headers(&http, &url, &[]);
+    assert_eq!(status, StatusCode::OK, "{label}: GET {url}");
+    assert_eq!(header_text(&headers, "accept-ranges"), Some("bytes"));
+    let entity_tag = header_text(&headers, "etag").expect("an ETag").to_owned();
+    assert!(
+        entity_tag.starts_with('"'),
+        "{label}: weak ETag {entity_tag}"
+    );
+    let size = whole.len();
+    assert!(size > 1_000, "{label}: {url} has only {size} bytes");
+
+    let (status, headers, tail) = get_with_headers(
+        &http,
+        &url,
+        &[("Range", "bytes=500-"), ("If-Range", &entity_tag)],
+    );
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT, "{label}");
+    assert_eq!(
+        header_text(&headers, "content-range"),
+        Some(format!("bytes 500-{}/{size}", size - 1).as_str())
+    );
+    assert_eq!(header_text(&headers, "etag"), Some(entity_tag.as_str()));
+    assert_eq!(tail, &whole[500..], "{label}: the resumed tail");
+    let (status, _, head) = get_with_headers(&http, &url, &[("Range", "bytes=0-99")]);
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(head, &whole[..100]);
+    let (status, _, last) = get_with_headers(&http, &url, &[("Range", "bytes=-10")]);
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(last, &whole[size - 10..]);
+    let (status, headers, _) =
+        get_with_headers(&http, &url, &[("Range", &format!("bytes={size}-"))]);
+    assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE, "{label}");
+    assert_eq!(
+        header_text(&headers, "content-range"),
+        Some(format!("bytes */{size}").as_str())
+    );
+    let (status, _, full) = get_with_headers(
+        &http,
+        &url,
+        &[("Range", "bytes=0-99"), ("If-Range", "\"stale\"")],
+    );
+    assert_eq!(status, StatusCode::OK, "{label}: a stale If-Range");
+    assert_eq!(full, whole);
+
+    proxy.set_mode(ProxyMode::Refuse);
+    let started = Instant::now();
+    let (status, headers, body) = get_with_headers(&http, &url, &[("Range", "bytes=0-99")]);
+    let answered_after = started.elapsed();
+    println!("{label}: a download from dead storage answered {status} after {answered_after:?}");
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{label}: a download from dead storage: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(header_text(&headers, "retry-after").is_some());
+    let outcome: Value = serde_json::from_slice(&body).expect("an OperationOutcome");
+    let diagnostics = outcome["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        diagnostics.contains(&behind_proxy.container) && diagnostics.len() < 300,
+        "{label}: {diagnostics}"
+    );
+    assert!(
+        answered_after < destination_timeout / 6,
+        "{label}: the download answered only after {answered_after:?} (destination timeout {destination_timeout:?})"
+    );
+
+    proxy.set_mode(ProxyMode::Forward);
+    let (status, _, again) = get_with_headers(&http, &url, &[("Range", "bytes=500-")]);
+    assert_eq!(
+        status,
+        StatusCode::PARTIAL_CONTENT,
+        "{label}: after the outage"
+    );
+    assert_eq!(again, &whole[500..]);
+}
+
+#[test]
+fn s3_downloads_are_ranged_and_answer_503_at_once_while_storage_is_down() {
+    if let Some(backend) = moto_or_skip() {
+        assert_downloads_are_ranged_and_fail_fast_on_dead_storage(&backend);
+    }
+}
+
+#[test]
+fn azurite_downloads_are_ranged_and_answer_503_at_once_while_storage_is_down() {
+    if let Some(backend) = azurite_or_skip() {
+        assert_downloads_are_ranged_and_fail_fast_on_dead_storage(&backend);
+    }
+}
+
+/// `fhirlog serve` against storage on a closed port exits within seconds with a short
+/// refusal line naming the container and the refused connection once.
+fn assert_serve_gives_up_at_once_on_a_closed_port(storage: &str, environment: &[(String, String)]) {
+    let finished = run_serve_expecting_exit(
+        &["--storage", storage, "--destination-timeout", "120s"],
+        environment,
+        Duration::from_secs(60),
+    );
+    assert_refused_to_start(&finished, &["'fail-fast'", "unreachable"]);
+    let refusal = finished
+        .stderr
+        .lines()
+        .find(|line| line.starts_with("fhirlog: "))
+        .expect("a refusal line");
+    assert_eq!(
+        refusal.matches("Connection refused").count(),
+        1,
+        "the cause is not named exactly once: {refusal}"
+    );
+    assert!(refusal.chars().count() < 400, "a long refusal: {refusal}");
+    assert!(
+        finished.elapsed < Duration::from_secs(10),
+        "gave up only after {:?}",
+        finished.elapsed
+    );
+}
+
+#[test]
+fn serve_gives_up_on_s3_at_a_closed_port_within_seconds_with_a_short_refusal() {
+    let endpoint = format!("http://127.0.0.1:{}", free_local_port());
+    assert_serve_gives_up_at_once_on_a_closed_port(
+        &format!("s3://fail-fast?endpoint={endpoint}&allow_http=true"),
+        &[
+            ("AWS_ACCESS_KEY_ID".to_owned(), "fail-fast".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY".to_owned(), "fail-fast".to_owned()),
+        ],
+    );
+}
+
+#[test]
+fn serve_gives_up_on_azure_at_a_closed_port_within_seconds_with_a_short_refusal() {
+    assert_serve_gives_up_at_once_on_a_closed_port(
+        "az://fail-fast?emulator=true",
+        &[(
+            "AZURITE_BLOB_STORAGE_URL".to_owned(),
+            format!("http://127.0.0.1:{}", free_local_port()),
+        )],
+    );
+}

@@ -6,6 +6,7 @@ use warp::http::StatusCode;
 use crate::export::{ExportError, ExportErrorKind};
 use crate::fhir::canonical::ResourceBodyError;
 use crate::fhir::outcome::{IssueKind, OperationOutcome};
+use crate::sink::SinkError;
 use crate::store::{StoreError, WriteRejection};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,9 @@ pub enum ApiError {
         kind: ExportErrorKind,
         message: String,
     },
+    /// A destination read for a download failed.
+    #[error(transparent)]
+    Destination(#[from] SinkError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -63,6 +67,11 @@ impl ApiError {
             ApiError::Store(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Export(error) => export_status(error.kind()),
             ApiError::ExportFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Destination(SinkError::NotFound(_) | SinkError::ContainerMissing { .. }) => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::Destination(SinkError::Unreachable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Destination(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -81,6 +90,11 @@ impl ApiError {
             ApiError::Store(_) | ApiError::Internal(_) => IssueKind::Exception,
             ApiError::Export(error) => export_issue_kind(error.kind()),
             ApiError::ExportFailed { kind, .. } => export_issue_kind(*kind),
+            ApiError::Destination(SinkError::NotFound(_) | SinkError::ContainerMissing { .. }) => {
+                IssueKind::NotFound
+            }
+            ApiError::Destination(SinkError::Unreachable { .. }) => IssueKind::Timeout,
+            ApiError::Destination(_) => IssueKind::Exception,
         }
     }
 

@@ -1,12 +1,8 @@
-//! Bulk Data `$export`: kick-off, status, cancel and file download.
+//! Bulk Data `$export`: kick-off, status and cancel (file downloads are in `download`).
 
 use std::sync::Arc;
 
-use async_compression::tokio::bufread::GzipEncoder;
 use bytes::Bytes;
-use futures_util::TryStreamExt;
-use tokio_util::io::{ReaderStream, StreamReader};
-use warp::Reply;
 use warp::http::header::{
     CONTENT_LOCATION, CONTENT_TYPE, EXPIRES, HeaderName, HeaderValue, RETRY_AFTER,
 };
@@ -152,53 +148,4 @@ pub async fn cancel(state: &AppState, job_id: String) -> Result<WarpResponse, Ap
             format!("export job '{job_id}' was cancelled and its files are being deleted"),
         ),
     ))
-}
-
-/// Streams a file; gzip-compressed on the fly when the client accepts gzip.
-pub async fn file(
-    state: Arc<AppState>,
-    job_id: &str,
-    file_name: &str,
-    headers: &HeaderMap,
-) -> Result<WarpResponse, ApiError> {
-    let (files, object) = state.exports.file(job_id, file_name)?;
-    let stream = files
-        .get_stream(&object)
-        .await
-        .map_err(|error| ApiError::Internal(error.to_string()))?
-        .map_err(std::io::Error::other);
-    let accepts_gzip = headers
-        .get_all(warp::http::header::ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|coding| {
-            let mut parts = coding.split(';');
-            let name = parts.next().unwrap_or_default().trim();
-            let refused = parts.any(|parameter| {
-                matches!(parameter.trim(), "q=0" | "q=0.0" | "q=0.00" | "q=0.000")
-            });
-            name.eq_ignore_ascii_case("gzip") && !refused
-        });
-    let mut reply = if accepts_gzip {
-        let compressed = ReaderStream::new(GzipEncoder::new(StreamReader::new(stream)));
-        let mut reply =
-            warp::reply::stream(sync_wrapper::SyncStream::new(compressed)).into_response();
-        reply.headers_mut().insert(
-            warp::http::header::CONTENT_ENCODING,
-            HeaderValue::from_static("gzip"),
-        );
-        reply
-    } else {
-        warp::reply::stream(sync_wrapper::SyncStream::new(stream)).into_response()
-    };
-    reply.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/fhir+ndjson"),
-    );
-    reply.headers_mut().insert(
-        warp::http::header::VARY,
-        HeaderValue::from_static("accept-encoding"),
-    );
-    Ok(reply)
 }

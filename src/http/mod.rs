@@ -4,6 +4,7 @@
 
 mod bundle;
 mod capability;
+mod download;
 pub mod error;
 mod export;
 mod request;

@@ -31,6 +31,8 @@ pub fn outcome(status: StatusCode, outcome: &OperationOutcome) -> WarpResponse {
 
 /// Seconds a throttled client is told to wait.
 pub const THROTTLED_RETRY_AFTER_SECONDS: u64 = 10;
+/// Seconds a client is told to wait before trying an unavailable service again.
+pub const UNAVAILABLE_RETRY_AFTER_SECONDS: u64 = 5;
 
 pub fn error(error: &ApiError) -> WarpResponse {
     let mut reply = outcome(error.status(), &error.to_outcome());
@@ -39,11 +41,15 @@ pub fn error(error: &ApiError) -> WarpResponse {
             .headers_mut()
             .insert(warp::http::header::ALLOW, HeaderValue::from_static(allow));
     }
-    if error.status() == StatusCode::TOO_MANY_REQUESTS {
-        reply.headers_mut().insert(
-            warp::http::header::RETRY_AFTER,
-            HeaderValue::from(THROTTLED_RETRY_AFTER_SECONDS),
-        );
+    let retry_after = match error.status() {
+        StatusCode::TOO_MANY_REQUESTS => Some(THROTTLED_RETRY_AFTER_SECONDS),
+        StatusCode::SERVICE_UNAVAILABLE => Some(UNAVAILABLE_RETRY_AFTER_SECONDS),
+        _ => None,
+    };
+    if let Some(seconds) = retry_after {
+        reply
+            .headers_mut()
+            .insert(warp::http::header::RETRY_AFTER, HeaderValue::from(seconds));
     }
     reply
 }

@@ -8,7 +8,7 @@ use warp::reply::Response as WarpResponse;
 
 use super::export::KickOffRequest;
 use super::request::CapturedRequest;
-use super::{ApiError, AppState, bundle, capability, export, resource, response};
+use super::{ApiError, AppState, bundle, capability, download, export, resource, response};
 use crate::export::ExportLevel;
 use crate::fhir::{ResourceId, ResourceType};
 
@@ -124,7 +124,7 @@ async fn dispatch(
         Interaction::ExportStatus { job_id } => export::status(&state, &job_id).await,
         Interaction::ExportCancel { job_id } => export::cancel(&state, job_id).await,
         Interaction::ExportFile { job_id, file_name } => {
-            export::file(Arc::clone(&state), &job_id, &file_name, &request.headers).await
+            download::file(Arc::clone(&state), &job_id, &file_name, &request.headers).await
         }
     }
 }

@@ -12,7 +12,8 @@ use object_store::client::HttpRequestBody;
 
 use super::s3::send_signed;
 use super::{
-    ContainerName, Destination, OpenedContainer, SinkError, ndjson_client_options,
+    CloudContainerStores, ContainerName, Destination, OpenedContainer, SinkError,
+    interactive_client_options, interactive_retry_config, ndjson_client_options,
     open_checked_container, retry_config,
 };
 
@@ -67,13 +68,19 @@ impl AzureDestination {
             .map_err(|_| "AZURE_STORAGE_ACCOUNT_KEY is not set".to_owned())
     }
 
+    /// The emulator's blob endpoint: `AZURITE_BLOB_STORAGE_URL` or Azurite's default.
+    fn emulator_url() -> String {
+        std::env::var("AZURITE_BLOB_STORAGE_URL")
+            .unwrap_or_else(|_| EMULATOR_DEFAULT_URL.to_owned())
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
     fn container_url(&self, container: &ContainerName) -> String {
         if self.emulator {
-            let base = std::env::var("AZURITE_BLOB_STORAGE_URL")
-                .unwrap_or_else(|_| EMULATOR_DEFAULT_URL.to_owned());
             format!(
                 "{}/{}/{container}",
-                base.trim_end_matches('/'),
+                Self::emulator_url(),
                 self.account_name()
             )
         } else {
@@ -84,13 +91,18 @@ impl AzureDestination {
         }
     }
 
-    fn builder(&self, container: &ContainerName) -> Result<MicrosoftAzureBuilder, String> {
+    fn builder(
+        &self,
+        container: &ContainerName,
+        client_options: object_store::ClientOptions,
+        retry: object_store::RetryConfig,
+    ) -> Result<MicrosoftAzureBuilder, String> {
         let builder = MicrosoftAzureBuilder::new()
-            .with_client_options(ndjson_client_options())
+            .with_client_options(client_options)
             .with_container_name(container.as_str())
             .with_account(self.account_name())
             .with_access_key(self.account_key()?)
-            .with_retry(retry_config(self.destination_timeout));
+            .with_retry(retry);
         Ok(if self.emulator {
             builder.with_use_emulator(true).with_allow_http(true)
         } else {
@@ -100,12 +112,9 @@ impl AzureDestination {
 
     /// `PUT /{container}?restype=container` signed with the account key.
     async fn create_container(&self, container: &ContainerName) -> Result<(), SinkError> {
-        let failure = |reason: String| SinkError::Storage {
-            container: container.to_string(),
-            source: object_store::Error::Generic {
-                store: "MicrosoftAzure",
-                source: reason.into(),
-            },
+        let destination = self.describe();
+        let failure = |reason: String| {
+            SinkError::storage_failure(container.as_str(), &destination, "MicrosoftAzure", reason)
         };
         let key = AzureAccessKey::try_new(&self.account_key().map_err(failure)?)
             .map_err(|error| failure(error.to_string()))?;
@@ -123,14 +132,18 @@ impl AzureDestination {
         AzureAuthorizer::new(&credential, &account)
             .try_authorize(&mut request)
             .map_err(|error| failure(error.to_string()))?;
-        send_signed(request, String::new(), container).await
+        send_signed(request, String::new(), container, &destination).await
     }
 }
 
 impl Destination for AzureDestination {
     fn describe(&self) -> String {
         if self.emulator {
-            format!("azure emulator account {}", self.account_name())
+            format!(
+                "azure emulator at {} account {}",
+                Self::emulator_url(),
+                self.account_name()
+            )
         } else {
             format!("azure account {}", self.account_name())
         }
@@ -145,19 +158,31 @@ impl Destination for AzureDestination {
         container: &ContainerName,
         runtime: &tokio::runtime::Handle,
     ) -> Result<OpenedContainer, SinkError> {
-        let storage_error = |source| SinkError::Storage {
-            container: container.to_string(),
-            source,
+        let built = |client_options, retry| {
+            let failure =
+                |error| SinkError::from_object_store(container.as_str(), &self.describe(), error);
+            self.builder(container, client_options, retry)
+                .map_err(|reason| {
+                    failure(object_store::Error::Generic {
+                        store: "MicrosoftAzure",
+                        source: reason.into(),
+                    })
+                })?
+                .build()
+                .map_err(failure)
         };
-        let builder = self.builder(container).map_err(|reason| {
-            storage_error(object_store::Error::Generic {
-                store: "MicrosoftAzure",
-                source: reason.into(),
-            })
-        })?;
-        let store = Arc::new(builder.build().map_err(storage_error)?);
+        let stores = CloudContainerStores {
+            objects: Arc::new(built(
+                ndjson_client_options(),
+                retry_config(self.destination_timeout),
+            )?),
+            interactive_objects: Arc::new(built(
+                interactive_client_options(),
+                interactive_retry_config(),
+            )?),
+        };
         open_checked_container(
-            store,
+            stores,
             container,
             self,
             self.create_containers,

@@ -1,9 +1,9 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use object_store::local::LocalFileSystem;
 
-use super::{ContainerName, Destination, OpenedContainer, SinkError};
+use super::{ContainerName, Destination, Durability, OpenedContainer, SinkError};
 
 /// Containers are directories under `root` (by default `{data-dir}/exports`).
 pub struct LocalDestination {
@@ -38,17 +38,44 @@ impl Destination for LocalDestination {
                     destination: self.describe(),
                 });
             }
-            std::fs::create_dir_all(&directory)?;
+            create_folder_durably(&directory)?;
         }
-        let objects = LocalFileSystem::new_with_prefix(&directory)
-            .map_err(|source| SinkError::Storage {
-                container: container.to_string(),
-                source,
-            })?
-            .with_automatic_cleanup(true);
+        let folder = std::fs::canonicalize(&directory)?;
+        let files = Arc::new(
+            LocalFileSystem::new_with_prefix(&folder)
+                .map_err(|error| {
+                    SinkError::from_object_store(container.as_str(), &self.describe(), error)
+                })?
+                .with_automatic_cleanup(true),
+        );
         Ok(OpenedContainer {
-            objects: Arc::new(objects),
+            objects: files.clone(),
+            interactive_objects: files.clone(),
             signer: None,
+            durability: Durability::LocalFolder { folder, files },
+            destination: self.describe(),
         })
     }
+}
+
+/// Creates `directory` and its missing ancestors, and fsyncs every folder that gained an
+/// entry, so the container survives a power loss.
+fn create_folder_durably(directory: &Path) -> std::io::Result<()> {
+    let existing_ancestor = directory
+        .ancestors()
+        .find(|ancestor| ancestor.as_os_str().is_empty() || ancestor.is_dir())
+        .map(Path::to_path_buf);
+    std::fs::create_dir_all(directory)?;
+    for ancestor in directory.ancestors().skip(1) {
+        let folder = if ancestor.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            ancestor
+        };
+        std::fs::File::open(folder)?.sync_all()?;
+        if existing_ancestor.as_deref() == Some(ancestor) {
+            break;
+        }
+    }
+    Ok(())
 }

@@ -3,7 +3,7 @@ use std::sync::{Arc, Mutex};
 
 use object_store::memory::InMemory;
 
-use super::{ContainerName, Destination, OpenedContainer, SinkError};
+use super::{ContainerName, Destination, Durability, OpenedContainer, SinkError};
 
 /// Containers held in memory, for tests.
 #[derive(Default)]
@@ -17,6 +17,18 @@ impl MemoryDestination {
         MemoryDestination {
             containers: Mutex::new(HashMap::new()),
             create_containers,
+        }
+    }
+}
+
+impl MemoryDestination {
+    fn opened(&self, objects: Arc<InMemory>) -> OpenedContainer {
+        OpenedContainer {
+            objects: objects.clone(),
+            interactive_objects: objects,
+            signer: None,
+            durability: Durability::CommittedOnUpload,
+            destination: self.describe(),
         }
     }
 }
@@ -36,10 +48,7 @@ impl Destination for MemoryDestination {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(existing) = containers.get(container) {
-            return Ok(OpenedContainer {
-                objects: Arc::clone(existing) as _,
-                signer: None,
-            });
+            return Ok(self.opened(Arc::clone(existing)));
         }
         if !self.create_containers {
             return Err(SinkError::ContainerMissing {
@@ -49,9 +58,6 @@ impl Destination for MemoryDestination {
         }
         let created = Arc::new(InMemory::new());
         containers.insert(container.clone(), Arc::clone(&created));
-        Ok(OpenedContainer {
-            objects: created,
-            signer: None,
-        })
+        Ok(self.opened(created))
     }
 }

@@ -11,11 +11,13 @@ mod s3;
 mod storage_url;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::signer::Signer;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
@@ -74,7 +76,9 @@ impl fmt::Display for ContainerName {
     }
 }
 
-/// Storage failures, with whether retrying can help.
+/// Storage failures, with whether retrying can help. Each message is one short line
+/// naming the container and the root cause once; [`SinkError::detail`] has the whole chain
+/// for logs.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("container '{container}' does not exist in {destination}")]
@@ -84,11 +88,20 @@ pub enum SinkError {
     },
     #[error("object '{0}' does not exist")]
     NotFound(String),
-    #[error("storage error in container '{container}': {source}")]
+    /// No answer from the destination: a refused connection, a failed name lookup, a
+    /// dropped connection or a timeout.
+    #[error("{destination} is unreachable (container '{container}'): {cause}")]
+    Unreachable {
+        container: String,
+        destination: String,
+        cause: String,
+        detail: Box<str>,
+    },
+    #[error("storage error in container '{container}' of {destination}: {}", root_cause(.error))]
     Storage {
         container: String,
-        #[source]
-        source: object_store::Error,
+        destination: String,
+        error: Box<object_store::Error>,
     },
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -117,13 +130,14 @@ impl SinkError {
     pub fn is_transient(&self) -> bool {
         match self {
             SinkError::ContainerMissing { .. } | SinkError::NotFound(_) => false,
+            SinkError::Unreachable { .. } => true,
             SinkError::Io(error) => !matches!(
                 error.kind(),
                 std::io::ErrorKind::PermissionDenied
                     | std::io::ErrorKind::NotFound
                     | std::io::ErrorKind::ReadOnlyFilesystem
             ),
-            SinkError::Storage { source, .. } => match source {
+            SinkError::Storage { error, .. } => match error.as_ref() {
                 object_store::Error::NotFound { .. }
                 | object_store::Error::InvalidPath { .. }
                 | object_store::Error::NotSupported { .. }
@@ -133,12 +147,186 @@ impl SinkError {
             },
         }
     }
+
+    /// The message with every error of the underlying chain, for logs.
+    pub fn detail(&self) -> String {
+        match self {
+            SinkError::Unreachable { detail, .. } => format!("{self} [{detail}]"),
+            SinkError::Storage { error, .. } => format!("{self} [{}]", error_chain_text(error)),
+            other => other.to_string(),
+        }
+    }
+
+    /// Classifies an `object_store` failure on `container` of `destination`.
+    pub(crate) fn from_object_store(
+        container: &str,
+        destination: &str,
+        error: object_store::Error,
+    ) -> Self {
+        match error {
+            object_store::Error::NotFound { path, .. } => SinkError::NotFound(path),
+            error if is_no_answer(&error) => SinkError::Unreachable {
+                container: container.to_owned(),
+                destination: destination.to_owned(),
+                cause: root_cause(&error),
+                detail: error_chain_text(&error).into(),
+            },
+            error => SinkError::Storage {
+                container: container.to_owned(),
+                destination: destination.to_owned(),
+                error: Box::new(error),
+            },
+        }
+    }
+
+    /// Classifies a failure of the HTTP client that creates containers.
+    pub(crate) fn from_http_client(
+        container: &str,
+        destination: &str,
+        error: storage_http::Error,
+    ) -> Self {
+        if is_no_answer(&error) {
+            return SinkError::Unreachable {
+                container: container.to_owned(),
+                destination: destination.to_owned(),
+                cause: root_cause(&error),
+                detail: error_chain_text(&error).into(),
+            };
+        }
+        SinkError::Storage {
+            container: container.to_owned(),
+            destination: destination.to_owned(),
+            error: Box::new(object_store::Error::Generic {
+                store: "container creation",
+                source: Box::new(error),
+            }),
+        }
+    }
+
+    /// A failure described by `reason` (missing credentials, a refused creation).
+    pub(crate) fn storage_failure(
+        container: &str,
+        destination: &str,
+        store: &'static str,
+        reason: String,
+    ) -> Self {
+        SinkError::Storage {
+            container: container.to_owned(),
+            destination: destination.to_owned(),
+            error: Box::new(object_store::Error::Generic {
+                store,
+                source: reason.into(),
+            }),
+        }
+    }
+
+    fn no_answer_within(container: &str, destination: &str, deadline: Duration) -> Self {
+        let cause = format!("no answer within {} ms", deadline.as_millis());
+        SinkError::Unreachable {
+            container: container.to_owned(),
+            destination: destination.to_owned(),
+            detail: cause.as_str().into(),
+            cause,
+        }
+    }
+}
+
+/// Longest root cause quoted in a message.
+const ROOT_CAUSE_MAX_CHARS: usize = 240;
+
+/// The innermost error of the chain, on one line, led by the HTTP client's own words
+/// (without the URL) when the chain has them.
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost = error;
+    let mut client_words = None;
+    let mut current = Some(error);
+    while let Some(level) = current {
+        if let Some(client_error) = level.downcast_ref::<storage_http::Error>() {
+            let text = client_error.to_string();
+            let without_url = text
+                .split(" for url (")
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            client_words = Some(without_url);
+        }
+        innermost = level;
+        current = level.source();
+    }
+    let innermost_text = innermost.to_string();
+    let text = match client_words {
+        Some(words) if !innermost.is::<storage_http::Error>() => {
+            format!("{words}: {innermost_text}")
+        }
+        _ => innermost_text,
+    };
+    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() <= ROOT_CAUSE_MAX_CHARS {
+        return one_line;
+    }
+    let mut shortened: String = one_line.chars().take(ROOT_CAUSE_MAX_CHARS).collect();
+    shortened.push('…');
+    shortened
+}
+
+/// Every level of the chain, outermost first.
+fn error_chain_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut levels = Vec::new();
+    let mut current = Some(error);
+    while let Some(level) = current {
+        levels.push(level.to_string());
+        current = level.source();
+    }
+    levels.join(" | caused by: ")
+}
+
+/// Whether the chain says the destination never answered: no connection, a dropped
+/// connection or a timeout, as opposed to an answer refusing the request.
+fn is_no_answer(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(level) = current {
+        if let Some(http_error) = level.downcast_ref::<object_store::client::HttpError>() {
+            return matches!(
+                http_error.kind(),
+                object_store::client::HttpErrorKind::Connect
+                    | object_store::client::HttpErrorKind::Request
+                    | object_store::client::HttpErrorKind::Timeout
+                    | object_store::client::HttpErrorKind::Interrupted
+            );
+        }
+        if let Some(client_error) = level.downcast_ref::<storage_http::Error>() {
+            return client_error.is_connect()
+                || client_error.is_timeout()
+                || client_error.is_request();
+        }
+        current = level.source();
+    }
+    false
 }
 
 /// An opened container: its objects, and a URL signer where the backend has one.
 pub struct OpenedContainer {
+    /// For workers: transient failures are retried until the destination timeout.
     pub objects: Arc<dyn ObjectStore>,
+    /// The same objects for requests a client waits on: a dead destination is reported
+    /// within about a second instead of being retried.
+    pub interactive_objects: Arc<dyn ObjectStore>,
     pub signer: Option<Arc<dyn Signer>>,
+    pub durability: Durability,
+    /// The destination's description, for messages.
+    pub destination: String,
+}
+
+/// What makes a finished object durable.
+#[derive(Clone)]
+pub enum Durability {
+    /// Files under a folder: fsync each file, then its folders up to the container's.
+    LocalFolder {
+        folder: PathBuf,
+        files: Arc<LocalFileSystem>,
+    },
+    /// The object is committed once its upload completed (S3, Azure, memory).
+    CommittedOnUpload,
 }
 
 /// A backend that hands out one object store per container.
@@ -150,7 +338,9 @@ pub trait Destination: Send + Sync + 'static {
         ContainerName::default_container()
     }
     /// The store for `container`; a missing container is created (when the destination
-    /// may create containers) or reported as [`SinkError::ContainerMissing`]. Blocking.
+    /// may create containers) or reported as [`SinkError::ContainerMissing`]. Blocking;
+    /// returns within [`OPEN_CONTAINER_DEADLINE`] whatever the destination does, with
+    /// [`SinkError::Unreachable`] when it did not answer.
     fn open_container(
         &self,
         container: &ContainerName,
@@ -158,34 +348,64 @@ pub trait Destination: Send + Sync + 'static {
     ) -> Result<OpenedContainer, SinkError>;
 }
 
-/// Opens a cloud container: checks it exists, creates it with `create` when allowed, and
-/// hands out the store with its URL signer.
+/// Longest wait for [`Destination::open_container`]: the existence probe and creation.
+pub const OPEN_CONTAINER_DEADLINE: Duration = Duration::from_millis(4_500);
+/// Longest wait for a destination's first answer to a download.
+pub const DOWNLOAD_ANSWER_DEADLINE: Duration = Duration::from_millis(1_500);
+/// Connection attempts for requests a client waits on give up after this.
+const INTERACTIVE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Whole requests of the existence probe and container creation give up after this.
+const PROBE_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The worker and interactive stores of one cloud container.
+pub(crate) struct CloudContainerStores<S> {
+    pub objects: Arc<S>,
+    pub interactive_objects: Arc<dyn ObjectStore>,
+}
+
+/// Opens a cloud container: checks it exists, creates it with `create` when allowed
+/// (both within [`OPEN_CONTAINER_DEADLINE`]), and hands out the stores with the URL signer.
 pub(crate) fn open_checked_container<S: ObjectStore + Signer>(
-    store: Arc<S>,
+    stores: CloudContainerStores<S>,
     container: &ContainerName,
     destination: &dyn Destination,
     create_containers: bool,
     runtime: &tokio::runtime::Handle,
     create: impl std::future::Future<Output = Result<(), SinkError>>,
 ) -> Result<OpenedContainer, SinkError> {
-    let exists = runtime
-        .block_on(container_exists(store.as_ref()))
-        .map_err(|source| SinkError::Storage {
-            container: container.to_string(),
-            source,
-        })?;
-    if !exists {
+    let description = destination.describe();
+    let opening = async {
+        let exists = container_exists(stores.interactive_objects.as_ref())
+            .await
+            .map_err(|error| {
+                SinkError::from_object_store(container.as_str(), &description, error)
+            })?;
+        if exists {
+            return Ok(());
+        }
         if !create_containers {
             return Err(SinkError::ContainerMissing {
                 container: container.to_string(),
-                destination: destination.describe(),
+                destination: description.clone(),
             });
         }
-        runtime.block_on(create)?;
-    }
+        create.await
+    };
+    runtime
+        .block_on(async { tokio::time::timeout(OPEN_CONTAINER_DEADLINE, opening).await })
+        .unwrap_or_else(|_| {
+            Err(SinkError::no_answer_within(
+                container.as_str(),
+                &description,
+                OPEN_CONTAINER_DEADLINE,
+            ))
+        })?;
     Ok(OpenedContainer {
-        objects: store.clone(),
-        signer: Some(store),
+        objects: stores.objects.clone(),
+        interactive_objects: stores.interactive_objects,
+        signer: Some(stores.objects),
+        durability: Durability::CommittedOnUpload,
+        destination: description,
     })
 }
 
@@ -229,11 +449,38 @@ pub fn retry_config(destination_timeout: Duration) -> object_store::RetryConfig 
     }
 }
 
+/// A short retry budget for requests a client waits on.
+pub(crate) fn interactive_retry_config() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig::default(),
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(1),
+    }
+}
+
 /// Objects are stored as `application/fhir+ndjson`, so signed-URL downloads carry the
 /// right Content-Type. Set these before any other option: they replace the client options
 /// (`allow_http` included).
 pub fn ndjson_client_options() -> object_store::ClientOptions {
     object_store::ClientOptions::new().with_default_content_type("application/fhir+ndjson")
+}
+
+/// [`ndjson_client_options`] with a short connect timeout, for requests a client waits on
+/// (no whole-request timeout: a download's body may take long).
+pub(crate) fn interactive_client_options() -> object_store::ClientOptions {
+    ndjson_client_options().with_connect_timeout(INTERACTIVE_CONNECT_TIMEOUT)
+}
+
+/// The HTTP client for container creation: short connect and request timeouts.
+pub(crate) fn probe_http_client(
+    container: &ContainerName,
+    destination: &str,
+) -> Result<storage_http::Client, SinkError> {
+    storage_http::Client::builder()
+        .connect_timeout(INTERACTIVE_CONNECT_TIMEOUT)
+        .timeout(PROBE_REQUEST_TIMEOUT)
+        .build()
+        .map_err(|error| SinkError::from_http_client(container.as_str(), destination, error))
 }
 
 /// One container of a destination, with blocking calls for worker threads (which are
@@ -242,9 +489,24 @@ pub fn ndjson_client_options() -> object_store::ClientOptions {
 pub struct ContainerStore {
     container: ContainerName,
     objects: Arc<dyn ObjectStore>,
+    interactive_objects: Arc<dyn ObjectStore>,
     signer: Option<Arc<dyn Signer>>,
+    durability: Durability,
+    destination: Arc<str>,
     runtime: tokio::runtime::Handle,
 }
+
+/// What a download needs to know of a stored object before reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    pub size: u64,
+    /// A strong entity tag, quoted, that changes whenever the object is replaced.
+    pub entity_tag: String,
+    pub last_modified: crate::fhir::Instant,
+}
+
+/// An object's bytes (or some of them) as they arrive from the destination.
+pub type ObjectByteStream = futures_util::stream::BoxStream<'static, Result<Bytes, SinkError>>;
 
 /// Bytes handed to a multipart upload at a time, and uploads in flight per writer:
 /// together they bound an upload's memory whatever the file size.
@@ -320,9 +582,46 @@ impl ContainerStore {
         ContainerStore {
             container,
             objects: opened.objects,
+            interactive_objects: opened.interactive_objects,
             signer: opened.signer,
+            durability: opened.durability,
+            destination: Arc::from(opened.destination),
             runtime,
         }
+    }
+
+    /// Makes these finished objects durable: local files and their folders fsynced
+    /// (each file, then each distinct parent folder up to the container root);
+    /// S3/Azure: nothing to do once an upload completed. Blocking.
+    pub fn make_durable_blocking(&self, object_names: &[String]) -> Result<(), SinkError> {
+        let Durability::LocalFolder { folder, files } = &self.durability else {
+            return Ok(());
+        };
+        let mut folders = std::collections::BTreeSet::new();
+        for name in object_names {
+            let file_path = files
+                .path_to_filesystem(&ObjectPath::from(name.as_str()))
+                .map_err(|error| self.storage_error(error))?;
+            let file = std::fs::File::open(&file_path).map_err(|error| {
+                if error.kind() == std::io::ErrorKind::NotFound {
+                    SinkError::NotFound(name.clone())
+                } else {
+                    SinkError::Io(error)
+                }
+            })?;
+            file.sync_all()?;
+            let mut parent = file_path.parent();
+            while let Some(directory) = parent {
+                if !directory.starts_with(folder) || !folders.insert(directory.to_path_buf()) {
+                    break;
+                }
+                parent = directory.parent();
+            }
+        }
+        for directory in folders.iter().rev() {
+            std::fs::File::open(directory)?.sync_all()?;
+        }
+        Ok(())
     }
 
     /// Starts a streaming upload of `name`.
@@ -360,14 +659,8 @@ impl ContainerStore {
         &self.container
     }
 
-    fn storage_error(&self, source: object_store::Error) -> SinkError {
-        match source {
-            object_store::Error::NotFound { path, .. } => SinkError::NotFound(path),
-            source => SinkError::Storage {
-                container: self.container.to_string(),
-                source,
-            },
-        }
+    fn storage_error(&self, error: object_store::Error) -> SinkError {
+        SinkError::from_object_store(self.container.as_str(), &self.destination, error)
     }
 
     /// Writes a whole object, replacing any object of that name.
@@ -425,15 +718,64 @@ impl ContainerStore {
         })
     }
 
-    /// Streams an object's bytes.
-    pub async fn get_stream(
+    /// The size and validators of `name`, or [`SinkError::Unreachable`] when the
+    /// destination does not answer within [`DOWNLOAD_ANSWER_DEADLINE`].
+    pub async fn describe_object(&self, name: &str) -> Result<StoredObject, SinkError> {
+        let path = ObjectPath::from(name);
+        let meta = self
+            .within_download_deadline(self.interactive_objects.head(&path))
+            .await?;
+        let version = meta
+            .e_tag
+            .clone()
+            .unwrap_or_else(|| meta.last_modified.timestamp_micros().to_string());
+        let fingerprint = blake3::hash(format!("{}\n{version}", meta.size).as_bytes());
+        Ok(StoredObject {
+            size: meta.size,
+            entity_tag: format!("\"{:x}-{}\"", meta.size, &fingerprint.to_hex()[..16]),
+            last_modified: crate::fhir::Instant::from_micros_since_epoch(
+                meta.last_modified.timestamp_micros(),
+            ),
+        })
+    }
+
+    /// Streams `name`'s bytes in `range` (all of them with `None`); the destination's
+    /// first answer must come within [`DOWNLOAD_ANSWER_DEADLINE`].
+    pub async fn stream_object(
         &self,
         name: &str,
-    ) -> Result<
-        impl futures_util::Stream<Item = Result<Bytes, object_store::Error>> + Send + 'static,
-        SinkError,
-    > {
-        Ok(self.get(name).await?.into_stream())
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<ObjectByteStream, SinkError> {
+        let path = ObjectPath::from(name);
+        let options = object_store::GetOptions {
+            range: range.map(object_store::GetRange::Bounded),
+            ..object_store::GetOptions::default()
+        };
+        let answer = self
+            .within_download_deadline(self.interactive_objects.get_opts(&path, options))
+            .await?;
+        let container = self.container.to_string();
+        let destination = Arc::clone(&self.destination);
+        Ok(answer
+            .into_stream()
+            .map(move |chunk| {
+                chunk.map_err(|error| SinkError::from_object_store(&container, &destination, error))
+            })
+            .boxed())
+    }
+
+    async fn within_download_deadline<T>(
+        &self,
+        request: impl std::future::Future<Output = Result<T, object_store::Error>>,
+    ) -> Result<T, SinkError> {
+        match tokio::time::timeout(DOWNLOAD_ANSWER_DEADLINE, request).await {
+            Ok(answer) => answer.map_err(|error| self.storage_error(error)),
+            Err(_) => Err(SinkError::no_answer_within(
+                self.container.as_str(),
+                &self.destination,
+                DOWNLOAD_ANSWER_DEADLINE,
+            )),
+        }
     }
 
     async fn get(&self, name: &str) -> Result<object_store::GetResult, SinkError> {

@@ -8,8 +8,9 @@ use object_store::aws::{AmazonS3Builder, AwsAuthorizer, AwsCredential};
 use object_store::client::HttpRequestBody;
 
 use super::{
-    ContainerName, Destination, OpenedContainer, SinkError, ndjson_client_options,
-    open_checked_container, retry_config,
+    CloudContainerStores, ContainerName, Destination, OpenedContainer, SinkError,
+    interactive_client_options, interactive_retry_config, ndjson_client_options,
+    open_checked_container, probe_http_client, retry_config,
 };
 
 pub struct S3Destination {
@@ -40,13 +41,18 @@ impl S3Destination {
         }
     }
 
-    fn builder(&self, bucket: &ContainerName) -> AmazonS3Builder {
+    fn builder(
+        &self,
+        bucket: &ContainerName,
+        client_options: object_store::ClientOptions,
+        retry: object_store::RetryConfig,
+    ) -> AmazonS3Builder {
         let mut builder = AmazonS3Builder::from_env()
-            .with_client_options(ndjson_client_options())
+            .with_client_options(client_options)
             .with_bucket_name(bucket.as_str())
             .with_region(&self.region)
             .with_allow_http(self.allow_http)
-            .with_retry(retry_config(self.destination_timeout));
+            .with_retry(retry);
         if let Some(endpoint) = &self.endpoint {
             builder = builder
                 .with_endpoint(endpoint)
@@ -64,12 +70,9 @@ impl S3Destination {
 
     /// `PUT /{bucket}` signed with SigV4.
     async fn create_bucket(&self, bucket: &ContainerName) -> Result<(), SinkError> {
-        let failure = |reason: String| SinkError::Storage {
-            container: bucket.to_string(),
-            source: object_store::Error::Generic {
-                store: "S3",
-                source: reason.into(),
-            },
+        let destination = self.describe();
+        let failure = |reason: String| {
+            SinkError::storage_failure(bucket.as_str(), &destination, "S3", reason)
         };
         let credential = AwsCredential {
             key_id: std::env::var("AWS_ACCESS_KEY_ID")
@@ -95,25 +98,20 @@ impl S3Destination {
             .with_sign_payload(false)
             .try_authorize(&mut request, None)
             .map_err(|error| failure(error.to_string()))?;
-        send_signed(request, body, bucket).await
+        send_signed(request, body, bucket, &destination).await
     }
 }
 
-/// Sends a signed container-creation request; 2xx or "already exists" is success.
+/// Sends a signed container-creation request with short timeouts; 2xx or "already
+/// exists" is success.
 pub(super) async fn send_signed(
     request: http::Request<HttpRequestBody>,
     body: String,
     container: &ContainerName,
+    destination: &str,
 ) -> Result<(), SinkError> {
-    let failure = |reason: String| SinkError::Storage {
-        container: container.to_string(),
-        source: object_store::Error::Generic {
-            store: "container creation",
-            source: reason.into(),
-        },
-    };
     let (parts, _) = request.into_parts();
-    let client = storage_http::Client::new();
+    let client = probe_http_client(container, destination)?;
     let mut outgoing = client
         .request(parts.method, parts.uri.to_string())
         .body(body);
@@ -123,16 +121,21 @@ pub(super) async fn send_signed(
     let response = outgoing
         .send()
         .await
-        .map_err(|error| failure(error.to_string()))?;
+        .map_err(|error| SinkError::from_http_client(container.as_str(), destination, error))?;
     let status = response.status();
     if status.is_success() || status == http::StatusCode::CONFLICT {
         return Ok(());
     }
     let text = response.text().await.unwrap_or_default();
-    Err(failure(format!(
-        "creating the container answered {status}: {}",
-        text.chars().take(300).collect::<String>()
-    )))
+    Err(SinkError::storage_failure(
+        container.as_str(),
+        destination,
+        "container creation",
+        format!(
+            "creating the container answered {status}: {}",
+            text.chars().take(300).collect::<String>()
+        ),
+    ))
 }
 
 impl Destination for S3Destination {
@@ -152,13 +155,25 @@ impl Destination for S3Destination {
         bucket: &ContainerName,
         runtime: &tokio::runtime::Handle,
     ) -> Result<OpenedContainer, SinkError> {
-        let storage_error = |source| SinkError::Storage {
-            container: bucket.to_string(),
-            source,
+        let built = |client_options, retry| {
+            self.builder(bucket, client_options, retry)
+                .build()
+                .map_err(|error| {
+                    SinkError::from_object_store(bucket.as_str(), &self.describe(), error)
+                })
         };
-        let store = Arc::new(self.builder(bucket).build().map_err(storage_error)?);
+        let stores = CloudContainerStores {
+            objects: Arc::new(built(
+                ndjson_client_options(),
+                retry_config(self.destination_timeout),
+            )?),
+            interactive_objects: Arc::new(built(
+                interactive_client_options(),
+                interactive_retry_config(),
+            )?),
+        };
         open_checked_container(
-            store,
+            stores,
             bucket,
             self,
             self.create_containers,
