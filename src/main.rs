@@ -85,7 +85,9 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn")
+                tracing_subscriber::EnvFilter::new(
+                    "info,fjall=warn,lsm_tree=warn,object_store=warn",
+                )
             }),
         )
         .with_writer(std::io::stderr)

@@ -43,7 +43,6 @@ pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", default_folder.display()))?;
     }
     let destination = Arc::clone(&settings.destination);
-    let describe_destination = destination.describe();
     let exports = Arc::new(
         ExportEngine::start(
             store.clone(),
@@ -53,9 +52,7 @@ pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
         )
         .context("starting the export engine")?,
     );
-    exports
-        .open_default_container()
-        .with_context(|| format!("checking export storage {describe_destination}"))?;
+    exports.open_default_container()?;
     let parts = ServerParts {
         store,
         exports: Arc::clone(&exports),

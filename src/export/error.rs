@@ -30,14 +30,15 @@ pub enum ExportErrorKind {
     TimedOut,
 }
 
-/// An export failure: its kind, a message fit for a client, and its cause.
+/// An export failure: its kind, a message fit for a client that already names its cause
+/// once, and the cause itself (kept out of `source()` so that error chains do not repeat
+/// it; [`ExportError::detail`] shows it for logs).
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct ExportError {
     kind: ExportErrorKind,
     message: String,
-    #[source]
-    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    cause: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 impl ExportError {
@@ -45,7 +46,7 @@ impl ExportError {
         ExportError {
             kind,
             message: message.into(),
-            source: None,
+            cause: None,
         }
     }
 
@@ -69,11 +70,26 @@ impl ExportError {
         &self.message
     }
 
+    /// The message with the whole chain of causes, for logs.
+    pub fn detail(&self) -> String {
+        match self
+            .cause
+            .as_deref()
+            .and_then(|cause| cause.downcast_ref::<SinkError>())
+        {
+            Some(sink_error) => sink_error.detail(),
+            None => match &self.cause {
+                Some(cause) => format!("{} [{cause}]", self.message),
+                None => self.message.clone(),
+            },
+        }
+    }
+
     /// Whether retrying from the last checkpoint may succeed.
     pub fn is_transient_destination_failure(&self) -> bool {
-        self.source
+        self.cause
             .as_deref()
-            .and_then(|source| source.downcast_ref::<SinkError>())
+            .and_then(|cause| cause.downcast_ref::<SinkError>())
             .is_some_and(SinkError::is_transient)
     }
 }
@@ -83,7 +99,7 @@ impl From<StoreError> for ExportError {
         ExportError {
             kind: ExportErrorKind::Store,
             message: format!("reading the store failed: {error}"),
-            source: Some(Box::new(error)),
+            cause: Some(Box::new(error)),
         }
     }
 }
@@ -92,33 +108,14 @@ impl From<SinkError> for ExportError {
     fn from(error: SinkError) -> Self {
         let kind = match &error {
             SinkError::ContainerMissing { .. } => ExportErrorKind::InvalidRequest,
-            _ if is_out_of_space(&error) => ExportErrorKind::InsufficientStorage,
+            _ if error.is_out_of_space() => ExportErrorKind::InsufficientStorage,
             _ if error.is_transient() => ExportErrorKind::DestinationUnavailable,
             _ => ExportErrorKind::Destination,
         };
         ExportError {
             kind,
             message: error.to_string(),
-            source: Some(Box::new(error)),
+            cause: Some(Box::new(error)),
         }
     }
-}
-
-/// Whether a file system or storage service ran out of space somewhere in the chain.
-fn is_out_of_space(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(error) = current {
-        let io_kind = error
-            .downcast_ref::<std::io::Error>()
-            .map(std::io::Error::kind);
-        if matches!(
-            io_kind,
-            Some(std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
-        ) || error.to_string().contains("No space left on device")
-        {
-            return true;
-        }
-        current = error.source();
-    }
-    false
 }

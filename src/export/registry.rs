@@ -254,7 +254,7 @@ impl JobHandle {
         if self.halted.swap(true, Ordering::SeqCst) || self.record().is_finished() {
             return false;
         }
-        tracing::error!(job = %self.id, kind = ?error.kind(), error = %error, "export failed");
+        tracing::error!(job = %self.id, kind = ?error.kind(), error = %error.detail(), "export failed");
         let mut failed = self.record().clone();
         failed.state = JobState::Failed {
             failed_at: Instant::now(),

@@ -56,7 +56,7 @@ pub fn retrying_transient_failures<T>(
                     && failing_since.get_or_insert(attempt_started).elapsed()
                         < destination_timeout =>
             {
-                tracing::warn!(job = %job.id(), %error, "transient storage failure; retrying from the last checkpoint");
+                tracing::warn!(job = %job.id(), error = %error.detail(), "transient storage failure; retrying from the last checkpoint");
                 if job.should_stop() {
                     return Err(ExportError::cancelled());
                 }

@@ -13,8 +13,8 @@ use object_store::client::HttpRequestBody;
 use super::s3::send_signed;
 use super::{
     CloudContainerStores, ContainerName, Destination, OpenedContainer, SinkError,
-    interactive_client_options, interactive_retry_config, ndjson_client_options,
-    open_checked_container, retry_config,
+    interactive_client_options, interactive_retry_config, open_checked_container, retry_config,
+    worker_client_options,
 };
 
 /// Azurite's published development account and key.
@@ -173,7 +173,7 @@ impl Destination for AzureDestination {
         };
         let stores = CloudContainerStores {
             objects: Arc::new(built(
-                ndjson_client_options(),
+                worker_client_options(self.destination_timeout),
                 retry_config(self.destination_timeout),
             )?),
             interactive_objects: Arc::new(built(

@@ -109,7 +109,7 @@ pub enum SinkError {
 
 /// Error texts of failures that retrying cannot fix: rejected credentials or
 /// permissions, and missing buckets or containers.
-const PERMANENT_FAILURE_MARKERS: [&str; 12] = [
+const PERMANENT_FAILURE_MARKERS: [&str; 14] = [
     "401 Unauthorized",
     "403 Forbidden",
     "AccessDenied",
@@ -122,7 +122,12 @@ const PERMANENT_FAILURE_MARKERS: [&str; 12] = [
     "ContainerNotFound",
     "InvalidBucketName",
     "Permission denied",
+    OUT_OF_SPACE_MARKERS[0],
+    OUT_OF_SPACE_MARKERS[1],
 ];
+
+/// Error texts of a file system or quota that ran out of space.
+const OUT_OF_SPACE_MARKERS: [&str; 2] = ["No space left on device", "Disk quota exceeded"];
 
 impl SinkError {
     /// Whether trying again later can succeed (timeouts, 5xx, throttling, dropped
@@ -136,6 +141,8 @@ impl SinkError {
                 std::io::ErrorKind::PermissionDenied
                     | std::io::ErrorKind::NotFound
                     | std::io::ErrorKind::ReadOnlyFilesystem
+                    | std::io::ErrorKind::StorageFull
+                    | std::io::ErrorKind::QuotaExceeded
             ),
             SinkError::Storage { error, .. } => match error.as_ref() {
                 object_store::Error::NotFound { .. }
@@ -145,6 +152,20 @@ impl SinkError {
                 | object_store::Error::Unauthenticated { .. } => false,
                 other => !error_chain_mentions(other, &PERMANENT_FAILURE_MARKERS),
             },
+        }
+    }
+
+    /// Whether the destination ran out of space (a full disk or an exhausted quota).
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            SinkError::Io(error) => matches!(
+                error.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ),
+            SinkError::Storage { error, .. } => {
+                error_chain_mentions(error.as_ref(), &OUT_OF_SPACE_MARKERS)
+            }
+            _ => false,
         }
     }
 
@@ -463,6 +484,15 @@ pub(crate) fn interactive_retry_config() -> object_store::RetryConfig {
 /// (`allow_http` included).
 pub fn ndjson_client_options() -> object_store::ClientOptions {
     object_store::ClientOptions::new().with_default_content_type("application/fhir+ndjson")
+}
+
+/// [`ndjson_client_options`] for workers' transfers: a request that hangs gives up within
+/// the destination timeout (at least 5 s, at most object_store's usual 30 s), so a
+/// destination that stops answering fails the job in about that time.
+pub(crate) fn worker_client_options(destination_timeout: Duration) -> object_store::ClientOptions {
+    let request_timeout =
+        destination_timeout.clamp(Duration::from_secs(5), Duration::from_secs(30));
+    ndjson_client_options().with_timeout(request_timeout)
 }
 
 /// [`ndjson_client_options`] with a short connect timeout, for requests a client waits on

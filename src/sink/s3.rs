@@ -9,8 +9,8 @@ use object_store::client::HttpRequestBody;
 
 use super::{
     CloudContainerStores, ContainerName, Destination, OpenedContainer, SinkError,
-    interactive_client_options, interactive_retry_config, ndjson_client_options,
-    open_checked_container, probe_http_client, retry_config,
+    interactive_client_options, interactive_retry_config, open_checked_container,
+    probe_http_client, retry_config, worker_client_options,
 };
 
 pub struct S3Destination {
@@ -164,7 +164,7 @@ impl Destination for S3Destination {
         };
         let stores = CloudContainerStores {
             objects: Arc::new(built(
-                ndjson_client_options(),
+                worker_client_options(self.destination_timeout),
                 retry_config(self.destination_timeout),
             )?),
             interactive_objects: Arc::new(built(
