@@ -1,6 +1,6 @@
 //! Bulk Data exports to real object storage: moto (S3) and Azurite (Azure Blob), as
-//! started by `.ci/run`. Every test that needs a storage server skips with a printed
-//! reason when its environment variables are absent.
+//! started by `.ci/run`. Every test that needs a storage server is ignored, with the
+//! reason, when the build did not see its environment variables (build.rs).
 
 mod support;
 
@@ -12,13 +12,11 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fhirlog::config::RequestLimits;
-use fhirlog::export::{ExportEngine, ExportSettings};
-use fhirlog::http::ServerParts;
+use fhirlog::app::App;
+use fhirlog::config::{AppSettings, StorageSettings};
+use fhirlog::export::ExportSettings;
 use fhirlog::load::{LoadOptions, OnError, load};
-use fhirlog::sink::{
-    AzureDestination, ContainerName, Destination, LocalDestination, S3Destination,
-};
+use fhirlog::sink::{ContainerName, StorageUrl};
 use fhirlog::store::{Store, StoreOptions};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
@@ -91,30 +89,31 @@ impl StorageBackend {
             .unwrap_or_else(|| panic!("{authority} resolves to no address"))
     }
 
-    fn destination(
-        &self,
-        default_container: &str,
-        create_containers: bool,
-        destination_timeout: Duration,
-    ) -> Arc<dyn Destination> {
+    /// The storage URL of this backend with `default_container` as its default.
+    fn storage_url(&self, default_container: &str) -> StorageUrl {
         let default_container =
             ContainerName::parse(default_container).expect("a valid container name");
         match self {
-            StorageBackend::MotoS3 { endpoint } => Arc::new(S3Destination::new(
-                default_container,
-                Some(endpoint.clone()),
-                "us-east-1".to_owned(),
-                true,
-                create_containers,
-                destination_timeout,
-            )),
-            StorageBackend::Azurite { .. } => Arc::new(AzureDestination::new(
-                default_container,
-                None,
-                true,
-                create_containers,
-                destination_timeout,
-            )),
+            StorageBackend::MotoS3 { endpoint } => StorageUrl::S3 {
+                bucket: default_container,
+                endpoint: Some(endpoint.clone()),
+                region: "us-east-1".to_owned(),
+                allow_http: true,
+            },
+            StorageBackend::Azurite { .. } => StorageUrl::Azure {
+                container: default_container,
+                account: None,
+                emulator: true,
+            },
+        }
+    }
+
+    /// Where a server exporting to this backend writes.
+    fn storage(&self, default_container: &str, create_containers: bool) -> StorageSettings {
+        StorageSettings {
+            url: self.storage_url(default_container),
+            create_containers,
+            signed_url_ttl: None,
         }
     }
 
@@ -143,22 +142,18 @@ impl StorageBackend {
     }
 }
 
-fn moto_or_skip() -> Option<StorageBackend> {
-    let backend = StorageBackend::moto_from_environment();
-    if backend.is_none() {
-        println!(
-            "skipped: set FHIRLOG_TEST_S3_ENDPOINT, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (a running moto_server) to run"
-        );
-    }
-    backend
+/// moto, as `.ci/run` starts it; the tests that call this are ignored unless the build saw
+/// its variables (build.rs).
+fn moto_backend() -> StorageBackend {
+    StorageBackend::moto_from_environment().expect(
+        "set FHIRLOG_TEST_S3_ENDPOINT, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (a running moto_server)",
+    )
 }
 
-fn azurite_or_skip() -> Option<StorageBackend> {
-    let backend = StorageBackend::azurite_from_environment();
-    if backend.is_none() {
-        println!("skipped: set AZURITE_BLOB_STORAGE_URL (a running azurite-blob) to run");
-    }
-    backend
+/// Azurite, as `.ci/run` starts it; see [`moto_backend`].
+fn azurite_backend() -> StorageBackend {
+    StorageBackend::azurite_from_environment()
+        .expect("set AZURITE_BLOB_STORAGE_URL (a running azurite-blob)")
 }
 
 fn unique_container_name(purpose: &str) -> String {
@@ -226,13 +221,8 @@ fn export_settings(max_resources_per_file: u64) -> ExportSettings {
     }
 }
 
-struct ExportServerSpec {
-    destination: Arc<dyn Destination>,
-    signed_url_ttl: Option<Duration>,
-}
-
-/// Servers in this process, each with its own export engine and destination over one
-/// shared store; dropping them shuts every server down.
+/// Servers in this process, each built by the app root over one shared store with its own
+/// destination; dropping them shuts every server down.
 struct InProcessExportServers {
     clients: Vec<FhirClient>,
     shutdown_senders: Vec<tokio::sync::oneshot::Sender<()>>,
@@ -240,11 +230,11 @@ struct InProcessExportServers {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
-/// Starts every engine before any export is submitted: an engine resumes the unfinished
+/// Starts every server before any export is submitted: an engine resumes the unfinished
 /// jobs it finds in the store, so a later one would adopt the others' jobs.
 fn start_export_servers(
     store: &Store,
-    specs: Vec<ExportServerSpec>,
+    storages: Vec<StorageSettings>,
     settings: &ExportSettings,
 ) -> InProcessExportServers {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -258,37 +248,23 @@ fn start_export_servers(
         server_tasks: Vec::new(),
         runtime: None,
     };
-    for spec in specs {
-        let engine = ExportEngine::start(
-            store.clone(),
-            spec.destination,
-            settings.clone(),
-            runtime.handle().clone(),
-        )
-        .expect("starting an export engine");
-        let parts = ServerParts {
-            store: store.clone(),
-            exports: Arc::new(engine),
-            base_url: None,
-            limits: RequestLimits::default(),
-            signed_url_ttl: spec.signed_url_ttl,
-        };
+    for storage in storages {
+        let mut app_settings = AppSettings::local(store.data_dir());
+        app_settings.exports = settings.clone();
+        app_settings.storage = storage;
+        let app = runtime
+            .block_on(App::build_on_store(store.clone(), app_settings))
+            .expect("building an app over the shared store");
         let (shutdown_sender, shutdown_receiver) = tokio::sync::oneshot::channel::<()>();
-        let listen_address: SocketAddr = "127.0.0.1:0".parse().expect("a socket address");
-        let (bound_address, server) = runtime
-            .block_on(fhirlog::http::bind_parts(
-                parts,
-                listen_address,
-                async move {
-                    let _ = shutdown_receiver.await;
-                },
-            ))
-            .expect("binding a server to port 0");
-        servers.server_tasks.push(runtime.spawn(server));
-        servers.shutdown_senders.push(shutdown_sender);
         servers
             .clients
-            .push(FhirClient::new(&format!("http://{bound_address}/fhir")));
+            .push(FhirClient::new(app.base_url().as_str()));
+        servers
+            .server_tasks
+            .push(runtime.spawn(app.run_until(async move {
+                let _ = shutdown_receiver.await;
+            })));
+        servers.shutdown_senders.push(shutdown_sender);
     }
     servers.runtime = Some(runtime);
     servers
@@ -320,12 +296,13 @@ struct ExportFixture {
 
 impl ExportFixture {
     fn start_over_small_sample(
-        specs: Vec<ExportServerSpec>,
+        storages: Vec<StorageSettings>,
         max_resources_per_file: u64,
     ) -> ExportFixture {
         let data_dir = TempDir::new().expect("creating a data directory");
         let (store, _) = open_store_loading(&data_dir, small_sample_paths());
-        let servers = start_export_servers(&store, specs, &export_settings(max_resources_per_file));
+        let servers =
+            start_export_servers(&store, storages, &export_settings(max_resources_per_file));
         ExportFixture {
             servers,
             _data_dir: data_dir,
@@ -579,7 +556,9 @@ fn object_names_in_container(backend: &StorageBackend, container: &str) -> Vec<S
         .enable_all()
         .build()
         .expect("building a listing runtime");
-    let destination = backend.destination(container, false, Duration::from_secs(20));
+    let destination = backend
+        .storage_url(container)
+        .into_destination(false, Duration::from_secs(20));
     let name = ContainerName::parse(container).expect("a valid container name");
     let opened = destination
         .open_container(&name, runtime.handle())
@@ -652,32 +631,40 @@ fn put_sample_group(client: &FhirClient, member_ids: &[String]) {
 }
 
 #[test]
+#[cfg_attr(
+    not(any(fhirlog_test_s3, fhirlog_test_azurite)),
+    ignore = "needs moto or Azurite: set FHIRLOG_TEST_S3_ENDPOINT and AWS credentials, or AZURITE_BLOB_STORAGE_URL (.ci/run does)"
+)]
 fn system_and_group_exports_to_s3_and_azurite_equal_a_local_export_of_the_same_snapshot() {
-    let backends: Vec<StorageBackend> = [moto_or_skip(), azurite_or_skip()]
-        .into_iter()
-        .flatten()
-        .collect();
-    if backends.is_empty() {
-        return;
-    }
+    let backends: Vec<StorageBackend> = [
+        StorageBackend::moto_from_environment(),
+        StorageBackend::azurite_from_environment(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    assert!(
+        !backends.is_empty(),
+        "set FHIRLOG_TEST_S3_ENDPOINT and AWS credentials, or AZURITE_BLOB_STORAGE_URL"
+    );
     let local_root = TempDir::new().expect("creating the local export root");
     let containers: Vec<String> = backends
         .iter()
         .map(|_| unique_container_name("same-snapshot"))
         .collect();
-    let mut specs = vec![ExportServerSpec {
-        destination: Arc::new(LocalDestination::new(local_root.path().to_path_buf(), true)),
+    let mut storages = vec![StorageSettings {
+        url: StorageUrl::File {
+            root: local_root.path().to_path_buf(),
+        },
+        create_containers: true,
         signed_url_ttl: None,
     }];
     for (backend, container) in backends.iter().zip(&containers) {
-        specs.push(ExportServerSpec {
-            destination: backend.destination(container, true, Duration::from_secs(30)),
-            signed_url_ttl: None,
-        });
+        storages.push(backend.storage(container, true));
     }
     let data_dir = TempDir::new().expect("creating a data directory");
     let (store, loaded) = open_store_loading(&data_dir, vec![sample_directory()]);
-    let servers = start_export_servers(&store, specs, &export_settings(2_000));
+    let servers = start_export_servers(&store, storages, &export_settings(2_000));
     let local = &servers.clients[0];
     put_sample_group(local, &first_sample_patient_ids(GROUP_MEMBER_COUNT));
     let snapshot_seq = store.high_water_seq().expect("reading the high-water seq");
@@ -758,19 +745,13 @@ fn assert_missing_container_is_refused_then_created_when_allowed(backend: &Stora
     let container = unique_container_name("created-on-demand");
     let fixture = ExportFixture::start_over_small_sample(
         vec![
-            ExportServerSpec {
-                destination: backend.destination("fhirlog-exports", false, Duration::from_secs(20)),
-                signed_url_ttl: None,
-            },
-            ExportServerSpec {
-                destination: backend.destination("fhirlog-exports", true, Duration::from_secs(20)),
-                signed_url_ttl: None,
-            },
+            backend.storage("fhirlog-exports", true),
+            backend.storage("fhirlog-exports", false),
         ],
         500,
     );
-    let refusing = fixture.client(0);
-    let creating = fixture.client(1);
+    let creating = fixture.client(0);
+    let refusing = fixture.client(1);
     let export_path = format!("/$export?_container={container}");
 
     let refused = kick_off_export(refusing, &export_path);
@@ -802,25 +783,29 @@ fn assert_missing_container_is_refused_then_created_when_allowed(backend: &Stora
 }
 
 #[test]
+#[cfg_attr(
+    not(fhirlog_test_s3),
+    ignore = "needs moto: set FHIRLOG_TEST_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (.ci/run does)"
+)]
 fn s3_missing_container_is_refused_at_kick_off_and_created_when_allowed() {
-    if let Some(backend) = moto_or_skip() {
-        assert_missing_container_is_refused_then_created_when_allowed(&backend);
-    }
+    assert_missing_container_is_refused_then_created_when_allowed(&moto_backend());
 }
 
 #[test]
+#[cfg_attr(
+    not(fhirlog_test_azurite),
+    ignore = "needs Azurite: set AZURITE_BLOB_STORAGE_URL (.ci/run does)"
+)]
 fn azurite_missing_container_is_refused_at_kick_off_and_created_when_allowed() {
-    if let Some(backend) = azurite_or_skip() {
-        assert_missing_container_is_refused_then_created_when_allowed(&backend);
-    }
+    assert_missing_container_is_refused_then_created_when_allowed(&azurite_backend());
 }
 
 fn assert_signed_urls_download_from_storage_without_credentials(backend: &StorageBackend) {
     let container = unique_container_name("signed-urls");
     let fixture = ExportFixture::start_over_small_sample(
-        vec![ExportServerSpec {
-            destination: backend.destination(&container, true, Duration::from_secs(20)),
+        vec![StorageSettings {
             signed_url_ttl: Some(Duration::from_secs(600)),
+            ..backend.storage(&container, true)
         }],
         500,
     );
@@ -864,17 +849,21 @@ fn assert_signed_urls_download_from_storage_without_credentials(backend: &Storag
 }
 
 #[test]
+#[cfg_attr(
+    not(fhirlog_test_s3),
+    ignore = "needs moto: set FHIRLOG_TEST_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (.ci/run does)"
+)]
 fn s3_signed_manifest_urls_point_at_storage_and_download_without_credentials() {
-    if let Some(backend) = moto_or_skip() {
-        assert_signed_urls_download_from_storage_without_credentials(&backend);
-    }
+    assert_signed_urls_download_from_storage_without_credentials(&moto_backend());
 }
 
 #[test]
+#[cfg_attr(
+    not(fhirlog_test_azurite),
+    ignore = "needs Azurite: set AZURITE_BLOB_STORAGE_URL (.ci/run does)"
+)]
 fn azurite_signed_manifest_urls_point_at_storage_and_download_without_credentials() {
-    if let Some(backend) = azurite_or_skip() {
-        assert_signed_urls_download_from_storage_without_credentials(&backend);
-    }
+    assert_signed_urls_download_from_storage_without_credentials(&azurite_backend());
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1168,17 +1157,21 @@ fn assert_storage_failures_end_the_export_and_never_leave_it_in_progress(backend
 }
 
 #[test]
+#[cfg_attr(
+    not(fhirlog_test_s3),
+    ignore = "needs moto: set FHIRLOG_TEST_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (.ci/run does)"
+)]
 fn s3_outages_and_denials_fail_the_export_in_time_and_never_leave_it_in_progress() {
-    if let Some(backend) = moto_or_skip() {
-        assert_storage_failures_end_the_export_and_never_leave_it_in_progress(&backend);
-    }
+    assert_storage_failures_end_the_export_and_never_leave_it_in_progress(&moto_backend());
 }
 
 #[test]
+#[cfg_attr(
+    not(fhirlog_test_azurite),
+    ignore = "needs Azurite: set AZURITE_BLOB_STORAGE_URL (.ci/run does)"
+)]
 fn azurite_outages_and_denials_fail_the_export_in_time_and_never_leave_it_in_progress() {
-    if let Some(backend) = azurite_or_skip() {
-        assert_storage_failures_end_the_export_and_never_leave_it_in_progress(&backend);
-    }
+    assert_storage_failures_end_the_export_and_never_leave_it_in_progress(&azurite_backend());
 }
 
 const OUTAGE_ROUNDS: usize = 5;
@@ -1213,17 +1206,21 @@ fn assert_exports_outlive_one_second_outages(backend: &StorageBackend) {
 }
 
 #[test]
+#[cfg_attr(
+    not(fhirlog_test_s3),
+    ignore = "needs moto: set FHIRLOG_TEST_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (.ci/run does)"
+)]
 fn s3_exports_outlive_one_second_storage_outages_well_within_the_destination_timeout() {
-    if let Some(backend) = moto_or_skip() {
-        assert_exports_outlive_one_second_outages(&backend);
-    }
+    assert_exports_outlive_one_second_outages(&moto_backend());
 }
 
 #[test]
+#[cfg_attr(
+    not(fhirlog_test_azurite),
+    ignore = "needs Azurite: set AZURITE_BLOB_STORAGE_URL (.ci/run does)"
+)]
 fn azurite_exports_outlive_one_second_storage_outages_well_within_the_destination_timeout() {
-    if let Some(backend) = azurite_or_skip() {
-        assert_exports_outlive_one_second_outages(&backend);
-    }
+    assert_exports_outlive_one_second_outages(&azurite_backend());
 }
 
 struct FinishedServe {
@@ -1318,9 +1315,13 @@ fn assert_stderr_is_one_line(finished: &FinishedServe) {
 }
 
 #[test]
+#[cfg_attr(
+    not(fhirlog_test_s3),
+    ignore = "needs moto: set FHIRLOG_TEST_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (.ci/run does)"
+)]
 fn serve_refuses_to_start_when_the_default_s3_bucket_does_not_exist() {
-    let Some(StorageBackend::MotoS3 { endpoint }) = moto_or_skip() else {
-        return;
+    let StorageBackend::MotoS3 { endpoint } = moto_backend() else {
+        unreachable!("moto_backend is S3");
     };
     let bucket = unique_container_name("missing-bucket");
     let storage = format!("s3://{bucket}?endpoint={endpoint}&allow_http=true");
@@ -1330,10 +1331,12 @@ fn serve_refuses_to_start_when_the_default_s3_bucket_does_not_exist() {
 }
 
 #[test]
+#[cfg_attr(
+    not(fhirlog_test_azurite),
+    ignore = "needs Azurite: set AZURITE_BLOB_STORAGE_URL (.ci/run does)"
+)]
 fn serve_refuses_to_start_when_the_default_azurite_container_does_not_exist() {
-    if azurite_or_skip().is_none() {
-        return;
-    }
+    azurite_backend();
     let container = unique_container_name("missing-container");
     let storage = format!("az://{container}?emulator=true");
     let finished = run_serve_expecting_exit(&["--storage", &storage], &[], Duration::from_secs(30));
@@ -1342,10 +1345,12 @@ fn serve_refuses_to_start_when_the_default_azurite_container_does_not_exist() {
 }
 
 #[test]
+#[cfg_attr(
+    not(fhirlog_test_s3),
+    ignore = "needs moto: set FHIRLOG_TEST_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (.ci/run does)"
+)]
 fn serve_gives_up_on_unreachable_s3_storage_within_the_destination_timeout() {
-    if moto_or_skip().is_none() {
-        return;
-    }
+    moto_backend();
     let storage = "s3://unreachable-bucket?endpoint=http://127.0.0.1:1&allow_http=true";
     let finished = run_serve_expecting_exit(
         &["--storage", storage, "--destination-timeout", "2s"],

@@ -11,7 +11,7 @@ pub mod settings;
 pub mod unit;
 
 pub use engine::{ExportEngine, ExportError, ExportSettings, JobStatus};
-pub use request::{ExportLevel, ExportRequest, InvalidExportRequest, KickOff};
+pub use request::{ExportLevel, ExportParameters, ExportRequest, InvalidExportRequest, KickOff};
 
 #[cfg(test)]
 mod tests;

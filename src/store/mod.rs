@@ -41,6 +41,8 @@ pub enum StoreError {
     Storage(#[from] fjall::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("{} holds no fhirlog store; check --data-dir", path.display())]
+    NoStore { path: PathBuf },
     #[error("the store is shutting down")]
     Closed,
     #[error(transparent)]
@@ -215,6 +217,17 @@ impl PendingCommit {
 }
 
 impl Store {
+    /// Opens the store in `data_dir` without creating one: a directory holding no store
+    /// is refused.
+    pub fn open_existing(data_dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+        if !data_dir.join("store").is_dir() {
+            return Err(StoreError::NoStore {
+                path: data_dir.to_path_buf(),
+            });
+        }
+        Store::open(data_dir, options)
+    }
+
     pub fn open(data_dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|error| StoreError::Storage(fjall::Error::Io(error)))?;
