@@ -21,18 +21,12 @@ use fhirlog::store::{Store, StoreOptions};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use support::bulk::{BulkClient, Completion, Downloads, EXPORT_DEADLINE, KickOffRequest, Polling};
 use support::{FhirClient, Reply, ServerProcess, fhirlog_command, free_local_port};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const EXPORT_KICK_OFF_HEADERS: [(&str, &str); 2] = [
-    ("Accept", "application/fhir+json"),
-    ("Prefer", "respond-async"),
-];
-const NDJSON_CONTENT_TYPE: &str = "application/fhir+ndjson";
-const EXPORT_COMPLETION_LIMIT: Duration = Duration::from_secs(120);
-const STATUS_POLL_INTERVAL: Duration = Duration::from_millis(50);
 const GROUP_ID: &str = "storage-export-group";
 const GROUP_MEMBER_COUNT: usize = 4;
 
@@ -224,7 +218,7 @@ fn export_settings(max_resources_per_file: u64) -> ExportSettings {
 /// Servers in this process, each built by the app root over one shared store with its own
 /// destination; dropping them shuts every server down.
 struct InProcessExportServers {
-    clients: Vec<FhirClient>,
+    clients: Vec<BulkClient>,
     shutdown_senders: Vec<tokio::sync::oneshot::Sender<()>>,
     server_tasks: Vec<tokio::task::JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -258,7 +252,7 @@ fn start_export_servers(
         let (shutdown_sender, shutdown_receiver) = tokio::sync::oneshot::channel::<()>();
         servers
             .clients
-            .push(FhirClient::new(app.base_url().as_str()));
+            .push(BulkClient::new(app.base_url().as_str()));
         servers
             .server_tasks
             .push(runtime.spawn(app.run_until(async move {
@@ -309,27 +303,9 @@ impl ExportFixture {
         }
     }
 
-    fn client(&self, index: usize) -> &FhirClient {
+    fn client(&self, index: usize) -> &BulkClient {
         &self.servers.clients[index]
     }
-}
-
-fn kick_off_export(client: &FhirClient, path: &str) -> Reply {
-    client.send(reqwest::Method::GET, path, &EXPORT_KICK_OFF_HEADERS, None)
-}
-
-fn accepted_status_url(reply: &Reply) -> String {
-    assert_eq!(
-        reply.status,
-        StatusCode::ACCEPTED,
-        "kick-off was not accepted: {}",
-        reply.text
-    );
-    reply.required_header("content-location").to_owned()
-}
-
-fn kick_off_accepted(client: &FhirClient, path: &str) -> String {
-    accepted_status_url(&kick_off_export(client, path))
 }
 
 fn job_id_of(status_url: &str) -> String {
@@ -338,51 +314,6 @@ fn job_id_of(status_url: &str) -> String {
         .next()
         .expect("a status URL ends in the job id")
         .to_owned()
-}
-
-fn relative_to_base<'a>(client: &FhirClient, url: &'a str) -> &'a str {
-    url.strip_prefix(client.base_url.as_str())
-        .unwrap_or_else(|| panic!("{url} is not under {}", client.base_url))
-}
-
-/// Polls the status URL until the job is no longer in progress; returns the final reply
-/// and how long that took.
-fn poll_until_finished(
-    client: &FhirClient,
-    status_url: &str,
-    limit: Duration,
-) -> (Reply, Duration) {
-    let started = Instant::now();
-    loop {
-        let reply = client.get(relative_to_base(client, status_url));
-        if reply.status != StatusCode::ACCEPTED {
-            return (reply, started.elapsed());
-        }
-        assert!(
-            started.elapsed() < limit,
-            "{status_url} was still in progress after {limit:?} (X-Progress: {:?})",
-            reply.header("x-progress")
-        );
-        std::thread::sleep(STATUS_POLL_INTERVAL);
-    }
-}
-
-fn wait_for_manifest(client: &FhirClient, status_url: &str) -> Value {
-    let (reply, _) = poll_until_finished(client, status_url, EXPORT_COMPLETION_LIMIT);
-    assert_eq!(
-        reply.status,
-        StatusCode::OK,
-        "{status_url} did not complete: {}",
-        reply.text
-    );
-    reply.json()
-}
-
-fn download_client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("building the download client")
 }
 
 struct DownloadedFile {
@@ -452,53 +383,44 @@ fn manifest_items(manifest: &Value) -> Vec<(String, Value)> {
         .collect()
 }
 
-fn get_ndjson(http: &reqwest::blocking::Client, url: &str) -> Vec<u8> {
-    let response = http
-        .get(url)
-        .send()
-        .unwrap_or_else(|error| panic!("GET {url} got no answer: {error}"));
-    assert_eq!(response.status(), StatusCode::OK, "GET {url}");
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .map(|value| value.to_str().unwrap_or_default().to_owned());
-    assert_eq!(
-        content_type.as_deref(),
-        Some(NDJSON_CONTENT_TYPE),
-        "Content-Type of {url}"
-    );
-    response
-        .bytes()
-        .unwrap_or_else(|error| panic!("reading {url}: {error}"))
-        .to_vec()
-}
-
-/// Downloads every file of a manifest from the URL the manifest gives.
-fn download_export(manifest: &Value) -> DownloadedExport {
-    let http = download_client();
-    let files = manifest_items(manifest)
-        .into_iter()
-        .map(|(kind, item)| {
-            let url = item["url"].as_str().expect("a manifest item has a url");
+/// Every file of a completed export, downloaded by the shared bulk client from the URL
+/// its manifest gives, with each file's bytes and name kept for comparison.
+fn download_export(client: &BulkClient, completion: Completion) -> DownloadedExport {
+    let export = client.download(completion, Downloads::PlainOnly);
+    let transaction_time = export.transaction_time();
+    let files = [
+        ("output", &export.output),
+        ("deleted", &export.deleted),
+        ("error", &export.error),
+    ]
+    .into_iter()
+    .flat_map(|(kind, files)| {
+        files.iter().map(move |file| {
+            let mut bytes = file.lines.join("\n").into_bytes();
+            if !bytes.is_empty() {
+                bytes.push(b'\n');
+            }
             DownloadedFile {
-                kind,
-                resource_type: item["type"].as_str().unwrap_or_default().to_owned(),
-                count: item["count"].as_u64().expect("a manifest item has a count"),
-                name: file_name_of(url),
-                bytes: get_ndjson(&http, url),
+                kind: kind.to_owned(),
+                resource_type: file.type_name.clone(),
+                count: file.count,
+                name: file_name_of(&file.url),
+                bytes,
             }
         })
-        .collect();
+    })
+    .collect();
     DownloadedExport {
-        transaction_time: manifest["transactionTime"]
-            .as_str()
-            .expect("a manifest has a transactionTime")
-            .to_owned(),
+        transaction_time,
         files,
     }
 }
 
-fn assert_urls_are_server_downloads(manifest: &Value, client: &FhirClient, status_url: &str) {
+fn wait_for_manifest(client: &BulkClient, status_url: &str) -> Completion {
+    client.poll_until_complete(status_url, Polling::Eagerly)
+}
+
+fn assert_urls_are_server_downloads(manifest: &Value, client: &BulkClient, status_url: &str) {
     let prefix = format!(
         "{}/$export-file/{}/",
         client.base_url,
@@ -666,27 +588,31 @@ fn system_and_group_exports_to_s3_and_azurite_equal_a_local_export_of_the_same_s
     let (store, loaded) = open_store_loading(&data_dir, vec![sample_directory()]);
     let servers = start_export_servers(&store, storages, &export_settings(2_000));
     let local = &servers.clients[0];
-    put_sample_group(local, &first_sample_patient_ids(GROUP_MEMBER_COUNT));
+    put_sample_group(
+        &local.relative,
+        &first_sample_patient_ids(GROUP_MEMBER_COUNT),
+    );
     let snapshot_seq = store.high_water_seq().expect("reading the high-water seq");
 
     let system_path = |container: &str| format!("/$export?_container={container}");
     let group_path = |container: &str| format!("/Group/{GROUP_ID}/$export?_container={container}");
-    let local_system_status = kick_off_accepted(local, "/$export");
-    let local_group_status = kick_off_accepted(local, &format!("/Group/{GROUP_ID}/$export"));
+    let local_system_status = local.kick_off(&KickOffRequest::get("/$export"));
+    let local_group_status =
+        local.kick_off(&KickOffRequest::get(&format!("/Group/{GROUP_ID}/$export")));
     let remote_statuses: Vec<(String, String)> = containers
         .iter()
         .enumerate()
         .map(|(index, container)| {
             let client = &servers.clients[index + 1];
             (
-                kick_off_accepted(client, &system_path(container)),
-                kick_off_accepted(client, &group_path(container)),
+                client.kick_off(&KickOffRequest::get(&system_path(container))),
+                client.kick_off(&KickOffRequest::get(&group_path(container))),
             )
         })
         .collect();
 
-    let local_system = download_export(&wait_for_manifest(local, &local_system_status));
-    let local_group = download_export(&wait_for_manifest(local, &local_group_status));
+    let local_system = download_export(local, wait_for_manifest(local, &local_system_status));
+    let local_group = download_export(local, wait_for_manifest(local, &local_group_status));
     assert_line_counts_match_the_manifest("local system export", &local_system);
     assert_line_counts_match_the_manifest("local Group export", &local_group);
     assert_eq!(local_system.total_output_count(), loaded + 1);
@@ -707,13 +633,13 @@ fn system_and_group_exports_to_s3_and_azurite_equal_a_local_export_of_the_same_s
         .enumerate()
     {
         let client = &servers.clients[index + 1];
-        let system_manifest = wait_for_manifest(client, system_status);
-        let group_manifest = wait_for_manifest(client, group_status);
-        assert_eq!(system_manifest["requiresAccessToken"], false);
-        assert_urls_are_server_downloads(&system_manifest, client, system_status);
-        assert_urls_are_server_downloads(&group_manifest, client, group_status);
-        let system = download_export(&system_manifest);
-        let group = download_export(&group_manifest);
+        let system_completion = wait_for_manifest(client, system_status);
+        let group_completion = wait_for_manifest(client, group_status);
+        assert_eq!(system_completion.manifest["requiresAccessToken"], false);
+        assert_urls_are_server_downloads(&system_completion.manifest, client, system_status);
+        assert_urls_are_server_downloads(&group_completion.manifest, client, group_status);
+        let system = download_export(client, system_completion);
+        let group = download_export(client, group_completion);
         assert_exports_are_identical(
             &format!("{} system export", backend.label()),
             &system,
@@ -754,16 +680,16 @@ fn assert_missing_container_is_refused_then_created_when_allowed(backend: &Stora
     let refusing = fixture.client(1);
     let export_path = format!("/$export?_container={container}");
 
-    let refused = kick_off_export(refusing, &export_path);
+    let refused = refusing.send_kick_off(&KickOffRequest::get(&export_path));
     refused.expect_operation_outcome(StatusCode::BAD_REQUEST, &[&container, "does not exist"]);
 
-    let first_status = kick_off_accepted(creating, &export_path);
-    let first = download_export(&wait_for_manifest(creating, &first_status));
+    let first_status = creating.kick_off(&KickOffRequest::get(&export_path));
+    let first = download_export(creating, wait_for_manifest(creating, &first_status));
     assert_line_counts_match_the_manifest(backend.label(), &first);
     assert!(first.output_file_count_of("Condition") >= 2);
 
-    let second_status = kick_off_accepted(refusing, &export_path);
-    let second = download_export(&wait_for_manifest(refusing, &second_status));
+    let second_status = refusing.kick_off(&KickOffRequest::get(&export_path));
+    let second = download_export(refusing, wait_for_manifest(refusing, &second_status));
     assert_exports_are_identical(
         &format!(
             "{} second export into the created container",
@@ -810,9 +736,12 @@ fn assert_signed_urls_download_from_storage_without_credentials(backend: &Storag
         500,
     );
     let client = fixture.client(0);
-    let status_url = kick_off_accepted(client, &format!("/$export?_container={container}"));
+    let status_url = client.kick_off(&KickOffRequest::get(&format!(
+        "/$export?_container={container}"
+    )));
     let job_id = job_id_of(&status_url);
-    let manifest = wait_for_manifest(client, &status_url);
+    let completion = wait_for_manifest(client, &status_url);
+    let manifest = completion.manifest.clone();
     assert_eq!(manifest["requiresAccessToken"], false, "{manifest}");
     let items = manifest_items(&manifest);
     assert!(items.len() >= 3, "{manifest}");
@@ -829,14 +758,13 @@ fn assert_signed_urls_download_from_storage_without_credentials(backend: &Storag
             "{url} does not name the container and the job folder"
         );
     }
-    let signed = download_export(&manifest);
+    let signed = download_export(client, completion);
     assert_line_counts_match_the_manifest(backend.label(), &signed);
-    let http = download_client();
     for file in &signed.files {
-        let streamed = get_ndjson(
-            &http,
-            &client.url(&format!("/$export-file/{job_id}/{}", file.name)),
-        );
+        let streamed = client.fetch_ndjson(&format!(
+            "{}/$export-file/{job_id}/{}",
+            client.base_url, file.name
+        ));
         assert!(
             streamed == file.bytes,
             "{}: {} from the signed URL ({} bytes) differs from the server download ({} bytes)",
@@ -1084,21 +1012,18 @@ fn assert_storage_failures_end_the_export_and_never_leave_it_in_progress(backend
     let destination_timeout = Duration::from_secs(3);
     let proxy = FaultInjectingProxy::start(backend.server_address());
     let behind_proxy = serve_behind_proxy(backend, &proxy, destination_timeout);
-    let client = &behind_proxy.server.client;
+    let client = &BulkClient::new(&behind_proxy.server.base_url);
     let container = behind_proxy.container.as_str();
     let label = backend.label();
 
-    let opening_status = kick_off_accepted(client, "/$export");
-    let opening = download_export(&wait_for_manifest(client, &opening_status));
+    let opening_status = client.kick_off(&KickOffRequest::get("/$export"));
+    let opening = download_export(client, wait_for_manifest(client, &opening_status));
     assert!(opening.output_file_count_of("Condition") >= 2);
 
     proxy.set_mode(ProxyMode::Refuse);
-    let refused_status = kick_off_accepted(client, "/$export");
-    let (refused_reply, refused_after) = poll_until_finished(
-        client,
-        &refused_status,
-        latest_failure_for(destination_timeout) * 2,
-    );
+    let refused_status = client.kick_off(&KickOffRequest::get("/$export"));
+    let (refused_reply, refused_after) =
+        client.poll_until_finished(&refused_status, latest_failure_for(destination_timeout) * 2);
     assert_failed_status_names_container_and_error(
         &refused_reply,
         container,
@@ -1111,9 +1036,8 @@ fn assert_storage_failures_end_the_export_and_never_leave_it_in_progress(backend
     );
 
     proxy.set_mode(ProxyMode::AnswerForbidden);
-    let forbidden_status = kick_off_accepted(client, "/$export");
-    let (forbidden_reply, forbidden_after) = poll_until_finished(
-        client,
+    let forbidden_status = client.kick_off(&KickOffRequest::get("/$export"));
+    let (forbidden_reply, forbidden_after) = client.poll_until_finished(
         &forbidden_status,
         latest_failure_for(destination_timeout) * 2,
     );
@@ -1129,8 +1053,8 @@ fn assert_storage_failures_end_the_export_and_never_leave_it_in_progress(backend
     );
 
     proxy.set_mode(ProxyMode::Forward);
-    let after_outages_status = kick_off_accepted(client, "/$export");
-    let after_outages = download_export(&wait_for_manifest(client, &after_outages_status));
+    let after_outages_status = client.kick_off(&KickOffRequest::get("/$export"));
+    let after_outages = download_export(client, wait_for_manifest(client, &after_outages_status));
     assert_exports_are_identical(
         &format!("{label} export after the outages"),
         &after_outages,
@@ -1142,7 +1066,7 @@ fn assert_storage_failures_end_the_export_and_never_leave_it_in_progress(backend
         (&forbidden_status, forbidden_reply.status),
         (&after_outages_status, StatusCode::OK),
     ] {
-        let reply = client.get(relative_to_base(client, status_url));
+        let reply = client.status(status_url);
         assert_eq!(
             reply.status, expected,
             "{label}: {status_url} changed state: {}",
@@ -1180,17 +1104,17 @@ fn assert_exports_outlive_one_second_outages(backend: &StorageBackend) {
     let destination_timeout = Duration::from_secs(10);
     let proxy = FaultInjectingProxy::start(backend.server_address());
     let behind_proxy = serve_behind_proxy(backend, &proxy, destination_timeout);
-    let client = &behind_proxy.server.client;
+    let client = &BulkClient::new(&behind_proxy.server.base_url);
     let label = backend.label();
 
-    let normal_status = kick_off_accepted(client, "/$export");
-    let normal = download_export(&wait_for_manifest(client, &normal_status));
+    let normal_status = client.kick_off(&KickOffRequest::get("/$export"));
+    let normal = download_export(client, wait_for_manifest(client, &normal_status));
     for round in 1..=OUTAGE_ROUNDS {
         proxy.set_mode(ProxyMode::Refuse);
-        let status_url = kick_off_accepted(client, "/$export");
+        let status_url = client.kick_off(&KickOffRequest::get("/$export"));
         std::thread::sleep(Duration::from_secs(1));
         proxy.set_mode(ProxyMode::Forward);
-        let (reply, _) = poll_until_finished(client, &status_url, EXPORT_COMPLETION_LIMIT);
+        let (reply, _) = client.poll_until_finished(&status_url, EXPORT_DEADLINE);
         assert_eq!(
             reply.status,
             StatusCode::OK,
@@ -1199,7 +1123,7 @@ fn assert_exports_outlive_one_second_outages(backend: &StorageBackend) {
         );
         assert_exports_are_identical(
             &format!("{label} export that outlived outage {round}"),
-            &download_export(&reply.json()),
+            &download_export(client, Completion::of_manifest(&status_url, reply.json())),
             &normal,
         );
     }
