@@ -1457,6 +1457,75 @@ fn group_export_with_until_uses_the_membership_as_it_was_then() {
     .expect_operation_outcome(StatusCode::BAD_REQUEST, &["Patient/m-z", "member"]);
 }
 
+/// Every file a manifest lists, read from the job's folder on disk: each has as many lines
+/// as the manifest counts and each line is JSON. Returns the resources in `output` files.
+fn assert_listed_files_are_whole_on_disk(
+    data_dir: &Path,
+    status_url: &str,
+    manifest: &Value,
+) -> u64 {
+    let folder = job_folder(data_dir, status_url);
+    let mut exported = 0;
+    for kind in ["output", "deleted", "error"] {
+        for item in manifest[kind].as_array().expect("a manifest list") {
+            let url = item["url"].as_str().expect("a file url");
+            let name = url.rsplit('/').next().expect("a file name");
+            let path = folder.join(name);
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|error| panic!("{} after SIGKILL: {error}", path.display()));
+            let count = item["count"].as_u64().expect("a file count");
+            assert_eq!(
+                text.lines().count() as u64,
+                count,
+                "{} after SIGKILL holds a different number of lines than the manifest says",
+                path.display()
+            );
+            assert!(
+                text.is_empty() || text.ends_with('\n'),
+                "{} is cut short",
+                path.display()
+            );
+            for line in text.lines() {
+                serde_json::from_str::<Value>(line).unwrap_or_else(|error| {
+                    panic!(
+                        "{} after SIGKILL has a broken line: {error}",
+                        path.display()
+                    )
+                });
+            }
+            if kind == "output" {
+                exported += count;
+            }
+        }
+    }
+    exported
+}
+
+#[test]
+fn a_server_killed_right_after_the_manifest_appears_leaves_every_listed_file_whole() {
+    let workspace = TempDir::new().expect("creating a workspace");
+    let data_dir = workspace.path().join("data");
+    copy_directory(sample_store_template(), &data_dir);
+    let port = free_local_port();
+    let arguments = ["--max-resources-per-file", "2000"];
+    let mut server = ServerProcess::start_on_port(&data_dir, port, &arguments);
+    let bulk = BulkClient::new(&server.base_url);
+    let status_url = bulk.kick_off(&KickOffRequest::get("/$export"));
+    let completion = bulk.poll_until_complete(&status_url, Polling::Eagerly);
+    server.kill_hard();
+
+    let exported =
+        assert_listed_files_are_whole_on_disk(&data_dir, &status_url, &completion.manifest);
+    assert_eq!(exported, SAMPLE_RESOURCE_COUNT);
+    let restarted = ServerProcess::start_on_port(&data_dir, port, &arguments);
+    let after_restart =
+        BulkClient::new(&restarted.base_url).poll_until_complete(&status_url, Polling::Eagerly);
+    assert_eq!(
+        after_restart.manifest, completion.manifest,
+        "the manifest changed across SIGKILL"
+    );
+}
+
 /// Kicks off system exports until one is caught in progress with resources written,
 /// then kills the server with SIGKILL; `None` when every attempt finished first.
 fn kick_off_and_kill_mid_export(server: &mut ServerProcess) -> Option<(String, String)> {
