@@ -54,9 +54,9 @@ pub struct ExportServices {
 
 impl ExportServices {
     /// Builds the destination, checks its default container (a local one is always
-    /// created; others only when allowed),
-    /// and starts the engine, which resumes unfinished persisted jobs. Blocking: call from
-    /// a blocking thread; `runtime` drives the destination's I/O.
+    /// created, others only when allowed) and starts the engine, which resumes unfinished
+    /// persisted jobs. Blocking: call from a blocking thread; `runtime` drives the
+    /// destination's I/O.
     pub fn start(
         store: Store,
         storage: &StorageSettings,
