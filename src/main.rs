@@ -116,6 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 show_progress: true,
             };
             let summary = load(&store, &options)?;
+            store.flush_memtables()?;
             for problem in &summary.skipped {
                 eprintln!("skipped {problem}");
             }
