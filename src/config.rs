@@ -332,9 +332,6 @@ impl ServeArgs {
                 root: data_dir.join("exports"),
             },
         };
-        if self.export_run.workers == Some(0) {
-            return Err(SettingsError::ZeroLimit);
-        }
         let app = AppSettings {
             listen,
             base_url,

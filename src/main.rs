@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use fhirlog::config::{DataDirArgs, ExportRunArgs, ServeArgs};
+use fhirlog::config::{DataDirArgs, ExportRunArgs, ServeArgs, validate_export_settings};
 use fhirlog::export::{ExportLevel, ExportParameters, ExportRequest};
 use fhirlog::fhir::canonical::DEFAULT_MAX_JSON_DEPTH;
 use fhirlog::fhir::{Instant, ResourceId, ResourceType};
@@ -151,9 +151,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             until,
             run,
         } => {
-            if run.workers == Some(0) || run.max_resources_per_file == 0 {
-                anyhow::bail!("--workers and --max-resources-per-file must be greater than zero");
-            }
+            let settings = run.one_shot_settings();
+            validate_export_settings(&settings)?;
             let mut parameters = ExportParameters::new(level);
             parameters.since = since;
             parameters.until = until;
@@ -162,13 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let request = ExportRequest::new(parameters, Instant::now())?;
             let store = Store::open_existing(&data_dir.data_dir, &StoreOptions::default())?;
-            let manifest = fhirlog::export::cli::run_export(
-                store,
-                request,
-                &out,
-                force,
-                run.one_shot_settings(),
-            )?;
+            let manifest = fhirlog::export::cli::run_export(store, request, &out, force, settings)?;
             println!("{}", serde_json::to_string_pretty(&manifest)?);
             Ok(())
         }

@@ -12,7 +12,6 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fhirlog::app::App;
 use fhirlog::config::{AppSettings, StorageSettings};
 use fhirlog::export::ExportSettings;
 use fhirlog::load::{LoadOptions, OnError, load};
@@ -22,7 +21,9 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::bulk::{BulkClient, Completion, Downloads, EXPORT_DEADLINE, KickOffRequest, Polling};
-use support::{FhirClient, Reply, ServerProcess, fhirlog_command, free_local_port};
+use support::{
+    FhirClient, Reply, ServerProcess, TestApp, fhirlog_command, free_local_port, spawn_app_on_store,
+};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -215,13 +216,11 @@ fn export_settings(max_resources_per_file: u64) -> ExportSettings {
     }
 }
 
-/// Servers in this process, each built by the app root over one shared store with its own
-/// destination; dropping them shuts every server down.
+/// Servers in this process, each started by the shared harness over one shared store
+/// with its own destination; dropping them shuts every server down.
 struct InProcessExportServers {
     clients: Vec<BulkClient>,
-    shutdown_senders: Vec<tokio::sync::oneshot::Sender<()>>,
-    server_tasks: Vec<tokio::task::JoinHandle<()>>,
-    runtime: Option<tokio::runtime::Runtime>,
+    _apps: Vec<TestApp>,
 }
 
 /// Starts every server before any export is submitted: an engine resumes the unfinished
@@ -231,53 +230,21 @@ fn start_export_servers(
     storages: Vec<StorageSettings>,
     settings: &ExportSettings,
 ) -> InProcessExportServers {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("building the server runtime");
-    let mut servers = InProcessExportServers {
-        clients: Vec::new(),
-        shutdown_senders: Vec::new(),
-        server_tasks: Vec::new(),
-        runtime: None,
-    };
-    for storage in storages {
-        let mut app_settings = AppSettings::local(store.data_dir());
-        app_settings.exports = settings.clone();
-        app_settings.storage = storage;
-        let app = runtime
-            .block_on(App::build_on_store(store.clone(), app_settings))
-            .expect("building an app over the shared store");
-        let (shutdown_sender, shutdown_receiver) = tokio::sync::oneshot::channel::<()>();
-        servers
-            .clients
-            .push(BulkClient::new(app.base_url().as_str()));
-        servers
-            .server_tasks
-            .push(runtime.spawn(app.run_until(async move {
-                let _ = shutdown_receiver.await;
-            })));
-        servers.shutdown_senders.push(shutdown_sender);
-    }
-    servers.runtime = Some(runtime);
-    servers
-}
-
-impl Drop for InProcessExportServers {
-    fn drop(&mut self) {
-        for sender in self.shutdown_senders.drain(..) {
-            let _ = sender.send(());
-        }
-        if let Some(runtime) = self.runtime.take() {
-            for task in self.server_tasks.drain(..) {
-                let joined = runtime.block_on(task);
-                if joined.is_err() && !std::thread::panicking() {
-                    panic!("an in-process export server panicked");
-                }
-            }
-            runtime.shutdown_timeout(Duration::from_secs(10));
-        }
+    let apps: Vec<TestApp> = storages
+        .into_iter()
+        .map(|storage| {
+            let mut app_settings = AppSettings::local(store.data_dir());
+            app_settings.exports = settings.clone();
+            app_settings.storage = storage;
+            spawn_app_on_store(store.clone(), app_settings)
+        })
+        .collect();
+    InProcessExportServers {
+        clients: apps
+            .iter()
+            .map(|app| BulkClient::new(&app.base_url))
+            .collect(),
+        _apps: apps,
     }
 }
 

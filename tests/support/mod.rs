@@ -74,9 +74,21 @@ pub fn spawn_app_in_data_dir_with_export_settings(
     spawn_app_with_settings(data_dir, settings)
 }
 
-/// The one way tests start an in-process server: `App::build(settings)` on a runtime of
-/// its own thread, serving until the [`TestApp`] is dropped.
+/// Serves the store in `data_dir` with `settings`.
 pub fn spawn_app_with_settings(data_dir: TempDir, settings: AppSettings) -> TestApp {
+    spawn_server(Some(data_dir), None, settings)
+}
+
+/// Serves an open `store`, which other apps may share, with `settings`; the caller keeps
+/// the data directory.
+pub fn spawn_app_on_store(store: Store, settings: AppSettings) -> TestApp {
+    spawn_server(None, Some(store), settings)
+}
+
+/// The one way tests start an in-process server: the app root (`App::build`, or
+/// `App::build_on_store` over an open store) on a runtime of its own thread, serving until
+/// the [`TestApp`] is dropped.
+fn spawn_server(data_dir: Option<TempDir>, store: Option<Store>, settings: AppSettings) -> TestApp {
     let (app_sender, app_receiver) = std::sync::mpsc::channel();
     let (shutdown_sender, shutdown_receiver) = tokio::sync::oneshot::channel::<()>();
     let server_thread = std::thread::Builder::new()
@@ -88,7 +100,11 @@ pub fn spawn_app_with_settings(data_dir: TempDir, settings: AppSettings) -> Test
                 .build()
                 .expect("building the server runtime");
             runtime.block_on(async move {
-                let app = App::build(settings).await.expect("building the app");
+                let built = match store {
+                    Some(store) => App::build_on_store(store, settings).await,
+                    None => App::build(settings).await,
+                };
+                let app = built.expect("building the app");
                 app_sender
                     .send((
                         app.base_url().as_str().to_owned(),
@@ -113,7 +129,7 @@ pub fn spawn_app_with_settings(data_dir: TempDir, settings: AppSettings) -> Test
         exports,
         shutdown_sender: Some(shutdown_sender),
         server_thread: Some(server_thread),
-        data_dir: Some(data_dir),
+        data_dir,
     }
 }
 
