@@ -8,11 +8,11 @@
 //! (default 8). Under `cargo test --benches` it runs for a fraction of a second as a smoke
 //! test.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use fhirlog::config::RequestLimits;
-use fhirlog::store::{Store, StoreOptions};
+use fhirlog::app::App;
+use fhirlog::config::AppSettings;
 
 const DEFAULT_RUN_SECONDS: f64 = 10.0;
 const DEFAULT_CLIENT_COUNT: usize = 8;
@@ -131,22 +131,15 @@ fn milliseconds(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1_000.0
 }
 
-async fn measure(settings: &PutLatencySettings, store: Store) -> Result<(), String> {
+async fn measure(settings: &PutLatencySettings, data_directory: &Path) -> Result<(), String> {
     let (shutdown_sender, shutdown_receiver) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = async move {
+    let app = App::build(AppSettings::local(data_directory))
+        .await
+        .map_err(|error| format!("building the app: {error}"))?;
+    let base_url = app.base_url().as_str().to_owned();
+    let server_task = tokio::spawn(app.run_until(async move {
         let _ = shutdown_receiver.await;
-    };
-    let (bound_address, server) = fhirlog::http::bind(
-        store,
-        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        None,
-        RequestLimits::default(),
-        shutdown,
-    )
-    .await
-    .map_err(|error| format!("binding the server: {error}"))?;
-    let server_task = tokio::spawn(server);
-    let base_url = format!("http://{bound_address}/fhir");
+    }));
 
     let started = Instant::now();
     let deadline = started + settings.run_duration;
@@ -205,13 +198,11 @@ async fn measure(settings: &PutLatencySettings, store: Store) -> Result<(), Stri
 fn main() {
     let settings = PutLatencySettings::from_environment_and_arguments();
     let data_directory = tempfile::tempdir().expect("a temporary data directory");
-    let store =
-        Store::open(data_directory.path(), &StoreOptions::default()).expect("a fresh store opens");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let result = runtime.block_on(measure(&settings, store));
+    let result = runtime.block_on(measure(&settings, data_directory.path()));
     drop(runtime);
     if let Err(message) = result {
         eprintln!("put_latency: {message}");

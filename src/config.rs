@@ -1,22 +1,19 @@
 //! Settings: command-line flags and `FHIRLOG_*` variables, parsed and checked once at
 //! start-up into typed values.
 
+use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-use std::sync::Arc;
 
 use crate::export::ExportSettings;
 use crate::fhir::canonical::DEFAULT_MAX_JSON_DEPTH;
-use crate::sink::{
-    AzureDestination, Destination, LocalDestination, S3Destination, StorageUrl, StorageUrlError,
-};
+use crate::sink::{StorageUrl, StorageUrlError};
 
 /// Where the store lives.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DataDirArgs {
-    /// Directory holding the store (created if missing).
+    /// Directory holding the store (`serve` and `load` create it; `export` and `rebuild` need it).
     #[arg(long, env = "FHIRLOG_DATA_DIR", default_value = "./fhirlog-data")]
     pub data_dir: PathBuf,
 }
@@ -25,10 +22,10 @@ pub struct DataDirArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct RequestLimits {
     /// Largest accepted request body, in bytes; larger bodies get 413.
-    #[arg(long, env = "FHIRLOG_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "FHIRLOG_MAX_BODY_BYTES", default_value_t = RequestLimits::default().max_body_bytes)]
     pub max_body_bytes: usize,
     /// Deepest accepted JSON nesting in a resource.
-    #[arg(long, env = "FHIRLOG_MAX_JSON_DEPTH", default_value_t = DEFAULT_MAX_JSON_DEPTH)]
+    #[arg(long, env = "FHIRLOG_MAX_JSON_DEPTH", default_value_t = RequestLimits::default().max_json_depth)]
     pub max_json_depth: usize,
 }
 
@@ -70,24 +67,50 @@ impl std::str::FromStr for DurationArg {
     }
 }
 
-/// How exports run.
+/// The largest whole unit: `600s` shows as `10m`, so `--help` prints the defaults as written.
+impl fmt::Display for DurationArg {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let seconds = self.0.as_secs();
+        for (unit, unit_seconds) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+            if seconds > 0 && seconds.is_multiple_of(unit_seconds) {
+                return write!(formatter, "{}{unit}", seconds / unit_seconds);
+            }
+        }
+        write!(formatter, "{seconds}s")
+    }
+}
+
+/// How one export runs: the flags `serve` and `fhirlog export` share.
 #[derive(Debug, Clone, clap::Args)]
-pub struct ExportArgs {
+pub struct ExportRunArgs {
     /// Export worker threads (default: one per core).
     #[arg(long, env = "FHIRLOG_WORKERS")]
     pub workers: Option<usize>,
     /// Most resources in one output file.
-    #[arg(long, env = "FHIRLOG_MAX_RESOURCES_PER_FILE", default_value_t = 5_000)]
+    #[arg(long, env = "FHIRLOG_MAX_RESOURCES_PER_FILE", default_value_t = ExportSettings::default().max_resources_per_file)]
     pub max_resources_per_file: u64,
+}
+
+/// How the server keeps export jobs: `serve` only.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExportJobArgs {
     /// A job that makes no progress for this long is failed.
-    #[arg(long, env = "FHIRLOG_JOB_TIMEOUT", default_value = "10m")]
+    #[arg(long, env = "FHIRLOG_JOB_TIMEOUT", default_value_t = DurationArg(ExportSettings::default().job_timeout))]
     pub job_timeout: DurationArg,
     /// Most queued or running exports; more kick-offs get 429.
-    #[arg(long, env = "FHIRLOG_MAX_JOBS", default_value_t = 16)]
+    #[arg(long, env = "FHIRLOG_MAX_JOBS", default_value_t = ExportSettings::default().max_jobs)]
     pub max_jobs: usize,
-    /// How long finished exports and their files are kept.
-    #[arg(long, env = "FHIRLOG_RETENTION", default_value = "24h")]
+    /// How long finished exports and their files are kept (at most 10 years).
+    #[arg(long, env = "FHIRLOG_RETENTION", default_value_t = DurationArg(ExportSettings::default().retention))]
     pub retention: DurationArg,
+    /// Most completed exports kept at once; more kick-offs get 429 until one is deleted
+    /// or expires.
+    #[arg(long, env = "FHIRLOG_MAX_RETAINED_EXPORTS", default_value_t = ExportSettings::default().max_retained_exports)]
+    pub max_retained_exports: usize,
+    /// Most bytes of completed exports kept at once (no limit unless given); more
+    /// kick-offs get 507 until an export is deleted or expires.
+    #[arg(long, env = "FHIRLOG_MAX_EXPORT_BYTES")]
+    pub max_export_bytes: Option<u64>,
 }
 
 /// Where export files go.
@@ -102,66 +125,24 @@ pub struct StorageArgs {
     #[arg(long, env = "FHIRLOG_STORAGE")]
     pub storage: Option<String>,
     /// A destination failing for this long (transient errors retried with backoff) fails the job.
-    #[arg(long, env = "FHIRLOG_DESTINATION_TIMEOUT", default_value = "2m")]
+    #[arg(long, env = "FHIRLOG_DESTINATION_TIMEOUT", default_value_t = DurationArg(ExportSettings::default().destination_timeout))]
     pub destination_timeout: DurationArg,
-    /// Put pre-signed S3 / SAS URLs valid this long in manifests instead of server URLs.
+    /// Put pre-signed S3 / SAS URLs valid this long (at most 7 days) in manifests instead of
+    /// server URLs.
     #[arg(long, env = "FHIRLOG_SIGNED_URLS")]
     pub signed_urls: Option<DurationArg>,
 }
 
-impl ExportArgs {
-    pub fn settings(&self) -> Result<ExportSettings, SettingsError> {
-        if self.max_resources_per_file == 0 || self.max_jobs == 0 || self.workers == Some(0) {
-            return Err(SettingsError::ZeroLimit);
-        }
+impl ExportRunArgs {
+    /// The engine settings for a one-shot `fhirlog export`: these flags over the defaults.
+    pub fn one_shot_settings(&self) -> ExportSettings {
         let defaults = ExportSettings::default();
-        Ok(ExportSettings {
+        ExportSettings {
             workers: self.workers.unwrap_or(defaults.workers),
             max_resources_per_file: self.max_resources_per_file,
-            job_timeout: self.job_timeout.0,
-            max_jobs: self.max_jobs,
-            retention: self.retention.0,
+            max_jobs: 1,
             ..defaults
-        })
-    }
-}
-
-impl StorageArgs {
-    /// The destination `--storage` names (the local `{data-dir}/exports` by default).
-    pub fn storage_url(&self, data_dir: &std::path::Path) -> Result<StorageUrl, SettingsError> {
-        match &self.storage {
-            Some(text) => StorageUrl::parse(text).map_err(SettingsError::Storage),
-            None => Ok(StorageUrl::File {
-                root: data_dir.join("exports"),
-            }),
         }
-    }
-
-    /// Builds the destination; nothing is contacted yet.
-    pub fn destination(
-        &self,
-        data_dir: &std::path::Path,
-    ) -> Result<Arc<dyn Destination>, SettingsError> {
-        let timeout = self.destination_timeout.0;
-        let create = self.create_containers;
-        Ok(match self.storage_url(data_dir)? {
-            StorageUrl::File { root } => Arc::new(LocalDestination::new(root, create)),
-            StorageUrl::S3 {
-                bucket,
-                endpoint,
-                region,
-                allow_http,
-            } => Arc::new(S3Destination::new(
-                bucket, endpoint, region, allow_http, create, timeout,
-            )),
-            StorageUrl::Azure {
-                container,
-                account,
-                emulator,
-            } => Arc::new(AzureDestination::new(
-                container, account, emulator, create, timeout,
-            )),
-        })
     }
 }
 
@@ -182,7 +163,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub limits: RequestLimits,
     #[command(flatten)]
-    pub exports: ExportArgs,
+    pub export_run: ExportRunArgs,
+    #[command(flatten)]
+    pub export_jobs: ExportJobArgs,
     #[command(flatten)]
     pub storage: StorageArgs,
 }
@@ -191,6 +174,7 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseUrl(String);
 
+/// Why the settings were refused at start-up; each is one line naming the flag.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SettingsError {
     #[error("--listen '{0}' is not an address like 127.0.0.1:8080")]
@@ -199,9 +183,22 @@ pub enum SettingsError {
     BadBaseUrl(String),
     #[error("size, count and worker limits must be greater than zero")]
     ZeroLimit,
+    #[error("{flag} must be longer than zero")]
+    ZeroDuration { flag: &'static str },
+    #[error("{flag} {given} is longer than the most allowed, {limit}")]
+    DurationTooLong {
+        flag: &'static str,
+        given: DurationArg,
+        limit: DurationArg,
+    },
     #[error(transparent)]
     Storage(StorageUrlError),
 }
+
+/// Longest `--retention`: beyond it an expiry instant is no longer meaningful.
+pub const MAX_RETENTION: Duration = Duration::from_secs(10 * 366 * 86_400);
+/// Longest `--signed-urls`: S3 refuses pre-signed URLs valid for more than 7 days.
+pub const MAX_SIGNED_URL_VALIDITY: Duration = Duration::from_secs(7 * 86_400);
 
 impl BaseUrl {
     pub fn parse(text: &str) -> Result<BaseUrl, SettingsError> {
@@ -226,19 +223,112 @@ impl BaseUrl {
     }
 }
 
-/// Validated settings for `serve`.
-#[derive(Clone)]
-pub struct ServeSettings {
+/// Where export files go, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageSettings {
+    pub url: StorageUrl,
+    /// Create a missing container (the default one included) instead of refusing.
+    pub create_containers: bool,
+    /// When set, manifests carry pre-signed storage URLs valid this long.
+    pub signed_url_ttl: Option<Duration>,
+}
+
+impl StorageSettings {
+    /// Local folders under `{data_dir}/exports`, created as needed; no signed URLs.
+    pub fn local_under(data_dir: &Path) -> StorageSettings {
+        StorageSettings {
+            url: StorageUrl::File {
+                root: data_dir.join("exports"),
+            },
+            create_containers: true,
+            signed_url_ttl: None,
+        }
+    }
+}
+
+/// Everything the app root needs to build a server.
+#[derive(Debug, Clone)]
+pub struct AppSettings {
     pub data_dir: PathBuf,
+    /// Port 0 picks a free port.
     pub listen: SocketAddr,
     /// `None` means derived from the bound address (so port 0 works).
     pub base_url: Option<BaseUrl>,
-    pub load_paths: Vec<PathBuf>,
     pub limits: RequestLimits,
     pub exports: ExportSettings,
-    pub storage: StorageUrl,
-    pub destination: Arc<dyn Destination>,
-    pub signed_url_ttl: Option<Duration>,
+    pub storage: StorageSettings,
+}
+
+impl AppSettings {
+    /// A server on a free local port over the store in `data_dir`, with default limits and
+    /// export settings, writing exports under `{data_dir}/exports`.
+    pub fn local(data_dir: &Path) -> AppSettings {
+        AppSettings {
+            data_dir: data_dir.to_path_buf(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            base_url: None,
+            limits: RequestLimits::default(),
+            exports: ExportSettings::default(),
+            storage: StorageSettings::local_under(data_dir),
+        }
+    }
+
+    /// Refuses limits of zero, zero durations and durations past their maximum.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if self.limits.max_body_bytes == 0 || self.limits.max_json_depth == 0 {
+            return Err(SettingsError::ZeroLimit);
+        }
+        validate_export_settings(&self.exports)?;
+        if let Some(ttl) = self.storage.signed_url_ttl {
+            check_duration("--signed-urls", ttl, MAX_SIGNED_URL_VALIDITY)?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses what would make the engine misbehave: zero limits, zero timeouts, and a
+/// retention so long that expiry instants overflow.
+pub fn validate_export_settings(settings: &ExportSettings) -> Result<(), SettingsError> {
+    if settings.workers == 0
+        || settings.max_resources_per_file == 0
+        || settings.max_jobs == 0
+        || settings.max_retained_exports == 0
+        || settings.max_export_bytes == Some(0)
+    {
+        return Err(SettingsError::ZeroLimit);
+    }
+    check_duration("--job-timeout", settings.job_timeout, Duration::MAX)?;
+    check_duration("--retention", settings.retention, MAX_RETENTION)?;
+    check_duration(
+        "--destination-timeout",
+        settings.destination_timeout,
+        Duration::MAX,
+    )
+}
+
+fn check_duration(
+    flag: &'static str,
+    given: Duration,
+    limit: Duration,
+) -> Result<(), SettingsError> {
+    if given.is_zero() {
+        return Err(SettingsError::ZeroDuration { flag });
+    }
+    if given > limit {
+        return Err(SettingsError::DurationTooLong {
+            flag,
+            given: DurationArg(given),
+            limit: DurationArg(limit),
+        });
+    }
+    Ok(())
+}
+
+/// Validated settings for `serve`.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    pub app: AppSettings,
+    pub load_paths: Vec<PathBuf>,
 }
 
 impl ServeArgs {
@@ -248,22 +338,41 @@ impl ServeArgs {
             .parse()
             .map_err(|_| SettingsError::BadListenAddress(self.listen.clone()))?;
         let base_url = self.base_url.as_deref().map(BaseUrl::parse).transpose()?;
-        if self.limits.max_body_bytes == 0 || self.limits.max_json_depth == 0 {
-            return Err(SettingsError::ZeroLimit);
-        }
-        Ok(ServeSettings {
-            exports: ExportSettings {
-                destination_timeout: self.storage.destination_timeout.0,
-                ..self.exports.settings()?
+        let data_dir = self.data_dir.data_dir;
+        let url = match &self.storage.storage {
+            Some(text) => StorageUrl::parse(text).map_err(SettingsError::Storage)?,
+            None => StorageUrl::File {
+                root: data_dir.join("exports"),
             },
-            storage: self.storage.storage_url(&self.data_dir.data_dir)?,
-            destination: self.storage.destination(&self.data_dir.data_dir)?,
-            signed_url_ttl: self.storage.signed_urls.map(|ttl| ttl.0),
-            data_dir: self.data_dir.data_dir,
+        };
+        let app = AppSettings {
             listen,
             base_url,
-            load_paths: self.load,
             limits: self.limits,
+            exports: ExportSettings {
+                workers: self
+                    .export_run
+                    .workers
+                    .unwrap_or(ExportSettings::default().workers),
+                max_resources_per_file: self.export_run.max_resources_per_file,
+                job_timeout: self.export_jobs.job_timeout.0,
+                max_jobs: self.export_jobs.max_jobs,
+                retention: self.export_jobs.retention.0,
+                destination_timeout: self.storage.destination_timeout.0,
+                max_retained_exports: self.export_jobs.max_retained_exports,
+                max_export_bytes: self.export_jobs.max_export_bytes,
+            },
+            storage: StorageSettings {
+                url,
+                create_containers: self.storage.create_containers,
+                signed_url_ttl: self.storage.signed_urls.map(|ttl| ttl.0),
+            },
+            data_dir,
+        };
+        app.validate()?;
+        Ok(ServeSettings {
+            app,
+            load_paths: self.load,
         })
     }
 }
@@ -295,5 +404,53 @@ mod tests {
         assert_eq!(parse("2d"), Ok(172_800));
         assert!(parse("10 minutes").is_err());
         assert!(parse("m").is_err());
+    }
+
+    #[test]
+    fn durations_display_as_they_parse() {
+        for text in ["90s", "10m", "2h", "1d", "0s"] {
+            assert_eq!(text.parse::<DurationArg>().unwrap().to_string(), text);
+        }
+        assert_eq!("24h".parse::<DurationArg>().unwrap().to_string(), "1d");
+    }
+
+    #[test]
+    fn zero_and_absurd_durations_are_refused_naming_the_flag() {
+        let data_dir = Path::new("/tmp/fhirlog-settings-test");
+        let refusal = |change: &dyn Fn(&mut AppSettings)| {
+            let mut settings = AppSettings::local(data_dir);
+            change(&mut settings);
+            settings.validate().unwrap_err().to_string()
+        };
+        assert!(AppSettings::local(data_dir).validate().is_ok());
+        let zero = Duration::ZERO;
+        assert_eq!(
+            refusal(&|settings| settings.exports.job_timeout = zero),
+            "--job-timeout must be longer than zero"
+        );
+        assert_eq!(
+            refusal(&|settings| settings.exports.retention = zero),
+            "--retention must be longer than zero"
+        );
+        assert_eq!(
+            refusal(&|settings| settings.exports.destination_timeout = zero),
+            "--destination-timeout must be longer than zero"
+        );
+        let century = Duration::from_secs(100 * 365 * 86_400);
+        let too_long = refusal(&|settings| settings.exports.retention = century);
+        assert!(
+            too_long.starts_with("--retention 36500d is longer than"),
+            "{too_long}"
+        );
+        let eight_days = Duration::from_secs(8 * 86_400);
+        let signed = refusal(&|settings| settings.storage.signed_url_ttl = Some(eight_days));
+        assert_eq!(
+            signed,
+            "--signed-urls 8d is longer than the most allowed, 7d"
+        );
+        assert_eq!(
+            refusal(&|settings| settings.exports.max_jobs = 0),
+            SettingsError::ZeroLimit.to_string()
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! # fhirlog — a FHIR R4 server built around Bulk Data `$export`
 //!
 //! Layout, one line per module (DESIGN.md §7):
+//! - [`app`]: the composition root — store, destination, export engine, routes, listener.
 //! - [`config`]: settings from flags and `FHIRLOG_*` variables, validated at start-up.
 //! - [`fhir`]: domain values parsed at the edge — resource types, ids, instants, canonical bodies, OperationOutcome, the Patient compartment.
 //! - [`store`]: the event log in fjall and its projections; the only code that touches fjall.
@@ -11,6 +12,7 @@
 //! - [`sink`]: export destinations — the `Destination` trait over object_store (local, memory).
 //! - [`serve`]: `fhirlog serve` — open, load, listen, shut down gracefully.
 
+pub mod app;
 pub mod config;
 pub mod export;
 pub mod fhir;

@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use fhirlog::config::{DataDirArgs, ExportArgs, ServeArgs};
-use fhirlog::export::ExportRequest;
+use fhirlog::config::{DataDirArgs, ExportRunArgs, ServeArgs, validate_export_settings};
+use fhirlog::export::{ExportLevel, ExportParameters, ExportRequest};
 use fhirlog::fhir::canonical::DEFAULT_MAX_JSON_DEPTH;
+use fhirlog::fhir::{Instant, ResourceId, ResourceType};
 use fhirlog::generate::{GenerateOptions, generate};
 use fhirlog::load::{LoadOptions, OnError, load};
 use fhirlog::store::{Store, StoreOptions};
@@ -52,27 +52,31 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Run a Bulk Data export without HTTP and print its manifest.
+    /// Run a Bulk Data export of an existing store without HTTP: write its files and
+    /// manifest.json into --out and print the manifest.
     Export {
         #[command(flatten)]
         data_dir: DataDirArgs,
-        /// Directory the files are written under.
+        /// Directory the files and manifest.json are written into (created if missing).
         #[arg(long)]
         out: PathBuf,
-        /// system, patient, or group:ID.
-        #[arg(long, default_value = "system")]
-        level: String,
-        /// Resource types, comma-separated or repeated.
-        #[arg(long = "type")]
-        types: Vec<String>,
-        /// Only resources changed after this FHIR instant.
+        /// Replace the export files (*.ndjson, manifest.json) already in --out.
         #[arg(long)]
-        since: Option<String>,
+        force: bool,
+        /// system, patient, or group:ID.
+        #[arg(long, default_value = "system", value_parser = parse_level)]
+        level: ExportLevel,
+        /// Resource types, comma-separated or repeated.
+        #[arg(long = "type", value_delimiter = ',', value_parser = parse_resource_type)]
+        types: Vec<ResourceType>,
+        /// Only resources changed after this FHIR instant.
+        #[arg(long, value_parser = parse_instant)]
+        since: Option<Instant>,
         /// The store as it was at this FHIR instant.
-        #[arg(long, alias = "till")]
-        until: Option<String>,
+        #[arg(long, alias = "till", value_parser = parse_instant)]
+        until: Option<Instant>,
         #[command(flatten)]
-        exports: ExportArgs,
+        run: ExportRunArgs,
     },
     /// Rebuild every projection from the event log.
     Rebuild {
@@ -114,6 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 show_progress: true,
             };
             let summary = load(&store, &options)?;
+            store.flush_memtables()?;
             for problem in &summary.skipped {
                 eprintln!("skipped {problem}");
             }
@@ -141,22 +146,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export {
             data_dir,
             out,
+            force,
             level,
             types,
             since,
             until,
-            exports,
+            run,
         } => {
-            let request = export_request(&level, &types, since.as_deref(), until.as_deref())?;
-            let store = Store::open(&data_dir.data_dir, &StoreOptions::default())?;
-            let manifest =
-                fhirlog::export::cli::run_export(store, request, &out, exports.settings()?)?;
+            let settings = run.one_shot_settings();
+            validate_export_settings(&settings)?;
+            let mut parameters = ExportParameters::new(level);
+            parameters.since = since;
+            parameters.until = until;
+            if !types.is_empty() {
+                parameters.types = Some(types.into_iter().collect());
+            }
+            let request = ExportRequest::new(parameters, Instant::now())?;
+            let store = Store::open_existing(&data_dir.data_dir, &StoreOptions::default())?;
+            let manifest = fhirlog::export::cli::run_export(store, request, &out, force, settings)?;
             println!("{}", serde_json::to_string_pretty(&manifest)?);
             Ok(())
         }
         Command::Rebuild { data_dir } => {
-            let store = Store::open(&data_dir.data_dir, &StoreOptions::default())
-                .with_context(|| format!("opening {}", data_dir.data_dir.display()))?;
+            let store = Store::open_existing(&data_dir.data_dir, &StoreOptions::default())?;
             let summary = store.rebuild_projections()?;
             println!(
                 "rebuilt every projection from {} events ({} commits)",
@@ -167,42 +179,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Builds the request the CLI flags describe, through the same parser HTTP kick-offs use.
-fn export_request(
-    level: &str,
-    types: &[String],
-    since: Option<&str>,
-    until: Option<&str>,
-) -> anyhow::Result<ExportRequest> {
-    use fhirlog::export::{ExportLevel, KickOff};
-    use fhirlog::fhir::{Instant, ResourceId};
-    let level = match level {
-        "system" => ExportLevel::System,
-        "patient" => ExportLevel::AllPatients,
+fn parse_level(text: &str) -> Result<ExportLevel, String> {
+    match text {
+        "system" => Ok(ExportLevel::System),
+        "patient" => Ok(ExportLevel::AllPatients),
         other => match other.strip_prefix("group:") {
-            Some(group_id) => ExportLevel::Group(ResourceId::parse(group_id)?),
-            None => anyhow::bail!("--level must be system, patient or group:ID, not '{other}'"),
+            Some(group_id) => ResourceId::parse(group_id)
+                .map(ExportLevel::Group)
+                .map_err(|error| error.to_string()),
+            None => Err(format!("'{other}' is not system, patient or group:ID")),
         },
-    };
-    let mut query = form_urlencoded::Serializer::new(String::new());
-    for resource_type in types {
-        query.append_pair("_type", resource_type);
     }
-    if let Some(since) = since {
-        query.append_pair("_since", since);
-    }
-    if let Some(until) = until {
-        query.append_pair("_until", until);
-    }
-    let query = query.finish();
-    let request = ExportRequest::parse(&KickOff {
-        level,
-        is_post: false,
-        query: &query,
-        accept: Some("application/fhir+json"),
-        prefer: vec!["respond-async"],
-        body: b"",
-        now: Instant::now(),
-    })?;
-    Ok(request)
+}
+
+fn parse_resource_type(text: &str) -> Result<ResourceType, String> {
+    ResourceType::parse(text.trim()).map_err(|error| error.to_string())
+}
+
+fn parse_instant(text: &str) -> Result<Instant, String> {
+    Instant::parse(text).map_err(|error| error.to_string())
 }

@@ -2,26 +2,23 @@
 
 use anyhow::Context;
 
-use std::sync::Arc;
-
+use crate::app::App;
 use crate::config::ServeSettings;
-use crate::export::ExportEngine;
-use crate::http::ServerParts;
 use crate::load::{LoadOptions, OnError, load};
-use crate::sink::{ContainerName, StorageUrl};
 use crate::store::{Store, StoreOptions};
 
 /// How long open requests may take to finish after SIGINT/SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
-    let store = Store::open(&settings.data_dir, &StoreOptions::default())
-        .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?;
+    let app_settings = settings.app;
+    let store = Store::open(&app_settings.data_dir, &StoreOptions::default())
+        .with_context(|| format!("opening the store in {}", app_settings.data_dir.display()))?;
     if !settings.load_paths.is_empty() {
         let options = LoadOptions {
-            paths: settings.load_paths.clone(),
+            paths: settings.load_paths,
             on_error: OnError::Abort,
-            max_json_depth: settings.limits.max_json_depth,
+            max_json_depth: app_settings.limits.max_json_depth,
             show_progress: true,
         };
         let summary = load(&store, &options).context("loading --load inputs")?;
@@ -37,40 +34,15 @@ pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
         .thread_name("fhirlog-http")
         .build()
         .context("starting the async runtime")?;
-    if let StorageUrl::File { root } = &settings.storage {
-        let default_folder = root.join(ContainerName::DEFAULT);
-        std::fs::create_dir_all(&default_folder)
-            .with_context(|| format!("creating {}", default_folder.display()))?;
-    }
-    let destination = Arc::clone(&settings.destination);
-    let exports = Arc::new(
-        ExportEngine::start(
-            store.clone(),
-            destination,
-            settings.exports.clone(),
-            runtime.handle().clone(),
-        )
-        .context("starting the export engine")?,
-    );
-    exports.open_default_container()?;
-    let parts = ServerParts {
-        store,
-        exports: Arc::clone(&exports),
-        base_url: settings.base_url,
-        limits: settings.limits,
-        signed_url_ttl: settings.signed_url_ttl,
-    };
-    let listen = settings.listen;
     let served = runtime.block_on(async move {
+        let app = App::build_on_store(store, app_settings).await?;
+        let bound = app.address();
+        tracing::info!(address = %bound, "fhirlog is serving FHIR R4 at {}", app.base_url().as_str());
         let (signalled, signal_seen) = tokio::sync::oneshot::channel();
         let shutdown = async move {
             shutdown_signal().await;
             let _ = signalled.send(());
         };
-        let (bound, server) = crate::http::bind_parts(parts, listen, shutdown)
-            .await
-            .with_context(|| format!("listening on {listen}"))?;
-        tracing::info!(address = %bound, "fhirlog is serving FHIR R4 at http://{bound}/fhir");
         let grace_expired = async {
             match signal_seen.await {
                 Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
@@ -78,7 +50,7 @@ pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
             }
         };
         tokio::select! {
-            () = server => {}
+            () = app.run_until(shutdown) => {}
             () = grace_expired => tracing::warn!(
                 "requests were still open {}s after the shutdown signal; stopping anyway",
                 SHUTDOWN_GRACE.as_secs()
@@ -86,7 +58,6 @@ pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
         }
         Ok::<_, anyhow::Error>(())
     });
-    drop(exports);
     drop(runtime);
     served?;
     tracing::info!("shut down cleanly");

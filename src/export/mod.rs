@@ -33,7 +33,7 @@ pub mod worker;
 pub use engine::{ExportEngine, JobStatus};
 pub use error::{ExportError, ExportErrorKind};
 pub use registry::JobProgress;
-pub use request::{ExportLevel, ExportRequest, InvalidExportRequest, KickOff};
+pub use request::{ExportLevel, ExportParameters, ExportRequest, InvalidExportRequest, KickOff};
 pub use settings::ExportSettings;
 
 #[cfg(test)]

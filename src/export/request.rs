@@ -1,5 +1,6 @@
-//! Turning a kick-off request (query or `Parameters` body, plus headers) into a typed
-//! [`ExportRequest`], with a clear error for anything it cannot honour.
+//! Turning a kick-off (query or `Parameters` body plus headers, or `fhirlog export` flags)
+//! into a typed [`ExportRequest`] through one constructor, with a clear error for anything
+//! it cannot honour.
 
 use std::collections::BTreeSet;
 
@@ -61,6 +62,40 @@ fn invalid(message: impl Into<String>) -> InvalidExportRequest {
     InvalidExportRequest(message.into())
 }
 
+/// What a kick-off asks for, as typed values: filled by the HTTP parser from the query and
+/// body, and by `fhirlog export` from its flags. [`ExportRequest::new`] checks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportParameters {
+    pub level: ExportLevel,
+    pub since: Option<Instant>,
+    pub until: Option<Instant>,
+    /// `None` means every type the level covers.
+    pub types: Option<BTreeSet<ResourceType>>,
+    pub patients: Vec<ResourceId>,
+    pub container: Option<ContainerName>,
+    /// Parameters this server does not honour, each with the reason; refused unless
+    /// `lenient`.
+    pub unsupported: Vec<String>,
+    /// `Prefer: handling=lenient`: report what cannot be honoured instead of refusing.
+    pub lenient: bool,
+}
+
+impl ExportParameters {
+    /// Everything `level` covers, with no filter.
+    pub fn new(level: ExportLevel) -> ExportParameters {
+        ExportParameters {
+            level,
+            since: None,
+            until: None,
+            types: None,
+            patients: Vec::new(),
+            container: None,
+            unsupported: Vec::new(),
+            lenient: false,
+        }
+    }
+}
+
 impl ExportRequest {
     /// Every resource `level` covers, as of now, into the default container.
     pub fn everything_at(level: ExportLevel) -> ExportRequest {
@@ -75,13 +110,72 @@ impl ExportRequest {
         }
     }
 
+    /// The one constructor of a request: checks the parameters against each other and
+    /// against `now`, refusing (or, under lenient handling, reporting) what cannot be
+    /// honoured.
+    pub fn new(
+        parameters: ExportParameters,
+        now: Instant,
+    ) -> Result<ExportRequest, InvalidExportRequest> {
+        let ExportParameters {
+            level,
+            since,
+            until,
+            types,
+            mut patients,
+            container,
+            unsupported,
+            lenient,
+        } = parameters;
+        if let Some(problem) = unsupported.first()
+            && !lenient
+        {
+            return Err(invalid(problem.clone()));
+        }
+        let mut ignored_under_lenient = unsupported;
+        if since.is_some_and(|since| since > now) {
+            return Err(invalid("_since is in the future"));
+        }
+        if let (Some(since), Some(until)) = (since, until)
+            && since >= until
+        {
+            return Err(invalid("_since must be earlier than _until"));
+        }
+        if level != ExportLevel::System
+            && let Some(types) = &types
+            && !types.is_empty()
+            && types
+                .iter()
+                .all(|resource_type| !PatientCompartment::r4().contains_type(*resource_type))
+        {
+            let problem = "_type names only types outside the Patient compartment, which a Patient or Group export cannot contain";
+            if !lenient {
+                return Err(invalid(problem));
+            }
+            ignored_under_lenient.push(problem.to_owned());
+        }
+        if level == ExportLevel::System && !patients.is_empty() {
+            return Err(invalid(
+                "the patient parameter applies to Patient and Group exports only",
+            ));
+        }
+        patients.sort();
+        patients.dedup();
+        Ok(ExportRequest {
+            level,
+            since,
+            until,
+            types,
+            patients,
+            container,
+            ignored_under_lenient,
+        })
+    }
+
+    /// Parses an HTTP kick-off: its headers first, then its query and `Parameters` body
+    /// into [`ExportParameters`], then [`ExportRequest::new`].
     pub fn parse(kick_off: &KickOff<'_>) -> Result<ExportRequest, InvalidExportRequest> {
         require_headers(kick_off)?;
-        let lenient = kick_off
-            .prefer
-            .iter()
-            .flat_map(|value| value.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("handling=lenient"));
         let mut parameters: Vec<(String, String)> =
             form_urlencoded::parse(kick_off.query.as_bytes())
                 .map(|(name, value)| (name.into_owned(), value.into_owned()))
@@ -94,8 +188,12 @@ impl ExportRequest {
         if kick_off.is_post {
             parameters.extend(parameters_from_body(kick_off.body)?);
         }
-        let mut request = ExportRequest::everything_at(kick_off.level.clone());
-        let mut problems = Vec::new();
+        let mut typed = ExportParameters::new(kick_off.level.clone());
+        typed.lenient = kick_off
+            .prefer
+            .iter()
+            .flat_map(|value| value.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("handling=lenient"));
         for (name, value) in parameters {
             match name.as_str() {
                 "_outputFormat" => {
@@ -106,67 +204,33 @@ impl ExportRequest {
                         )));
                     }
                 }
-                "_since" => set_once(&mut request.since, parse_instant("_since", &value)?, "_since")?,
-                "_until" | "_till" => set_once(&mut request.until, parse_instant(&name, &value)?, "_until/_till")?,
+                "_since" => set_once(&mut typed.since, parse_instant("_since", &value)?, "_since")?,
+                "_until" | "_till" => set_once(&mut typed.until, parse_instant(&name, &value)?, "_until/_till")?,
                 "_type" => {
-                    let types = request.types.get_or_insert_with(BTreeSet::new);
+                    let types = typed.types.get_or_insert_with(BTreeSet::new);
                     for name in value.split(',').map(str::trim).filter(|name| !name.is_empty()) {
                         let resource_type = ResourceType::parse(name)
                             .map_err(|error| invalid(format!("_type: {error}")))?;
                         types.insert(resource_type);
                     }
                 }
-                "patient" => request.patients.push(parse_patient_reference(&value)?),
+                "patient" => typed.patients.push(parse_patient_reference(&value)?),
                 "_container" => {
                     let container = ContainerName::parse(&value).map_err(|error| invalid(format!("_container: {error}")))?;
-                    set_once(&mut request.container, container, "_container")?;
+                    set_once(&mut typed.container, container, "_container")?;
                 }
                 "allowPartialManifests" => {
                     if value != "true" && value != "false" {
                         return Err(invalid(format!("allowPartialManifests must be true or false, not '{value}'")));
                     }
                 }
-                unsupported if UNSUPPORTED_PARAMETERS.contains(&unsupported) => problems.push(format!(
+                unsupported if UNSUPPORTED_PARAMETERS.contains(&unsupported) => typed.unsupported.push(format!(
                     "{unsupported} is not supported yet; resubmit without it or with Prefer: handling=lenient"
                 )),
-                unknown => problems.push(format!("unknown parameter '{unknown}'")),
+                unknown => typed.unsupported.push(format!("unknown parameter '{unknown}'")),
             }
         }
-        if let Some(problem) = problems.first()
-            && !lenient
-        {
-            return Err(invalid(problem.clone()));
-        }
-        request.ignored_under_lenient = problems;
-        if request.since.is_some_and(|since| since > kick_off.now) {
-            return Err(invalid("_since is in the future"));
-        }
-        if let (Some(since), Some(until)) = (request.since, request.until)
-            && since >= until
-        {
-            return Err(invalid("_since must be earlier than _until"));
-        }
-        if request.level != ExportLevel::System
-            && let Some(types) = &request.types
-            && !types.is_empty()
-            && types
-                .iter()
-                .all(|resource_type| !PatientCompartment::r4().contains_type(*resource_type))
-        {
-            let problem = "_type names only types outside the Patient compartment, which a Patient or Group export cannot contain";
-            if !lenient {
-                return Err(invalid(problem));
-            }
-            request.ignored_under_lenient.push(problem.to_owned());
-        }
-        if request.level == ExportLevel::System && !request.patients.is_empty() {
-            return Err(invalid(
-                "the patient parameter applies to Patient and Group exports only",
-            ));
-        }
-        request.patients.sort();
-        request.patients.dedup();
-        Ok(request)
+        ExportRequest::new(typed, kick_off.now)
     }
 }
 
@@ -422,5 +486,50 @@ mod tests {
         assert_eq!(patients, vec!["p1", "p2"]);
         post.level = ExportLevel::System;
         assert!(ExportRequest::parse(&post).is_err());
+    }
+
+    #[test]
+    fn typed_parameters_get_the_same_cross_checks_as_a_kick_off() {
+        let now = Instant::parse("2030-01-01T00:00:00Z").unwrap();
+        let mut parameters = ExportParameters::new(ExportLevel::AllPatients);
+        parameters.types = Some(BTreeSet::from([
+            ResourceType::parse("Organization").unwrap()
+        ]));
+        let refused = ExportRequest::new(parameters.clone(), now).unwrap_err();
+        assert!(refused.0.contains("Patient compartment"), "{refused}");
+        parameters.types = None;
+        parameters.since = Some(Instant::parse("2031-01-01T00:00:00Z").unwrap());
+        assert!(
+            ExportRequest::new(parameters.clone(), now)
+                .unwrap_err()
+                .0
+                .contains("future")
+        );
+        parameters.since = Some(Instant::parse("2020-01-01T00:00:00Z").unwrap());
+        parameters.patients = vec![
+            ResourceId::parse("b").unwrap(),
+            ResourceId::parse("a").unwrap(),
+            ResourceId::parse("b").unwrap(),
+        ];
+        let request = ExportRequest::new(parameters.clone(), now).unwrap();
+        let patients: Vec<&str> = request.patients.iter().map(ResourceId::as_str).collect();
+        assert_eq!(patients, vec!["a", "b"]);
+        assert_eq!(
+            request,
+            ExportRequest::parse(&KickOff {
+                level: ExportLevel::AllPatients,
+                is_post: true,
+                query: "_since=2020-01-01T00:00:00Z",
+                accept: Some("application/fhir+json"),
+                prefer: vec!["respond-async"],
+                body: br#"{"resourceType":"Parameters","parameter":[
+                    {"name":"patient","valueReference":{"reference":"Patient/b"}},
+                    {"name":"patient","valueReference":{"reference":"Patient/a"}}]}"#,
+                now,
+            })
+            .unwrap()
+        );
+        parameters.level = ExportLevel::System;
+        assert!(ExportRequest::new(parameters, now).is_err());
     }
 }

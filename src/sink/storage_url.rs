@@ -1,8 +1,10 @@
 //! `--storage URL`: which destination exports go to.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use super::ContainerName;
+use super::{AzureDestination, ContainerName, Destination, LocalDestination, S3Destination};
 
 /// A parsed `--storage` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +101,43 @@ impl StorageUrl {
         }
         Ok(storage)
     }
+
+    /// The destination this URL names; nothing is contacted yet. `create_containers`
+    /// lets an export create a missing container; `destination_timeout` bounds the retries
+    /// of a cloud client.
+    pub fn into_destination(
+        self,
+        create_containers: bool,
+        destination_timeout: Duration,
+    ) -> Arc<dyn Destination> {
+        match self {
+            StorageUrl::File { root } => Arc::new(LocalDestination::new(root, create_containers)),
+            StorageUrl::S3 {
+                bucket,
+                endpoint,
+                region,
+                allow_http,
+            } => Arc::new(S3Destination::new(
+                bucket,
+                endpoint,
+                region,
+                allow_http,
+                create_containers,
+                destination_timeout,
+            )),
+            StorageUrl::Azure {
+                container,
+                account,
+                emulator,
+            } => Arc::new(AzureDestination::new(
+                container,
+                account,
+                emulator,
+                create_containers,
+                destination_timeout,
+            )),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -133,6 +172,10 @@ mod tests {
                 emulator: true,
             }
         );
+        let local = StorageUrl::parse("file:///var/exports")
+            .unwrap()
+            .into_destination(false, Duration::from_secs(1));
+        assert_eq!(local.describe(), "file:///var/exports");
         for bad in [
             "exports",
             "file://relative",

@@ -41,6 +41,8 @@ pub enum StoreError {
     Storage(#[from] fjall::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("{} holds no fhirlog store; check --data-dir", path.display())]
+    NoStore { path: PathBuf },
     #[error("the store is shutting down")]
     Closed,
     #[error(transparent)]
@@ -215,6 +217,46 @@ impl PendingCommit {
 }
 
 impl Store {
+    /// Opens the store in `data_dir` without creating one: a directory holding no store
+    /// is refused.
+    pub fn open_existing(data_dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+        if !data_dir.join("store").is_dir() {
+            return Err(StoreError::NoStore {
+                path: data_dir.to_path_buf(),
+            });
+        }
+        Store::open(data_dir, options)
+    }
+
+    /// Writes every memtable out as tables and waits for those flushes, so the next open
+    /// replays (almost) no journal. Blocking; for the end of a bulk load.
+    pub fn flush_memtables(&self) -> Result<(), StoreError> {
+        let keyspaces = &self.shared.keyspaces;
+        let all = [
+            &keyspaces.events,
+            &keyspaces.log,
+            &keyspaces.superseded,
+            &keyspaces.current,
+            &keyspaces.history,
+            &keyspaces.compartment,
+            &keyspaces.clock,
+            &keyspaces.jobs,
+            &keyspaces.scratch,
+            &keyspaces.meta,
+        ];
+        for keyspace in all {
+            keyspace.rotate_memtable()?;
+        }
+        while keyspaces.database.outstanding_flushes() > 0
+            || all
+                .iter()
+                .any(|keyspace| keyspace.sealed_memtable_count() > 0)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
     pub fn open(data_dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|error| StoreError::Storage(fjall::Error::Io(error)))?;

@@ -4,18 +4,20 @@
 
 #![allow(dead_code)]
 
+pub mod bulk;
+
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use fhirlog::config::RequestLimits;
+use fhirlog::app::App;
+use fhirlog::config::{AppSettings, RequestLimits};
 use fhirlog::export::{ExportEngine, ExportSettings};
-use fhirlog::http::ServerParts;
-use fhirlog::sink::LocalDestination;
-use fhirlog::store::{Store, StoreOptions};
+use fhirlog::store::Store;
 use reqwest::blocking::{Body, Client};
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use reqwest::{Method, StatusCode};
@@ -27,12 +29,14 @@ pub const FHIR_JSON: &str = "application/fhir+json";
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
 const SERVER_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A fhirlog server running in this process on a fresh store; dropping it shuts the
-/// server down, closes the store and deletes the data directory.
+/// A fhirlog server running in this process on a fresh store, started through the app
+/// root ([`App::build`]); dropping it shuts the server down, closes the store and deletes
+/// the data directory.
 pub struct TestApp {
     pub base_url: String,
     pub client: FhirClient,
     pub store: Store,
+    pub exports: Arc<ExportEngine>,
     shutdown_sender: Option<tokio::sync::oneshot::Sender<()>>,
     server_thread: Option<JoinHandle<()>>,
     data_dir: Option<TempDir>,
@@ -49,7 +53,9 @@ pub fn spawn_app_with_limits(limits: RequestLimits) -> TestApp {
 
 /// Serves the store in `data_dir`, which may hold data from an earlier [`TestApp`].
 pub fn spawn_app_in_data_dir(data_dir: TempDir, limits: RequestLimits) -> TestApp {
-    spawn_server(data_dir, limits, None)
+    let mut settings = AppSettings::local(data_dir.path());
+    settings.limits = limits;
+    spawn_app_with_settings(data_dir, settings)
 }
 
 /// A fresh store served with these export settings (exports go to `{data-dir}/exports`).
@@ -63,59 +69,28 @@ pub fn spawn_app_in_data_dir_with_export_settings(
     data_dir: TempDir,
     export_settings: ExportSettings,
 ) -> TestApp {
-    spawn_server(data_dir, RequestLimits::default(), Some(export_settings))
+    let mut settings = AppSettings::local(data_dir.path());
+    settings.exports = export_settings;
+    spawn_app_with_settings(data_dir, settings)
 }
 
-/// Serves `store` on port 0 with an export engine built from `export_settings`, writing
-/// to `{data-dir}/exports`; the engine is stopped after the server ends.
-async fn bind_with_export_settings(
-    store: Store,
-    limits: RequestLimits,
-    export_settings: ExportSettings,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> (
-    SocketAddr,
-    impl std::future::Future<Output = ()>,
-    std::sync::Arc<ExportEngine>,
-) {
-    let engine_store = store.clone();
-    let runtime = tokio::runtime::Handle::current();
-    let engine = tokio::task::spawn_blocking(move || {
-        let exports_root = engine_store.data_dir().join("exports");
-        ExportEngine::start(
-            engine_store,
-            std::sync::Arc::new(LocalDestination::new(exports_root, true)),
-            export_settings,
-            runtime,
-        )
-    })
-    .await
-    .expect("the export engine start-up task")
-    .expect("starting the export engine");
-    let engine = std::sync::Arc::new(engine);
-    let parts = ServerParts {
-        store,
-        exports: std::sync::Arc::clone(&engine),
-        base_url: None,
-        limits,
-        signed_url_ttl: None,
-    };
-    let listen_address: SocketAddr = "127.0.0.1:0".parse().expect("a socket address");
-    let (bound_address, server) = fhirlog::http::bind_parts(parts, listen_address, shutdown)
-        .await
-        .expect("binding the server to port 0");
-    (bound_address, server, engine)
+/// Serves the store in `data_dir` with `settings`.
+pub fn spawn_app_with_settings(data_dir: TempDir, settings: AppSettings) -> TestApp {
+    spawn_server(Some(data_dir), None, settings)
 }
 
-fn spawn_server(
-    data_dir: TempDir,
-    limits: RequestLimits,
-    export_settings: Option<ExportSettings>,
-) -> TestApp {
-    let store = Store::open(data_dir.path(), &StoreOptions::default()).expect("opening the store");
-    let (address_sender, address_receiver) = std::sync::mpsc::channel::<SocketAddr>();
+/// Serves an open `store`, which other apps may share, with `settings`; the caller keeps
+/// the data directory.
+pub fn spawn_app_on_store(store: Store, settings: AppSettings) -> TestApp {
+    spawn_server(None, Some(store), settings)
+}
+
+/// The one way tests start an in-process server: the app root (`App::build`, or
+/// `App::build_on_store` over an open store) on a runtime of its own thread, serving until
+/// the [`TestApp`] is dropped.
+fn spawn_server(data_dir: Option<TempDir>, store: Option<Store>, settings: AppSettings) -> TestApp {
+    let (app_sender, app_receiver) = std::sync::mpsc::channel();
     let (shutdown_sender, shutdown_receiver) = tokio::sync::oneshot::channel::<()>();
-    let server_store = store.clone();
     let server_thread = std::thread::Builder::new()
         .name("fhirlog-test-server".to_owned())
         .spawn(move || {
@@ -124,45 +99,37 @@ fn spawn_server(
                 .enable_all()
                 .build()
                 .expect("building the server runtime");
-            let export_engine = runtime.block_on(async move {
-                let shutdown = async move {
-                    let _ = shutdown_receiver.await;
+            runtime.block_on(async move {
+                let built = match store {
+                    Some(store) => App::build_on_store(store, settings).await,
+                    None => App::build(settings).await,
                 };
-                if let Some(export_settings) = export_settings {
-                    let (bound_address, server, engine) =
-                        bind_with_export_settings(server_store, limits, export_settings, shutdown)
-                            .await;
-                    address_sender
-                        .send(bound_address)
-                        .expect("reporting the bound address");
-                    server.await;
-                    return Some(engine);
-                }
-                let listen_address: SocketAddr = "127.0.0.1:0".parse().expect("a socket address");
-                let (bound_address, server) =
-                    fhirlog::http::bind(server_store, listen_address, None, limits, shutdown)
-                        .await
-                        .expect("binding the server to port 0");
-                address_sender
-                    .send(bound_address)
-                    .expect("reporting the bound address");
-                server.await;
-                None
+                let app = built.expect("building the app");
+                app_sender
+                    .send((
+                        app.base_url().as_str().to_owned(),
+                        app.store().clone(),
+                        Arc::clone(app.exports()),
+                    ))
+                    .expect("reporting the built app");
+                app.run_until(async move {
+                    let _ = shutdown_receiver.await;
+                })
+                .await;
             });
-            drop(export_engine);
         })
         .expect("starting the server thread");
-    let bound_address = address_receiver
+    let (base_url, store, exports) = app_receiver
         .recv_timeout(SERVER_START_TIMEOUT)
-        .expect("the server reports its bound address");
-    let base_url = format!("http://{bound_address}/fhir");
+        .expect("the server reports its base URL");
     TestApp {
         client: FhirClient::new(&base_url),
         base_url,
         store,
+        exports,
         shutdown_sender: Some(shutdown_sender),
         server_thread: Some(server_thread),
-        data_dir: Some(data_dir),
+        data_dir,
     }
 }
 
