@@ -1,8 +1,8 @@
 //! Tells the tests which storage servers this build can reach, so tests that need one show
 //! as ignored (not passed) when it is absent: `fhirlog_test_s3` when moto's endpoint and
 //! credentials are set, `fhirlog_test_azurite` when Azurite's URL is set (`.ci/run` sets
-//! both); and `fhirlog_can_mount` when the build runs as root on Linux, so tests that
-//! mount a small file system run (CI runs as root).
+//! both); and `fhirlog_test_root` when the build runs as root on Linux, so tests that
+//! mount a small file system or trace the server with strace run (CI runs as root).
 
 const S3_VARIABLES: [&str; 3] = [
     "FHIRLOG_TEST_S3_ENDPOINT",
@@ -29,9 +29,9 @@ fn runs_as_root() -> bool {
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    println!("cargo::rustc-check-cfg=cfg(fhirlog_can_mount)");
+    println!("cargo::rustc-check-cfg=cfg(fhirlog_test_root)");
     if runs_as_root() {
-        println!("cargo::rustc-cfg=fhirlog_can_mount");
+        println!("cargo::rustc-cfg=fhirlog_test_root");
     }
     println!("cargo::rustc-check-cfg=cfg(fhirlog_test_s3)");
     println!("cargo::rustc-check-cfg=cfg(fhirlog_test_azurite)");

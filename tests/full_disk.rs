@@ -63,7 +63,7 @@ impl Drop for SmallFilesystem {
 
 #[test]
 #[cfg_attr(
-    not(fhirlog_can_mount),
+    not(fhirlog_test_root),
     ignore = "mounting a small tmpfs needs root; CI runs as root"
 )]
 fn an_export_that_fills_its_disk_fails_within_seconds_and_deletes_its_parts() {
