@@ -153,7 +153,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Rebuild { data_dir } => {
-            let store = Store::open(&data_dir.data_dir, &StoreOptions::default())
+            let store = Store::open_for_rebuild(&data_dir.data_dir, &StoreOptions::default())
                 .with_context(|| format!("opening {}", data_dir.data_dir.display()))?;
             let summary = store.rebuild_projections()?;
             println!(
