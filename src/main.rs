@@ -110,6 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 on_error,
                 max_json_depth: DEFAULT_MAX_JSON_DEPTH,
                 show_progress: true,
+                max_document_bytes: fhirlog::load::DEFAULT_MAX_DOCUMENT_BYTES,
             };
             let summary = load(&store, &options)?;
             for problem in &summary.skipped {

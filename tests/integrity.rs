@@ -122,13 +122,10 @@ fn build_fsync_gate(directory: &Path) -> PathBuf {
     library
 }
 
-/// Runs the ignored test `child_test_name` of this binary with the fsync gate preloaded.
-fn run_child_under_fsync_gate(child_test_name: &str) {
-    let workspace = tempfile::tempdir().expect("creating a temporary directory");
-    let library = build_fsync_gate(workspace.path());
-    let gate_directory = workspace.path().join("gate");
-    std::fs::create_dir(&gate_directory).expect("creating the gate directory");
-    let output = Command::new(std::env::current_exe().expect("this test binary's path"))
+/// Runs the ignored test `child_test_name` of this binary, alone in its own process.
+fn run_child(child_test_name: &str, configure: impl FnOnce(&mut Command)) {
+    let mut command = Command::new(std::env::current_exe().expect("this test binary's path"));
+    command
         .args([
             "--exact",
             child_test_name,
@@ -136,17 +133,30 @@ fn run_child_under_fsync_gate(child_test_name: &str) {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("LD_PRELOAD", &library)
-        .env(GATE_DIRECTORY_VARIABLE, &gate_directory)
-        .stdin(Stdio::null())
+        .stdin(Stdio::null());
+    configure(&mut command);
+    let output = command
         .output()
         .expect("running this test binary as a child");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success() && stdout.contains("1 passed"),
-        "{child_test_name} failed under the fsync gate:\n{stdout}\n{}",
+        "{child_test_name} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Runs the ignored test `child_test_name` of this binary with the fsync gate preloaded.
+fn run_child_under_fsync_gate(child_test_name: &str) {
+    let workspace = tempfile::tempdir().expect("creating a temporary directory");
+    let library = build_fsync_gate(workspace.path());
+    let gate_directory = workspace.path().join("gate");
+    std::fs::create_dir(&gate_directory).expect("creating the gate directory");
+    run_child(child_test_name, |command| {
+        command
+            .env("LD_PRELOAD", &library)
+            .env(GATE_DIRECTORY_VARIABLE, &gate_directory);
+    });
 }
 
 fn gate_control_file(name: &str) -> PathBuf {
@@ -487,4 +497,86 @@ fn a_rebuild_killed_midway_is_refused_by_serve_and_finished_by_rebuild() {
     for (key, version) in &before {
         assert_eq!(after.get(key), Some(version), "{key:?} changed");
     }
+}
+
+/// Peak resident memory of this process so far (`VmHWM` in `/proc/self/status`).
+fn peak_resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status");
+    let kilobytes: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("a VmHWM line");
+    kilobytes * 1024
+}
+
+fn gzip_member(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder.write_all(bytes).expect("compressing in memory");
+    encoder.finish().expect("compressing in memory")
+}
+
+#[test]
+fn a_gzip_line_that_inflates_past_the_cap_is_refused_without_inflating_it() {
+    run_child(
+        "child_a_gzip_line_that_inflates_past_the_cap_is_refused",
+        |_| {},
+    );
+}
+
+#[test]
+#[ignore = "a child of a_gzip_line_that_inflates_past_the_cap_is_refused_without_inflating_it, which runs it alone so that its peak memory is its own"]
+fn child_a_gzip_line_that_inflates_past_the_cap_is_refused() {
+    use fhirlog::load::{LoadOptions, OnError, ProblemLocation, load};
+    const CAP: usize = 1 << 20;
+    const INFLATED_MEBIBYTES: usize = 512;
+    let inputs = tempfile::tempdir().expect("creating a temporary directory");
+    let bomb = inputs.path().join("Patient.ndjson.gz");
+    let mut compressed = gzip_member(
+        br#"{"resourceType":"Patient","id":"before"}
+{"resourceType":"Patient","id":"bomb","gender":""#,
+    );
+    let one_mebibyte_member = gzip_member(&vec![b'a'; 1 << 20]);
+    for _ in 0..INFLATED_MEBIBYTES {
+        compressed.extend_from_slice(&one_mebibyte_member);
+    }
+    compressed.extend_from_slice(&gzip_member(
+        br#""}
+{"resourceType":"Patient","id":"after"}
+"#,
+    ));
+    assert!(compressed.len() < 4 << 20);
+    std::fs::write(&bomb, &compressed).expect("writing the gzip file");
+    let data = tempfile::tempdir().expect("creating a temporary directory");
+    let store = Store::open(data.path(), &StoreOptions::default()).expect("opening");
+
+    let summary = load(
+        &store,
+        &LoadOptions {
+            paths: vec![bomb.clone()],
+            on_error: OnError::Skip,
+            max_json_depth: DEFAULT_MAX_JSON_DEPTH,
+            show_progress: false,
+            max_document_bytes: CAP,
+        },
+    )
+    .expect("loading with --on-error skip");
+
+    assert_eq!(summary.written(), 1, "only the line before the bomb");
+    assert_eq!(summary.skipped.len(), 1, "{:?}", summary.skipped);
+    assert_eq!(summary.skipped[0].location, ProblemLocation::Line(2));
+    assert!(
+        summary.skipped[0]
+            .reason
+            .contains("longer than the limit of 1048576 bytes"),
+        "{}",
+        summary.skipped[0]
+    );
+    let peak = peak_resident_bytes();
+    assert!(
+        peak < ((INFLATED_MEBIBYTES as u64) << 20) / 2,
+        "peak RSS {peak} bytes while the line inflates to {INFLATED_MEBIBYTES} MiB"
+    );
 }
