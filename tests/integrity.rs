@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant as WallClock};
 
 use fhirlog::fhir::canonical::{DEFAULT_MAX_JSON_DEPTH, ParsedResource};
@@ -579,4 +579,80 @@ fn child_a_gzip_line_that_inflates_past_the_cap_is_refused() {
         peak < ((INFLATED_MEBIBYTES as u64) << 20) / 2,
         "peak RSS {peak} bytes while the line inflates to {INFLATED_MEBIBYTES} MiB"
     );
+}
+
+#[test]
+fn async_writers_never_block_a_runtime_thread_on_a_full_commit_queue() {
+    run_child_under_fsync_gate("child_async_writers_wait_without_blocking_the_runtime");
+}
+
+#[test]
+#[ignore = "a child of async_writers_never_block_a_runtime_thread_on_a_full_commit_queue, which runs it under the fsync gate"]
+fn child_async_writers_wait_without_blocking_the_runtime() {
+    const QUEUE_CAPACITY: usize = 2;
+    const WRITES: usize = 8;
+    const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(20);
+    let directory = tempfile::tempdir().expect("creating a temporary directory");
+    let options = StoreOptions {
+        max_queued_commits: QUEUE_CAPACITY,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(directory.path(), &options).expect("opening");
+    let hold = gate_control_file(HOLD_FILE);
+    std::fs::write(&hold, b"").expect("closing the gate");
+    let stuck_writer = {
+        let store = store.clone();
+        std::thread::spawn(move || store.commit(vec![patient("stuck", "Stuck")]))
+    };
+    wait_until("the committer is held in a journal fsync", || {
+        gate_control_file(HELD_FILE).exists()
+    });
+    let submits_returned = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let submits_returned = Arc::clone(&submits_returned);
+        let hold = hold.clone();
+        std::thread::spawn(move || {
+            let started = WallClock::now();
+            while !submits_returned.load(Ordering::SeqCst) {
+                if started.elapsed() > WATCHDOG_TIMEOUT {
+                    std::fs::remove_file(&hold).expect("opening the gate");
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            false
+        })
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let pending: Vec<_> = runtime.block_on(async {
+        (0..WRITES)
+            .map(|index| store.submit(vec![patient(&format!("a{index}"), "Async")]))
+            .collect()
+    });
+    submits_returned.store(true, Ordering::SeqCst);
+    assert!(
+        !watchdog.join().expect("the watchdog thread"),
+        "submit blocked the runtime thread until the watchdog opened the gate"
+    );
+    std::fs::remove_file(&hold).expect("opening the gate");
+    let outcomes = runtime.block_on(async {
+        let mut outcomes = Vec::new();
+        for commit in pending {
+            outcomes.push(commit.wait_async().await);
+        }
+        outcomes
+    });
+    for outcome in outcomes {
+        outcome.expect("an async write lands");
+    }
+    stuck_writer
+        .join()
+        .expect("the stuck writer's thread")
+        .expect("the stuck write lands");
+    for index in 0..WRITES {
+        assert!(read_patient(&store, &format!("a{index}")).is_some());
+    }
 }
