@@ -78,7 +78,7 @@ impl Default for StoreOptions {
 
 /// As many queued requests as the committer folds into one group, so queueing never
 /// shrinks a group.
-pub const DEFAULT_MAX_QUEUED_COMMITS: usize = committer::MAX_REQUESTS_PER_GROUP;
+const DEFAULT_MAX_QUEUED_COMMITS: usize = committer::MAX_REQUESTS_PER_GROUP;
 
 /// The version of the key and record layout; a store written with another one is refused
 /// at open rather than misread. 2: `events` keys lead with a seq bucket.
