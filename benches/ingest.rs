@@ -156,6 +156,7 @@ fn load_sample_directory(criterion: &mut Criterion) {
         on_error: OnError::Abort,
         max_json_depth: DEFAULT_MAX_JSON_DEPTH,
         show_progress: false,
+        max_document_bytes: fhirlog::load::DEFAULT_MAX_DOCUMENT_BYTES,
     };
     let mut group = criterion.benchmark_group("ingest");
     group

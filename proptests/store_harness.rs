@@ -32,6 +32,7 @@ pub fn small_memtable_store_options() -> StoreOptions {
         max_journal_bytes: 64 << 20,
         events_memtable_bytes: 16 << 10,
         index_memtable_bytes: 4 << 10,
+        ..StoreOptions::default()
     }
 }
 

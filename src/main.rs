@@ -42,6 +42,9 @@ enum Command {
         /// What to do with a bad line.
         #[arg(long, value_enum, default_value_t = OnError::Abort)]
         on_error: OnError,
+        /// Longest accepted ndjson line or .json document, in bytes (after decompression).
+        #[arg(long, env = "FHIRLOG_MAX_DOCUMENT_BYTES", default_value_t = fhirlog::load::DEFAULT_MAX_DOCUMENT_BYTES)]
+        max_document_bytes: usize,
     },
     /// Write scale data: every patient's compartment cloned N times.
     Gen {
@@ -109,13 +112,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             paths,
             data_dir,
             on_error,
+            max_document_bytes,
         } => {
+            if max_document_bytes == 0 {
+                anyhow::bail!("--max-document-bytes must be greater than zero");
+            }
             let store = Store::open(&data_dir.data_dir, &StoreOptions::default())?;
             let options = LoadOptions {
                 paths,
                 on_error,
                 max_json_depth: DEFAULT_MAX_JSON_DEPTH,
                 show_progress: true,
+                max_document_bytes,
             };
             let summary = load(&store, &options)?;
             store.flush_memtables()?;
@@ -168,7 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Rebuild { data_dir } => {
-            let store = Store::open_existing(&data_dir.data_dir, &StoreOptions::default())?;
+            let store = Store::open_for_rebuild(&data_dir.data_dir, &StoreOptions::default())?;
             let summary = store.rebuild_projections()?;
             println!(
                 "rebuilt every projection from {} events ({} commits)",

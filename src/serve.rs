@@ -20,6 +20,7 @@ pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
             on_error: OnError::Abort,
             max_json_depth: app_settings.limits.max_json_depth,
             show_progress: true,
+            max_document_bytes: crate::load::DEFAULT_MAX_DOCUMENT_BYTES,
         };
         let summary = load(&store, &options).context("loading --load inputs")?;
         tracing::info!(

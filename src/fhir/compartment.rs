@@ -473,34 +473,49 @@ fn unsupported(fragment: &str) -> UnsupportedExpression {
 }
 
 /// Follows `property_names` from `value`, stepping through arrays at every level, and appends
-/// the ids of the Patients named by the references found at the end.
+/// the ids of the Patients named by the references found at the end: each id once, in the
+/// order first found, and none already in `patient_ids` (linear in the references found, so
+/// a Group of many members stays cheap).
 fn collect_patient_ids(value: &Value, property_names: &[Box<str>], patient_ids: &mut Vec<String>) {
-    match value {
-        Value::Array(items) => {
-            for item in items {
-                collect_patient_ids(item, property_names, patient_ids);
+    fn referenced_patient_ids<'value>(
+        value: &'value Value,
+        property_names: &[Box<str>],
+        found: &mut Vec<&'value str>,
+    ) {
+        match value {
+            Value::Array(items) => {
+                for item in items {
+                    referenced_patient_ids(item, property_names, found);
+                }
             }
+            Value::Object(object) => match property_names.split_first() {
+                Some((property_name, remaining_property_names)) => {
+                    if let Some(child) = object.get(&**property_name) {
+                        referenced_patient_ids(child, remaining_property_names, found);
+                    }
+                }
+                None => {
+                    if let Some(Value::String(reference)) = object.get("reference")
+                        && let Some(literal_reference) = LiteralReference::parse(reference)
+                        && literal_reference.resource_type_name == ResourceType::PATIENT.as_str()
+                    {
+                        found.push(literal_reference.id);
+                    }
+                }
+            },
+            _ => {}
         }
-        Value::Object(object) => match property_names.split_first() {
-            Some((property_name, remaining_property_names)) => {
-                if let Some(child) = object.get(&**property_name) {
-                    collect_patient_ids(child, remaining_property_names, patient_ids);
-                }
-            }
-            None => {
-                if let Some(Value::String(reference)) = object.get("reference")
-                    && let Some(literal_reference) = LiteralReference::parse(reference)
-                    && literal_reference.resource_type_name == ResourceType::PATIENT.as_str()
-                    && !patient_ids
-                        .iter()
-                        .any(|known| known == literal_reference.id)
-                {
-                    patient_ids.push(literal_reference.id.to_owned());
-                }
-            }
-        },
-        _ => {}
     }
+    let mut found = Vec::new();
+    referenced_patient_ids(value, property_names, &mut found);
+    let mut known: std::collections::HashSet<&str> =
+        patient_ids.iter().map(String::as_str).collect();
+    let new_ids: Vec<String> = found
+        .into_iter()
+        .filter(|id| known.insert(id))
+        .map(str::to_owned)
+        .collect();
+    patient_ids.extend(new_ids);
 }
 
 /// A literal reference to a resource by type and id: relative (`Type/id`) or absolute
@@ -948,6 +963,18 @@ mod tests {
             "member": [{"entity": {"reference": "Patient/m1"}}, {"entity": {"reference": "Patient/m2"}}]
         });
         assert_eq!(ids("Group", &group), vec!["m1", "m2"]);
+    }
+
+    #[test]
+    fn a_large_group_lists_each_member_once_in_first_seen_order() {
+        const MEMBERS: usize = 100_000;
+        let members: Vec<Value> = (0..MEMBERS)
+            .chain((0..MEMBERS).step_by(7))
+            .map(|index| json!({"entity": {"reference": format!("Patient/m{index}")}}))
+            .collect();
+        let group = json!({"resourceType": "Group", "member": members});
+        let expected: Vec<String> = (0..MEMBERS).map(|index| format!("m{index}")).collect();
+        assert_eq!(ids("Group", &group), expected);
     }
 
     #[test]

@@ -30,6 +30,8 @@ const LINES_PER_CHUNK: usize = 1_000;
 const BYTES_PER_CHUNK: usize = 1024 * 1024;
 /// Commits in flight at once, so parsing and fsync overlap.
 const MAX_COMMITS_IN_FLIGHT: usize = 8;
+/// Default for [`LoadOptions::max_document_bytes`].
+pub const DEFAULT_MAX_DOCUMENT_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnError {
@@ -45,6 +47,10 @@ pub struct LoadOptions {
     pub on_error: OnError,
     pub max_json_depth: usize,
     pub show_progress: bool,
+    /// Longest ndjson line, and largest `.json` document, in bytes after decompression.
+    /// Reading stops at this many bytes, so a gzip bomb is never inflated further: the
+    /// line or document is reported and the rest of its file is not read.
+    pub max_document_bytes: usize,
 }
 
 /// Where a bad input was found.
@@ -101,6 +107,15 @@ pub struct LoadSummary {
 }
 
 impl LoadSummary {
+    /// How many bad inputs were skipped in each file that had any.
+    pub fn skipped_by_file(&self) -> BTreeMap<&Path, usize> {
+        let mut counts = BTreeMap::new();
+        for problem in &self.skipped {
+            *counts.entry(problem.file.as_path()).or_default() += 1;
+        }
+        counts
+    }
+
     pub fn written(&self) -> u64 {
         self.by_type.values().map(|counts| counts.written).sum()
     }
@@ -145,7 +160,11 @@ impl fmt::Display for LoadSummary {
             self.elapsed.as_secs_f64(),
             self.resources_per_second(),
             self.skipped.len()
-        )
+        )?;
+        for (file, count) in self.skipped_by_file() {
+            write!(formatter, "\n  {count} skipped in {}", file.display())?;
+        }
+        Ok(())
     }
 }
 
@@ -168,9 +187,16 @@ pub enum LoadError {
 }
 
 enum ChunkPayload {
-    Lines { first_line: u64, lines: Vec<String> },
-    JsonDocument(String),
-    Unreadable(String),
+    Lines {
+        first_line: u64,
+        lines: Vec<Vec<u8>>,
+    },
+    JsonDocument(Vec<u8>),
+    /// The file could not be read (further) from this point.
+    Unreadable {
+        location: ProblemLocation,
+        reason: String,
+    },
 }
 
 struct RawChunk {
@@ -194,7 +220,8 @@ pub fn load(store: &Store, options: &LoadOptions) -> Result<LoadSummary, LoadErr
     let (prepared_sender, prepared_receiver) = bounded::<PreparedChunk>(worker_count * 2);
     let progress = progress_bar(options.show_progress);
     std::thread::scope(|scope| {
-        scope.spawn(move || read_files(files, raw_sender));
+        let max_document_bytes = options.max_document_bytes;
+        scope.spawn(move || read_files(files, raw_sender, max_document_bytes));
         for _ in 0..worker_count {
             let raw_receiver = raw_receiver.clone();
             let prepared_sender = prepared_sender.clone();
@@ -290,7 +317,72 @@ fn open_decoded(path: &Path) -> std::io::Result<Box<dyn Read + Send>> {
     }
 }
 
-fn read_files(files: Vec<PathBuf>, chunks: Sender<RawChunk>) {
+/// Why reading a line stopped.
+enum LineEnd {
+    /// A whole line is in the buffer, without its `\n` (or the file ended after it).
+    Complete,
+    /// The line is longer than the cap; the reader stopped inside it.
+    TooLong,
+    /// Nothing was left to read.
+    EndOfFile,
+}
+
+/// Reads the next line into `line` as raw bytes, without its `\n` (and `\r`), keeping at
+/// most `max_bytes` of it in memory.
+fn read_capped_line(
+    reader: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    max_bytes: usize,
+) -> std::io::Result<LineEnd> {
+    line.clear();
+    loop {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            return Ok(if line.is_empty() {
+                LineEnd::EndOfFile
+            } else {
+                LineEnd::Complete
+            });
+        }
+        let newline = available.iter().position(|byte| *byte == b'\n');
+        let content = &available[..newline.unwrap_or(available.len())];
+        if line.len() + content.len() > max_bytes {
+            return Ok(LineEnd::TooLong);
+        }
+        line.extend_from_slice(content);
+        let consumed = content.len() + usize::from(newline.is_some());
+        reader.consume(consumed);
+        if newline.is_some() {
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(LineEnd::Complete);
+        }
+    }
+}
+
+/// Reads a whole document, refusing one larger than `max_bytes` without reading past it.
+fn read_capped_document(reader: impl Read, max_bytes: usize) -> ChunkPayload {
+    let mut bytes = Vec::new();
+    let limit = u64::try_from(max_bytes)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    match BufReader::new(reader).take(limit).read_to_end(&mut bytes) {
+        Ok(_) if bytes.len() > max_bytes => ChunkPayload::Unreadable {
+            location: ProblemLocation::WholeFile,
+            reason: format!(
+                "the document is larger than the limit of {max_bytes} bytes; it was not loaded"
+            ),
+        },
+        Ok(_) => ChunkPayload::JsonDocument(bytes),
+        Err(error) => ChunkPayload::Unreadable {
+            location: ProblemLocation::WholeFile,
+            reason: error.to_string(),
+        },
+    }
+}
+
+fn read_files(files: Vec<PathBuf>, chunks: Sender<RawChunk>, max_document_bytes: usize) {
     let mut index = 0u64;
     for path in files {
         let file: Arc<Path> = Arc::from(path.as_path());
@@ -306,7 +398,11 @@ fn read_files(files: Vec<PathBuf>, chunks: Sender<RawChunk>) {
         let reader = match open_decoded(&path) {
             Ok(reader) => reader,
             Err(error) => {
-                if !send(ChunkPayload::Unreadable(error.to_string())) {
+                let unreadable = ChunkPayload::Unreadable {
+                    location: ProblemLocation::WholeFile,
+                    reason: error.to_string(),
+                };
+                if !send(unreadable) {
                     return;
                 }
                 continue;
@@ -315,59 +411,73 @@ fn read_files(files: Vec<PathBuf>, chunks: Sender<RawChunk>) {
         let name = path.to_string_lossy();
         let is_ndjson = name.ends_with(".ndjson") || name.ends_with(".ndjson.gz");
         if !is_ndjson {
-            let mut text = String::new();
-            let payload = match BufReader::new(reader).read_to_string(&mut text) {
-                Ok(_) => ChunkPayload::JsonDocument(text),
-                Err(error) => ChunkPayload::Unreadable(error.to_string()),
-            };
-            if !send(payload) {
+            if !send(read_capped_document(reader, max_document_bytes)) {
                 return;
             }
             continue;
         }
-        let mut lines = BufReader::with_capacity(1 << 20, reader).lines();
-        let mut line_number = 0u64;
-        loop {
-            let first_line = line_number + 1;
-            let mut batch = Vec::with_capacity(LINES_PER_CHUNK);
-            let mut batch_bytes = 0usize;
-            let mut read_error = None;
-            let mut exhausted = true;
-            for line in lines.by_ref() {
-                line_number += 1;
-                match line {
-                    Ok(line) => {
-                        batch_bytes += line.len();
-                        batch.push(line);
-                    }
-                    Err(error) => {
-                        read_error = Some(format!("line {line_number}: {error}"));
-                        break;
-                    }
+        if !read_ndjson(reader, max_document_bytes, &mut send) {
+            return;
+        }
+    }
+}
+
+/// Sends the lines of one ndjson file in chunks; a line that cannot be read, or is longer
+/// than `max_line_bytes`, ends the file with an `Unreadable` payload. Returns false once
+/// nobody receives chunks any more.
+fn read_ndjson(
+    reader: impl Read,
+    max_line_bytes: usize,
+    send: &mut impl FnMut(ChunkPayload) -> bool,
+) -> bool {
+    let mut reader = BufReader::with_capacity(1 << 20, reader);
+    let mut line_number = 0u64;
+    let mut line = Vec::new();
+    loop {
+        let first_line = line_number + 1;
+        let mut batch = Vec::with_capacity(LINES_PER_CHUNK);
+        let mut batch_bytes = 0usize;
+        let mut stopped = None;
+        while batch.len() < LINES_PER_CHUNK && batch_bytes < BYTES_PER_CHUNK {
+            match read_capped_line(&mut reader, &mut line, max_line_bytes) {
+                Ok(LineEnd::Complete) => {
+                    line_number += 1;
+                    batch_bytes += line.len();
+                    batch.push(std::mem::take(&mut line));
                 }
-                if batch.len() == LINES_PER_CHUNK || batch_bytes >= BYTES_PER_CHUNK {
-                    exhausted = false;
+                Ok(LineEnd::EndOfFile) => {
+                    stopped = Some(None);
+                    break;
+                }
+                Ok(LineEnd::TooLong) => {
+                    stopped = Some(Some(format!(
+                        "the line is longer than the limit of {max_line_bytes} bytes; \
+                         the rest of the file was not read"
+                    )));
+                    break;
+                }
+                Err(error) => {
+                    stopped = Some(Some(format!("{error}; the rest of the file was not read")));
                     break;
                 }
             }
-            let finished = exhausted;
-            if !batch.is_empty()
-                && !send(ChunkPayload::Lines {
-                    first_line,
-                    lines: batch,
-                })
-            {
-                return;
-            }
-            if let Some(error) = read_error {
-                if !send(ChunkPayload::Unreadable(error)) {
-                    return;
-                }
-                break;
-            }
-            if finished {
-                break;
-            }
+        }
+        if !batch.is_empty()
+            && !send(ChunkPayload::Lines {
+                first_line,
+                lines: batch,
+            })
+        {
+            return false;
+        }
+        if let Some(problem) = stopped {
+            return match problem {
+                None => true,
+                Some(reason) => send(ChunkPayload::Unreadable {
+                    location: ProblemLocation::Line(line_number + 1),
+                    reason,
+                }),
+            };
         }
     }
 }
@@ -388,11 +498,11 @@ fn prepare_chunks(
         match chunk.payload {
             ChunkPayload::Lines { first_line, lines } => {
                 for (offset, line) in lines.iter().enumerate() {
-                    if line.trim().is_empty() {
+                    if line.trim_ascii().is_empty() {
                         continue;
                     }
                     let line_number = first_line + offset as u64;
-                    match prepare_line(line.as_bytes(), max_json_depth) {
+                    match prepare_line(line, max_json_depth) {
                         Ok(resource) => resources.push(resource),
                         Err(reason) => {
                             problems.push(problem(ProblemLocation::Line(line_number), reason))
@@ -400,7 +510,7 @@ fn prepare_chunks(
                     }
                 }
             }
-            ChunkPayload::JsonDocument(text) => match prepare_document(&text, max_json_depth) {
+            ChunkPayload::JsonDocument(bytes) => match prepare_document(&bytes, max_json_depth) {
                 Ok((document_resources, entry_problems)) => {
                     resources = document_resources;
                     problems.extend(entry_problems.into_iter().map(|(index, reason)| {
@@ -409,8 +519,8 @@ fn prepare_chunks(
                 }
                 Err(reason) => problems.push(problem(ProblemLocation::WholeFile, reason)),
             },
-            ChunkPayload::Unreadable(reason) => {
-                problems.push(problem(ProblemLocation::WholeFile, reason))
+            ChunkPayload::Unreadable { location, reason } => {
+                problems.push(problem(location, reason))
             }
         }
         let ready = PreparedChunk {
@@ -425,6 +535,12 @@ fn prepare_chunks(
 }
 
 fn prepare_line(line: &[u8], max_json_depth: usize) -> Result<PreparedResource, String> {
+    if let Err(error) = std::str::from_utf8(line) {
+        return Err(format!(
+            "the line is not valid UTF-8 (at byte {})",
+            error.valid_up_to()
+        ));
+    }
     let parsed =
         ParsedResource::parse_bytes(line, max_json_depth).map_err(|error| error.to_string())?;
     let id = parsed.id.clone().ok_or_else(|| {
@@ -440,11 +556,11 @@ fn prepare_line(line: &[u8], max_json_depth: usize) -> Result<PreparedResource, 
 /// to `Type/id`) or a single resource. Entry problems are returned by entry index.
 #[allow(clippy::type_complexity)]
 fn prepare_document(
-    text: &str,
+    bytes: &[u8],
     max_json_depth: usize,
 ) -> Result<(Vec<PreparedResource>, Vec<(usize, String)>), String> {
-    let parsed = ParsedResource::parse_bytes(text.as_bytes(), max_json_depth)
-        .map_err(|error| error.to_string())?;
+    let parsed =
+        ParsedResource::parse_bytes(bytes, max_json_depth).map_err(|error| error.to_string())?;
     if parsed.resource_type.as_str() != "Bundle" {
         let id = parsed
             .id

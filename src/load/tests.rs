@@ -10,6 +10,7 @@ fn options(paths: Vec<PathBuf>, on_error: OnError) -> LoadOptions {
         on_error,
         max_json_depth: DEFAULT_MAX_JSON_DEPTH,
         show_progress: false,
+        max_document_bytes: DEFAULT_MAX_DOCUMENT_BYTES,
     }
 }
 
@@ -181,4 +182,123 @@ fn the_shipped_sample_loads_completely() {
     assert_eq!(summary.written(), 45_200);
     assert_eq!(summary.by_type.len(), 25);
     assert_eq!(summary.by_type[&ResourceType::PATIENT].written, 20);
+}
+
+fn patient_lines(count: usize) -> Vec<Vec<u8>> {
+    (1..=count)
+        .map(|number| format!(r#"{{"resourceType":"Patient","id":"p{number}"}}"#).into_bytes())
+        .collect()
+}
+
+fn write_lines(path: &Path, lines: &[Vec<u8>]) {
+    std::fs::write(path, lines.join(&b'\n')).unwrap();
+}
+
+#[test]
+fn an_invalid_utf8_line_is_skipped_and_reported_and_the_rest_of_the_file_loads() {
+    let inputs = tempfile::tempdir().unwrap();
+    let file = inputs.path().join("Patient.ndjson");
+    let mut lines = patient_lines(1_000);
+    lines[499] =
+        b"{\"resourceType\":\"Patient\",\"id\":\"p500\",\"name\":[{\"family\":\"\xff\xfe\"}]}"
+            .to_vec();
+    write_lines(&file, &lines);
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::open(data.path(), &StoreOptions::default()).unwrap();
+
+    let summary = load(&store, &options(vec![file.clone()], OnError::Skip)).unwrap();
+
+    assert_eq!(summary.written(), 999);
+    assert_eq!(summary.skipped.len(), 1);
+    assert_eq!(summary.skipped[0].location, ProblemLocation::Line(500));
+    assert!(summary.skipped[0].reason.contains("not valid UTF-8"));
+    assert_eq!(
+        summary.skipped_by_file(),
+        BTreeMap::from([(file.as_path(), 1)])
+    );
+    assert!(
+        summary
+            .to_string()
+            .ends_with(&format!("\n  1 skipped in {}", file.display()))
+    );
+    assert!(
+        store
+            .read_current(ResourceType::PATIENT, &id("p1000"))
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .read_current(ResourceType::PATIENT, &id("p500"))
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[test]
+fn a_line_or_document_over_the_cap_is_refused_with_a_clear_error() {
+    const CAP: usize = 200;
+    let inputs = tempfile::tempdir().unwrap();
+    let long_line_file = inputs.path().join("a/Patient.ndjson");
+    std::fs::create_dir_all(long_line_file.parent().unwrap()).unwrap();
+    let mut lines = patient_lines(3);
+    lines[1] = format!(
+        r#"{{"resourceType":"Patient","id":"p2","gender":"{}"}}"#,
+        "x".repeat(CAP)
+    )
+    .into_bytes();
+    write_lines(&long_line_file, &lines);
+    let big_document = inputs.path().join("b/big.json");
+    write_file(
+        &big_document,
+        &format!(
+            r#"{{"resourceType":"Patient","id":"big","gender":"{}"}}"#,
+            "x".repeat(CAP)
+        ),
+    );
+    write_file(
+        &inputs.path().join("b/small.json"),
+        r#"{"resourceType":"Patient","id":"small"}"#,
+    );
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::open(data.path(), &StoreOptions::default()).unwrap();
+    let capped = |on_error| LoadOptions {
+        max_document_bytes: CAP,
+        ..options(vec![inputs.path().to_path_buf()], on_error)
+    };
+
+    let summary = load(&store, &capped(OnError::Skip)).unwrap();
+
+    assert_eq!(summary.written(), 2, "p1 and small");
+    let problems: Vec<(&Path, &ProblemLocation)> = summary
+        .skipped
+        .iter()
+        .map(|problem| (problem.file.as_path(), &problem.location))
+        .collect();
+    assert_eq!(
+        problems,
+        vec![
+            (long_line_file.as_path(), &ProblemLocation::Line(2)),
+            (big_document.as_path(), &ProblemLocation::WholeFile),
+        ]
+    );
+    assert!(
+        summary.skipped[0]
+            .reason
+            .contains("longer than the limit of 200 bytes")
+    );
+    assert!(
+        summary.skipped[1]
+            .reason
+            .contains("larger than the limit of 200 bytes")
+    );
+
+    let aborted = load(&store, &capped(OnError::Abort)).unwrap_err();
+    assert!(
+        aborted.to_string().starts_with(&format!(
+            "{}:2: the line is longer than the limit of 200 bytes",
+            long_line_file.display()
+        )),
+        "{aborted}"
+    );
 }

@@ -1,6 +1,6 @@
 //! The single writer thread: assigns seqs, versions and instants, stages each request's
 //! events and projections into one batch per group, and acknowledges a group only after
-//! its batch is fsynced.
+//! its batch is fsynced, which happens before any of it becomes visible to readers.
 
 use std::collections::HashMap;
 
@@ -8,7 +8,7 @@ use fjall::{OwnedWriteBatch, PersistMode};
 use tokio::sync::oneshot;
 
 use super::projection::{CurrentOverlay, stage_projections};
-use super::read::newest_event_in_log;
+use super::read::newest_event;
 use super::record::{self, CurrentEntry, EventOperation, EventRecord};
 use super::write::{
     PreparedResource, UnchangedContent, VersionInfo, WriteOperation, WriteOutcome, WriteRejection,
@@ -17,7 +17,7 @@ use super::{Keyspaces, StoreError, keys};
 use crate::fhir::{Instant, ResourceId, ResourceType};
 
 /// Most commit requests folded into one batch and one fsync.
-const MAX_REQUESTS_PER_GROUP: usize = 512;
+pub(super) const MAX_REQUESTS_PER_GROUP: usize = 512;
 
 /// fjall 3.1 halts a write that finds this many sealed memtables in a keyspace, in sleeps
 /// of 100 ms, until its flush worker catches up.
@@ -56,13 +56,13 @@ struct PlannedRequest<'request> {
 }
 
 impl Committer {
-    /// Resumes numbering after the newest event in the log.
+    /// Resumes numbering after the newest event in `events`.
     pub fn recover(
         keyspaces: Keyspaces,
         events_memtable_bytes: u64,
         index_memtable_bytes: u64,
     ) -> Result<Committer, StoreError> {
-        let (last_seq, last_instant) = match newest_event_in_log(&keyspaces)? {
+        let (last_seq, last_instant) = match newest_event(&keyspaces)? {
             Some((resource_type, seq)) => keyspaces
                 .with_event_record(resource_type, seq, |event| {
                     (
@@ -70,7 +70,9 @@ impl Committer {
                         Instant::from_micros_since_epoch(event.instant_micros),
                     )
                 })?
-                .ok_or_else(|| StoreError::Corrupt(format!("the log names missing event {seq}")))?,
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("newest event {seq} could not be read"))
+                })?,
             None => (0, Instant::from_micros_since_epoch(i64::MIN)),
         };
         Ok(Committer {
@@ -97,24 +99,24 @@ impl Committer {
         }
     }
 
+    /// Stages the group into one batch that fjall fsyncs to its journal before applying it
+    /// to the memtables, so readers never see a write a crash could lose. A failed batch
+    /// leaves nothing visible, and its seqs stay used: the next group numbers after them.
     fn commit_group(&mut self, group: Vec<CommitRequest>) {
         self.wait_while_flushes_are_behind();
-        let last_seq_before_group = self.last_seq;
-        let last_instant_before_group = self.last_instant;
-        let mut batch = self.keyspaces.database.batch();
+        let mut batch = self
+            .keyspaces
+            .database
+            .batch()
+            .durability(Some(PersistMode::SyncAll));
         let mut group_overlay = CurrentOverlay::new();
         let mut answers = Vec::with_capacity(group.len());
         for request in group {
             let staged = self.stage_request(&request.operations, &mut batch, &mut group_overlay);
             answers.push((request.reply, staged));
         }
-        let durable = batch
-            .commit()
-            .and_then(|()| self.keyspaces.database.persist(PersistMode::SyncAll));
-        if let Err(error) = durable {
+        if let Err(error) = batch.commit() {
             tracing::error!(%error, "commit failed; the group's writes were not acknowledged");
-            self.last_seq = last_seq_before_group;
-            self.last_instant = last_instant_before_group;
             let message = error.to_string();
             for (reply, staged) in answers {
                 let answer = staged.and(Err(StoreError::Storage(fjall::Error::Io(

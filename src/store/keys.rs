@@ -19,6 +19,26 @@ pub fn event(resource_type: ResourceType, seq: u64) -> [u8; 14] {
     key
 }
 
+/// The `events` keys of one type inside one seq bucket start with these six bytes.
+pub fn event_bucket_type_prefix(bucket: u32, type_code: u16) -> [u8; 6] {
+    let mut prefix = [0u8; 6];
+    prefix[..4].copy_from_slice(&bucket.to_be_bytes());
+    prefix[4..].copy_from_slice(&type_code.to_be_bytes());
+    prefix
+}
+
+/// Splits an `events` key into (bucket, type code, seq).
+pub fn parse_event(key: &[u8]) -> Option<(u32, u16, u64)> {
+    let key: &[u8; 14] = key.try_into().ok()?;
+    let (bucket, rest) = key.split_first_chunk::<4>()?;
+    let (type_code, seq) = rest.split_first_chunk::<2>()?;
+    Some((
+        u32::from_be_bytes(*bucket),
+        u16::from_be_bytes(*type_code),
+        u64::from_be_bytes(seq.try_into().ok()?),
+    ))
+}
+
 fn event_bucket(seq: u64) -> u32 {
     u32::try_from(seq >> EVENT_BUCKET_SEQ_BITS).expect("seqs stay below 2^46")
 }

@@ -43,6 +43,11 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{} holds no fhirlog store; check --data-dir", path.display())]
     NoStore { path: PathBuf },
+    #[error(
+        "the data directory {path} holds a half-rebuilt store (a `fhirlog rebuild` was \
+         interrupted); run `fhirlog rebuild --data-dir {path}` to finish it"
+    )]
+    RebuildInterrupted { path: PathBuf },
     #[error("the store is shutting down")]
     Closed,
     #[error(transparent)]
@@ -56,6 +61,9 @@ pub struct StoreOptions {
     pub max_journal_bytes: u64,
     pub events_memtable_bytes: u64,
     pub index_memtable_bytes: u64,
+    /// Commit requests waiting for the committer; a writer that finds the queue full
+    /// waits for room, so a burst of writers cannot grow memory without bound.
+    pub max_queued_commits: usize,
 }
 
 impl Default for StoreOptions {
@@ -65,9 +73,14 @@ impl Default for StoreOptions {
             max_journal_bytes: 256 << 20,
             events_memtable_bytes: 8 << 20,
             index_memtable_bytes: 8 << 20,
+            max_queued_commits: DEFAULT_MAX_QUEUED_COMMITS,
         }
     }
 }
+
+/// As many queued requests as the committer folds into one group, so queueing never
+/// shrinks a group.
+const DEFAULT_MAX_QUEUED_COMMITS: usize = committer::MAX_REQUESTS_PER_GROUP;
 
 /// The version of the key and record layout; a store written with another one is refused
 /// at open rather than misread. 2: `events` keys lead with a seq bucket.
@@ -75,6 +88,10 @@ const STORE_LAYOUT_VERSION: u32 = 2;
 
 /// The `meta` entry holding the layout version.
 const STORE_LAYOUT_KEY: &[u8] = b"layout";
+
+/// The `meta` entry present, durably, from the start of a rebuild until its last batch is
+/// durable: the projections may be partial while it exists.
+const REBUILD_IN_PROGRESS_KEY: &[u8] = b"rebuild-in-progress";
 
 /// One background thread for flushes and compactions: with two, fjall 3.1's idle worker
 /// spins re-queueing work while the other compacts (measured at ~18% of all CPU late in a
@@ -200,31 +217,51 @@ impl Drop for StoreShared {
 /// A commit submitted to the committer; [`PendingCommit::wait`] returns once it is
 /// durable (fsynced) or refused.
 pub struct PendingCommit {
+    /// A request submitted from inside the async runtime while the queue was full; it is
+    /// queued when waited for.
+    unqueued: Option<(Store, CommitRequest)>,
     reply: tokio::sync::oneshot::Receiver<Result<Vec<WriteOutcome>, StoreError>>,
 }
 
 impl PendingCommit {
     /// Blocks the calling thread; never call it on the async runtime.
     pub fn wait(self) -> Result<Vec<WriteOutcome>, StoreError> {
+        if let Some((store, request)) = self.unqueued {
+            store.queue_waiting_for_room(request);
+        }
         self.reply
             .blocking_recv()
             .unwrap_or(Err(StoreError::Closed))
     }
 
+    /// Waits without blocking the runtime, also while the commit queue is full.
     pub async fn wait_async(self) -> Result<Vec<WriteOutcome>, StoreError> {
+        if let Some((store, request)) = self.unqueued {
+            let queued =
+                tokio::task::spawn_blocking(move || store.queue_waiting_for_room(request)).await;
+            if queued.is_err() {
+                return Err(StoreError::Closed);
+            }
+        }
         self.reply.await.unwrap_or(Err(StoreError::Closed))
     }
+}
+
+/// Refuses a data directory that holds no store.
+fn require_existing_store(data_dir: &Path) -> Result<(), StoreError> {
+    if data_dir.join("store").is_dir() {
+        return Ok(());
+    }
+    Err(StoreError::NoStore {
+        path: data_dir.to_path_buf(),
+    })
 }
 
 impl Store {
     /// Opens the store in `data_dir` without creating one: a directory holding no store
     /// is refused.
     pub fn open_existing(data_dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
-        if !data_dir.join("store").is_dir() {
-            return Err(StoreError::NoStore {
-                path: data_dir.to_path_buf(),
-            });
-        }
+        require_existing_store(data_dir)?;
         Store::open(data_dir, options)
     }
 
@@ -257,7 +294,30 @@ impl Store {
         Ok(())
     }
 
+    /// Opens the store for reads and writes; refuses one that a rebuild left half done.
     pub fn open(data_dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+        let store = Store::open_even_mid_rebuild(data_dir, options)?;
+        if store
+            .keyspaces()
+            .meta
+            .contains_key(REBUILD_IN_PROGRESS_KEY)?
+        {
+            return Err(StoreError::RebuildInterrupted {
+                path: data_dir.to_path_buf(),
+            });
+        }
+        Ok(store)
+    }
+
+    /// Opens an existing store for [`Store::rebuild_projections`], also when an earlier
+    /// rebuild was interrupted. Opening reads only `events` and `meta`, so no projection,
+    /// however damaged, keeps a rebuild from starting.
+    pub fn open_for_rebuild(data_dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+        require_existing_store(data_dir)?;
+        Store::open_even_mid_rebuild(data_dir, options)
+    }
+
+    fn open_even_mid_rebuild(data_dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|error| StoreError::Storage(fjall::Error::Io(error)))?;
         let database = Database::builder(data_dir.join("store"))
@@ -278,7 +338,8 @@ impl Store {
             options.events_memtable_bytes,
             options.index_memtable_bytes,
         )?;
-        let (commit_sender, commit_receiver) = crossbeam_channel::unbounded();
+        let (commit_sender, commit_receiver) =
+            crossbeam_channel::bounded(options.max_queued_commits.max(1));
         let committer_thread = std::thread::Builder::new()
             .name("fhirlog-committer".to_owned())
             .spawn(move || committer.run(commit_receiver))
@@ -294,19 +355,48 @@ impl Store {
     }
 
     /// Queues `operations` as one all-or-nothing commit. Commits queued together share one
-    /// fsync (group commit).
+    /// fsync (group commit). While [`StoreOptions::max_queued_commits`] requests wait, a
+    /// caller outside the async runtime blocks here until there is room, so its commits
+    /// keep the order it submitted them in; inside the runtime the request is queued by
+    /// [`PendingCommit::wait_async`] instead, and never blocks a runtime thread.
     pub fn submit(&self, operations: Vec<WriteOperation>) -> PendingCommit {
         let (reply_sender, reply) = tokio::sync::oneshot::channel();
         let request = CommitRequest {
             operations,
             reply: reply_sender,
         };
+        let Some(sender) = &self.shared.commit_sender else {
+            let _ = request.reply.send(Err(StoreError::Closed));
+            return PendingCommit {
+                unqueued: None,
+                reply,
+            };
+        };
+        let unqueued = match sender.try_send(request) {
+            Ok(()) => None,
+            Err(crossbeam_channel::TrySendError::Disconnected(request)) => {
+                let _ = request.reply.send(Err(StoreError::Closed));
+                None
+            }
+            Err(crossbeam_channel::TrySendError::Full(request)) => {
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    Some((self.clone(), request))
+                } else {
+                    self.queue_waiting_for_room(request);
+                    None
+                }
+            }
+        };
+        PendingCommit { unqueued, reply }
+    }
+
+    /// Queues `request`, blocking while the queue is full.
+    fn queue_waiting_for_room(&self, request: CommitRequest) {
         if let Some(sender) = &self.shared.commit_sender
             && let Err(crossbeam_channel::SendError(request)) = sender.send(request)
         {
             let _ = request.reply.send(Err(StoreError::Closed));
         }
-        PendingCommit { reply }
     }
 
     /// Commits and waits until durable; blocks the calling thread.

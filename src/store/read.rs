@@ -202,15 +202,45 @@ pub(super) fn resource_type_of_log_entry(value: &[u8]) -> Result<ResourceType, S
         .ok_or_else(|| StoreError::Corrupt("bad log entry".to_owned()))
 }
 
-/// `(type, seq)` of the newest event, from the last `log` entry.
-pub(super) fn newest_event_in_log(
+/// `(type, seq)` of the newest event, read from `events` alone so that recovery never
+/// trusts a projection (one a rebuild cleared, or a damaged one). Only the last seq bucket
+/// can hold the newest seq; inside it, the newest seq is the last key of one of its types.
+pub(super) fn newest_event(
     keyspaces: &Keyspaces,
 ) -> Result<Option<(ResourceType, u64)>, StoreError> {
-    let Some(newest) = keyspaces.log.last_key_value() else {
+    let Some(last_entry) = keyspaces.events.last_key_value() else {
         return Ok(None);
     };
-    let (seq_bytes, type_bytes) = newest.into_inner()?;
-    let seq =
-        keys::parse_seq(&seq_bytes).ok_or_else(|| StoreError::Corrupt("bad log key".to_owned()))?;
-    Ok(Some((resource_type_of_log_entry(&type_bytes)?, seq)))
+    let bad_key = || StoreError::Corrupt("bad events key".to_owned());
+    let (bucket, _, _) = keys::parse_event(&last_entry.key()?).ok_or_else(bad_key)?;
+    let mut newest: Option<(ResourceType, u64)> = None;
+    let mut next_type_code = Some(0u16);
+    while let Some(type_code) = next_type_code {
+        let Some(first_of_type) = keyspaces
+            .events
+            .range(keys::event_bucket_type_prefix(bucket, type_code)..)
+            .next()
+        else {
+            break;
+        };
+        let (found_bucket, found_type_code, _) =
+            keys::parse_event(&first_of_type.key()?).ok_or_else(bad_key)?;
+        if found_bucket != bucket {
+            break;
+        }
+        let last_of_type = keyspaces
+            .events
+            .prefix(keys::event_bucket_type_prefix(bucket, found_type_code))
+            .next_back()
+            .ok_or_else(bad_key)?;
+        let (_, _, seq) = keys::parse_event(&last_of_type.key()?).ok_or_else(bad_key)?;
+        let resource_type = ResourceType::from_code(found_type_code).ok_or_else(|| {
+            StoreError::Corrupt(format!("unknown type code {found_type_code} in events"))
+        })?;
+        if newest.is_none_or(|(_, newest_seq)| seq > newest_seq) {
+            newest = Some((resource_type, seq));
+        }
+        next_type_code = found_type_code.checked_add(1);
+    }
+    Ok(newest)
 }

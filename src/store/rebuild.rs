@@ -4,7 +4,7 @@ use fjall::PersistMode;
 
 use super::projection::{CurrentOverlay, stage_projections};
 use super::record::{self, EventRecord};
-use super::{Store, StoreError, keys};
+use super::{REBUILD_IN_PROGRESS_KEY, Store, StoreError, keys};
 use crate::fhir::{Instant, ResourceType};
 
 /// Events staged per batch while rebuilding.
@@ -17,10 +17,14 @@ pub struct RebuildSummary {
 }
 
 impl Store {
-    /// Clears every projection and replays the log into them. Writes must not run
-    /// concurrently (the CLI runs it on a store nobody else has open).
+    /// Clears every projection and replays `events` into them. Writes must not run
+    /// concurrently (the CLI runs it on a store opened with [`Store::open_for_rebuild`]).
+    /// A durable mark in `meta` spans the whole rebuild: if it is interrupted,
+    /// [`Store::open`] refuses the store and the next rebuild starts over.
     pub fn rebuild_projections(&self) -> Result<RebuildSummary, StoreError> {
         let keyspaces = self.keyspaces();
+        keyspaces.meta.insert(REBUILD_IN_PROGRESS_KEY, [])?;
+        keyspaces.database.persist(PersistMode::SyncAll)?;
         for (_, keyspace) in keyspaces.projections() {
             keyspace.clear()?;
         }
@@ -55,6 +59,8 @@ impl Store {
         }
         stage_clock(self, &mut batch, &mut clock_pending)?;
         batch.commit()?;
+        keyspaces.database.persist(PersistMode::SyncAll)?;
+        keyspaces.meta.remove(REBUILD_IN_PROGRESS_KEY)?;
         keyspaces.database.persist(PersistMode::SyncAll)?;
         summary.commits = keyspaces.clock.len()? as u64;
         Ok(summary)

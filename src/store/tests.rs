@@ -399,3 +399,143 @@ fn reopen_after(
     }
     Store::open(directory, &StoreOptions::default())
 }
+
+/// A store holding, in two types, Patient p1 at versions 1-3 and Observation o1 at 1-2;
+/// the newest event is of whichever of the two types sorts first in `events` keys, so the
+/// newest seq is not the last key of its bucket.
+fn store_whose_newest_event_is_not_the_last_key(directory: &std::path::Path) -> Store {
+    let store = Store::open(directory, &StoreOptions::default()).unwrap();
+    let observation = |version: u32| {
+        update(&format!(
+            r#"{{"resourceType":"Observation","id":"o1","status":"final","code":{{"text":"v{version}"}},"subject":{{"reference":"Patient/p1"}}}}"#
+        ))
+    };
+    let patient = |version: u32| {
+        update(&format!(
+            r#"{{"resourceType":"Patient","id":"p1","name":[{{"family":"v{version}"}}]}}"#
+        ))
+    };
+    let observation_sorts_first =
+        ResourceType::parse("Observation").unwrap().code() < ResourceType::PATIENT.code();
+    store.commit(vec![patient(1), observation(1)]).unwrap();
+    store.commit(vec![patient(2), observation(2)]).unwrap();
+    if observation_sorts_first {
+        store.commit(vec![patient(3)]).unwrap();
+        store.commit(vec![observation(3)]).unwrap();
+    } else {
+        store.commit(vec![observation(3)]).unwrap();
+        store.commit(vec![patient(3)]).unwrap();
+    }
+    store
+}
+
+/// Every stored version of p1 and o1, by type, id and version.
+fn every_version(store: &Store) -> Vec<StoredVersion> {
+    let mut versions = store.history(ResourceType::PATIENT, &id("p1")).unwrap();
+    versions.extend(
+        store
+            .history(ResourceType::parse("Observation").unwrap(), &id("o1"))
+            .unwrap(),
+    );
+    versions
+}
+
+/// Empties `history` and `compartment`, drops `log`'s entries and adds one that names no
+/// type, and writes a `current` entry that does not decode.
+fn damage_projections(store: &Store) {
+    let keyspaces = store.keyspaces();
+    keyspaces.history.clear().unwrap();
+    keyspaces.compartment.clear().unwrap();
+    keyspaces.log.clear().unwrap();
+    keyspaces
+        .log
+        .insert(keys::seq(u64::MAX >> 20), b"?")
+        .unwrap();
+    keyspaces
+        .current
+        .insert(keys::type_id(ResourceType::PATIENT, "p1"), b"not an entry")
+        .unwrap();
+    keyspaces
+        .superseded
+        .insert(keys::type_seq(ResourceType::PATIENT, 99), keys::seq(100))
+        .unwrap();
+    keyspaces
+        .database
+        .persist(fjall::PersistMode::SyncAll)
+        .unwrap();
+}
+
+#[test]
+fn recovery_numbers_after_the_newest_event_whatever_the_log_holds() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = store_whose_newest_event_is_not_the_last_key(directory.path());
+    let before = every_version(&store);
+    let newest_seq = store.high_water_seq().unwrap();
+    assert_eq!(newest_seq, 6);
+    store.keyspaces().log.clear().unwrap();
+    store
+        .keyspaces()
+        .database
+        .persist(fjall::PersistMode::SyncAll)
+        .unwrap();
+    drop(store);
+
+    let reopened = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    let outcome = reopened
+        .commit(vec![update(r#"{"resourceType":"Patient","id":"p9"}"#)])
+        .unwrap();
+    assert!(
+        matches!(&outcome[0], WriteOutcome::Created { version } if version.seq == newest_seq + 1),
+        "{outcome:?}"
+    );
+    assert_eq!(every_version(&reopened), before);
+}
+
+#[test]
+fn rebuild_opens_and_repairs_damaged_and_emptied_projections() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = store_whose_newest_event_is_not_the_last_key(directory.path());
+    let before_damage = store.dump_projections().unwrap();
+    let versions = every_version(&store);
+    damage_projections(&store);
+    drop(store);
+
+    let store = Store::open_for_rebuild(directory.path(), &StoreOptions::default()).unwrap();
+    assert_eq!(store.rebuild_projections().unwrap().events, 6);
+    assert_eq!(store.dump_projections().unwrap(), before_damage);
+    assert_eq!(every_version(&store), versions);
+    drop(store);
+    let reopened = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    assert_eq!(reopened.dump_projections().unwrap(), before_damage);
+}
+
+#[test]
+fn open_refuses_a_store_whose_rebuild_was_interrupted_until_a_rebuild_finishes() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = store_whose_newest_event_is_not_the_last_key(directory.path());
+    let before = store.dump_projections().unwrap();
+    let keyspaces = store.keyspaces();
+    keyspaces.meta.insert(REBUILD_IN_PROGRESS_KEY, []).unwrap();
+    keyspaces.current.clear().unwrap();
+    keyspaces.log.clear().unwrap();
+    keyspaces
+        .database
+        .persist(fjall::PersistMode::SyncAll)
+        .unwrap();
+    drop(store);
+
+    let refused = Store::open(directory.path(), &StoreOptions::default());
+    let message = match refused {
+        Err(error @ StoreError::RebuildInterrupted { .. }) => error.to_string(),
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(_) => panic!("a half-rebuilt store was opened for serving"),
+    };
+    assert!(message.contains("fhirlog rebuild --data-dir"), "{message}");
+    assert_eq!(message.lines().count(), 1);
+
+    let store = Store::open_for_rebuild(directory.path(), &StoreOptions::default()).unwrap();
+    store.rebuild_projections().unwrap();
+    drop(store);
+    let reopened = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    assert_eq!(reopened.dump_projections().unwrap(), before);
+}
