@@ -58,10 +58,10 @@ impl TracedServer {
         }
     }
 
-    /// Stops the server and returns the trace lines in time order.
+    /// Stops the server (strace's child) and returns the trace lines in time order.
     fn stop(mut self) -> Vec<String> {
-        let _ = Command::new("kill")
-            .arg("-TERM")
+        let _ = Command::new("pkill")
+            .args(["-TERM", "-P"])
             .arg(self.child.id().to_string())
             .status();
         let _ = self.child.wait();
