@@ -1,7 +1,8 @@
 //! A destination that stops answering after start-up must never keep a client waiting:
 //! kick-offs answer within 5 s, status polls and cancels within 1 s, and a job whose
 //! destination died fails within about `--destination-timeout` with an OperationOutcome
-//! naming the container. (A closed port at start-up: `tests/export_storage.rs`.)
+//! naming the container; `/healthz` reports the dead destination within seconds. (A
+//! closed port at start-up: `tests/export_storage.rs`.)
 
 mod support;
 
@@ -13,13 +14,10 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::json;
+use support::bulk::{BulkClient, KickOffRequest};
 use support::{FhirClient, ServerProcess};
 
 const BUCKET: &str = "dead-destination";
-const KICK_OFF_HEADERS: [(&str, &str); 2] = [
-    ("Accept", "application/fhir+json"),
-    ("Prefer", "respond-async"),
-];
 
 /// An S3 endpoint that answers every request with an empty bucket listing while alive,
 /// and once dead accepts connections and never answers them.
@@ -161,30 +159,45 @@ fn a_destination_that_dies_keeps_no_client_waiting_and_fails_the_job_within_the_
             )
             .expect_json(StatusCode::CREATED);
     }
+    let server_root = server
+        .base_url
+        .strip_suffix("/fhir")
+        .expect("a base URL ending in /fhir");
+    let operator = FhirClient::with_timeout(server_root, Duration::from_secs(30));
+    let healthy = operator.get("/healthz");
+    assert_eq!(healthy.status, StatusCode::OK, "{}", healthy.text);
+    assert_eq!(healthy.json()["status"], "pass", "{}", healthy.text);
     destination.die();
+    let (unhealthy, health_time) = timed(|| operator.get("/healthz"));
+    assert!(
+        health_time < Duration::from_secs(6),
+        "the health check took {health_time:?}"
+    );
+    assert_eq!(
+        unhealthy.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        unhealthy.text
+    );
+    let checks = unhealthy.json()["checks"].clone();
+    assert_eq!(checks["store"]["status"], "pass", "{checks}");
+    assert_eq!(checks["destination"]["status"], "fail", "{checks}");
+    assert!(
+        checks["destination"]["output"]
+            .as_str()
+            .is_some_and(|output| output.contains(BUCKET)),
+        "{checks}"
+    );
 
-    let (cached, kick_off_time) =
-        timed(|| client.send(reqwest::Method::GET, "/$export", &KICK_OFF_HEADERS, None));
+    let bulk = BulkClient::new(&server.base_url);
+    let (status_url, kick_off_time) = timed(|| bulk.kick_off(&KickOffRequest::get("/$export")));
     assert!(
         kick_off_time < Duration::from_secs(5),
         "the kick-off took {kick_off_time:?}"
     );
-    assert_eq!(cached.status, StatusCode::ACCEPTED, "{}", cached.text);
-    let status_path = cached
-        .required_header("content-location")
-        .split("/fhir")
-        .nth(1)
-        .expect("a status URL under /fhir")
-        .to_owned();
 
-    let (uncached, uncached_time) = timed(|| {
-        client.send(
-            reqwest::Method::GET,
-            "/$export?_container=another-bucket",
-            &KICK_OFF_HEADERS,
-            None,
-        )
-    });
+    let (uncached, uncached_time) =
+        timed(|| bulk.send_kick_off(&KickOffRequest::get("/$export?_container=another-bucket")));
     assert!(
         uncached_time < Duration::from_secs(5),
         "a kick-off into an unopened container took {uncached_time:?}"
@@ -201,7 +214,7 @@ fn a_destination_that_dies_keeps_no_client_waiting_and_fails_the_job_within_the_
 
     let deadline = Instant::now() + destination_timeout + Duration::from_secs(10);
     let failure = loop {
-        let (poll, poll_time) = timed(|| client.get(&status_path));
+        let (poll, poll_time) = timed(|| bulk.status(&status_url));
         assert!(
             poll_time < Duration::from_secs(1),
             "a status poll took {poll_time:?}"
@@ -223,19 +236,11 @@ fn a_destination_that_dies_keeps_no_client_waiting_and_fails_the_job_within_the_
     let diagnostics = outcome.to_string();
     assert!(diagnostics.contains(BUCKET), "{diagnostics}");
 
-    let second = client.send(reqwest::Method::GET, "/$export", &KICK_OFF_HEADERS, None);
-    if second.status == StatusCode::ACCEPTED {
-        let second_status = second
-            .required_header("content-location")
-            .split("/fhir")
-            .nth(1)
-            .expect("a status URL under /fhir")
-            .to_owned();
-        let (cancelled, cancel_time) = timed(|| client.delete(&second_status));
-        assert!(
-            cancel_time < Duration::from_secs(1),
-            "a cancel took {cancel_time:?}"
-        );
-        assert_eq!(cancelled.status, StatusCode::ACCEPTED, "{}", cancelled.text);
-    }
+    let second_status_url = bulk.kick_off(&KickOffRequest::get("/$export"));
+    let (cancelled, cancel_time) = timed(|| bulk.cancel(&second_status_url));
+    assert!(
+        cancel_time < Duration::from_secs(1),
+        "a cancel took {cancel_time:?}"
+    );
+    assert_eq!(cancelled.status, StatusCode::ACCEPTED, "{}", cancelled.text);
 }

@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
+use support::bulk::{BulkClient, KickOffRequest, Polling};
 use support::{FhirClient, free_local_port};
 
 /// `fhirlog serve` under `strace -f`, its trace written to a file.
@@ -119,29 +120,12 @@ fn writes_and_export_files_are_fsynced_before_they_are_acknowledged() {
         &json!({"resourceType": "Patient", "id": "traced"}),
     );
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
-    let kick_off = server.client.send(
-        reqwest::Method::GET,
-        "/$export?_type=Patient",
-        &[
-            ("Accept", "application/fhir+json"),
-            ("Prefer", "respond-async"),
-        ],
-        None,
-    );
-    assert_eq!(kick_off.status, StatusCode::ACCEPTED, "{}", kick_off.text);
-    let status_url = kick_off.required_header("content-location").to_owned();
-    let status_path = status_url.split("/fhir").nth(1).expect("a status URL");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let manifest: Value = loop {
-        let poll = server.client.get(status_path);
-        if poll.status == StatusCode::OK {
-            break poll.json();
-        }
-        assert_eq!(poll.status, StatusCode::ACCEPTED, "{}", poll.text);
-        assert!(Instant::now() < deadline, "the export did not complete");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let job_id = status_path.rsplit('/').next().expect("a job id").to_owned();
+    let bulk = BulkClient::new(&server.client.base_url);
+    let status_url = bulk.kick_off(&KickOffRequest::get("/$export?_type=Patient"));
+    let manifest = bulk
+        .poll_until_complete(&status_url, Polling::Eagerly)
+        .manifest;
+    let job_id = status_url.rsplit('/').next().expect("a job id").to_owned();
     let lines = server.stop();
 
     let store_dir = data_dir.display().to_string();

@@ -10,11 +10,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use support::ServerProcess;
-
-const KICK_OFF_HEADERS: [(&str, &str); 2] = [
-    ("Accept", "application/fhir+json"),
-    ("Prefer", "respond-async"),
-];
+use support::bulk::{BulkClient, KickOffRequest};
 
 /// A tmpfs of a few megabytes, unmounted on drop.
 struct SmallFilesystem {
@@ -80,28 +76,9 @@ fn an_export_that_fills_its_disk_fails_within_seconds_and_deletes_its_parts() {
             &storage,
         ],
     );
-    let kick_off = server
-        .client
-        .send(reqwest::Method::GET, "/$export", &KICK_OFF_HEADERS, None);
-    assert_eq!(kick_off.status, StatusCode::ACCEPTED, "{}", kick_off.text);
-    let status_path = kick_off
-        .required_header("content-location")
-        .split("/fhir")
-        .nth(1)
-        .expect("a status URL under /fhir")
-        .to_owned();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let failure = loop {
-        let poll = server.client.get(&status_path);
-        if poll.status != StatusCode::ACCEPTED {
-            break poll;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the export was still running 30 s after its disk filled"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let bulk = BulkClient::new(&server.base_url);
+    let status_url = bulk.kick_off(&KickOffRequest::get("/$export"));
+    let (failure, _) = bulk.poll_until_finished(&status_url, Duration::from_secs(30));
     assert!(failure.status.is_server_error(), "{}", failure.text);
     let outcome = failure.json();
     assert_eq!(outcome["resourceType"], "OperationOutcome", "{outcome}");
@@ -120,11 +97,5 @@ fn an_export_that_fills_its_disk_fails_within_seconds_and_deletes_its_parts() {
     }
     let metadata = server.client.get("/metadata");
     assert_eq!(metadata.status, StatusCode::OK);
-    let small = server.client.send(
-        reqwest::Method::GET,
-        "/$export?_type=Organization",
-        &KICK_OFF_HEADERS,
-        None,
-    );
-    assert_eq!(small.status, StatusCode::ACCEPTED, "{}", small.text);
+    bulk.kick_off(&KickOffRequest::get("/$export?_type=Organization"));
 }

@@ -70,8 +70,9 @@ pub struct ExportEngine {
 
 impl ExportEngine {
     /// Starts the scheduler, the workers and the watchdog, and queues every unfinished
-    /// persisted job; containers are reopened by the workers, so a destination that is
-    /// down does not hold up the start. `runtime` drives the destination's async I/O.
+    /// persisted job; jobs' containers are attached without contacting their destination,
+    /// so a destination that is down does not hold up the start. `runtime` drives the
+    /// destination's async I/O.
     pub fn start(
         store: Store,
         destination: Arc<dyn Destination>,
@@ -117,6 +118,7 @@ impl ExportEngine {
         })?;
         for record in JobRecord::load_all(&shared.store)? {
             let job = Arc::new(JobHandle::new(record, Arc::clone(&shared.stopping)));
+            shared.attach_container(&job);
             shared.registry.insert(Arc::clone(&job));
             if !job.record().is_finished() {
                 tracing::info!(job = %job.id(), "resuming export after restart");
@@ -206,6 +208,16 @@ impl ExportEngine {
         self.shared.open_container(&name).map(|_| ())
     }
 
+    /// Whether the destination answers now: its default container is opened afresh
+    /// (bounded by the destination's open timeout), bypassing the cache. Blocking.
+    pub fn probe_destination(&self) -> Result<(), ExportError> {
+        let name = self.shared.destination.default_container();
+        self.shared
+            .destination
+            .open_container(&name, &self.shared.runtime)?;
+        Ok(())
+    }
+
     /// The job's state as held in memory: never waits on storage.
     pub fn status(&self, job_id: &str) -> Result<JobStatus, ExportError> {
         let job = self.shared.registry.get(job_id)?;
@@ -263,7 +275,10 @@ impl ExportEngine {
         let container = job.container().cloned().ok_or_else(|| {
             ExportError::new(
                 ExportErrorKind::DestinationUnavailable,
-                format!("the storage of export job '{job_id}' is being reopened; retry shortly"),
+                format!(
+                    "the container '{}' of export job '{job_id}' is not available",
+                    job.record().container
+                ),
             )
         })?;
         Ok((container, files::final_object(job_id, file_name)))
@@ -315,6 +330,20 @@ impl EngineShared {
             .clone())
     }
 
+    /// Attaches a resumed job's container (no remote call); a job whose container cannot
+    /// be attached opens it when a worker first needs it.
+    fn attach_container(&self, job: &JobHandle) {
+        let name = job.record().container.clone();
+        match self.destination.attach_container(&name) {
+            Ok(opened) => {
+                job.set_container(ContainerStore::new(name, opened, self.runtime.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(job = %job.id(), error = %error.detail(), "cannot attach an export's container")
+            }
+        }
+    }
+
     /// The job's container, opened now if this run has not yet, retrying a destination
     /// that is down until `--destination-timeout`.
     fn container_of(&self, job: &JobHandle) -> Result<ContainerStore, ExportError> {
@@ -333,18 +362,11 @@ impl EngineShared {
             WorkItem::Collect(job)
             | WorkItem::Unit(job, _)
             | WorkItem::Finalize(job)
-            | WorkItem::Cleanup(job)
-            | WorkItem::OpenContainer(job) => Arc::clone(job),
+            | WorkItem::Cleanup(job) => Arc::clone(job),
         };
         let outcome = match item {
             WorkItem::Cleanup(job) => {
                 self.clean_up(&job);
-                Ok(())
-            }
-            WorkItem::OpenContainer(job) => {
-                if let Err(error) = self.container_of(&job) {
-                    tracing::error!(job = %job.id(), %error, "cannot reopen the container of a completed export");
-                }
                 Ok(())
             }
             WorkItem::Collect(job) => job

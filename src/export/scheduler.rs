@@ -23,8 +23,6 @@ pub enum WorkItem {
     Finalize(Arc<JobHandle>),
     /// Remove what a cancelled, failed or expired job left behind, once its tasks stopped.
     Cleanup(Arc<JobHandle>),
-    /// Reopen the container of a job completed before a restart, for its downloads.
-    OpenContainer(Arc<JobHandle>),
 }
 
 /// What the scheduler is told.
@@ -126,8 +124,7 @@ fn queue_remaining(
                 queue.push_back(WorkItem::Unit(Arc::clone(job), Box::new(assignment)));
             }
         }
-        JobState::Completed { .. } => queue.push_back(WorkItem::OpenContainer(Arc::clone(job))),
-        JobState::Failed { .. } => {}
+        JobState::Completed { .. } | JobState::Failed { .. } => {}
     }
     Ok(())
 }

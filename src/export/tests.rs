@@ -536,3 +536,27 @@ fn kept_exports_are_limited_by_count_and_by_bytes() {
     engine.cancel(&second.id).unwrap();
     harness.run(&engine, ExportRequest::everything_at(ExportLevel::System));
 }
+
+/// Regression (found by the export property test): right after a restart, the files of
+/// an export completed before it were not downloadable until a worker had reopened the
+/// container.
+#[test]
+fn files_of_an_export_completed_before_a_restart_are_readable_at_once() {
+    let harness = Harness::new();
+    harness.put(r#"{"resourceType":"Patient","id":"p1"}"#);
+    let (record, contents) = {
+        let engine = harness.engine(small_settings(5));
+        harness.run(&engine, ExportRequest::everything_at(ExportLevel::System))
+    };
+    let restarted = harness.engine(small_settings(5));
+    for file in &record.files {
+        let (files, object) = restarted.file(&record.id, &file.name).unwrap();
+        let bytes = harness.runtime.block_on(files.get_bytes(&object)).unwrap();
+        let lines: Vec<String> = String::from_utf8(bytes.to_vec())
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(lines, contents[&file.name]);
+    }
+}

@@ -7,6 +7,7 @@ mod capability;
 mod download;
 pub mod error;
 mod export;
+mod health;
 mod request;
 mod resource;
 mod response;

@@ -8,7 +8,7 @@ use warp::reply::Response as WarpResponse;
 
 use super::export::KickOffRequest;
 use super::request::CapturedRequest;
-use super::{ApiError, AppState, bundle, capability, download, export, resource, response};
+use super::{ApiError, AppState, bundle, capability, download, export, health, resource, response};
 use crate::export::ExportLevel;
 use crate::fhir::{ResourceId, ResourceType};
 
@@ -16,6 +16,7 @@ use crate::fhir::{ResourceId, ResourceType};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Interaction {
     Capabilities,
+    Health,
     BatchOrTransaction,
     Create {
         resource_type: ResourceType,
@@ -57,6 +58,8 @@ pub enum Interaction {
 }
 
 const BASE_PATH: &str = "/fhir";
+/// The operators' health check, outside the FHIR base.
+const HEALTH_PATH: &str = "/healthz";
 
 pub async fn respond(state: Arc<AppState>, request: CapturedRequest) -> WarpResponse {
     match dispatch(state, request).await {
@@ -91,6 +94,7 @@ async fn dispatch(
     let body = request.body?;
     match interaction {
         Interaction::Capabilities => Ok(capability::capability_statement(&state)),
+        Interaction::Health => Ok(health::health(state).await),
         Interaction::BatchOrTransaction => bundle::batch_or_transaction(state, body).await,
         Interaction::Create { resource_type } => resource::create(state, resource_type, body).await,
         Interaction::Read { resource_type, id } => resource::read(state, resource_type, id).await,
@@ -132,6 +136,15 @@ async fn dispatch(
 pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, ApiError> {
     let no_route =
         || ApiError::NotFound(format!("no FHIR endpoint at {} {}", method, truncate(path)));
+    if path == HEALTH_PATH {
+        return match *method {
+            Method::GET => Ok(Interaction::Health),
+            _ => Err(ApiError::MethodNotAllowed {
+                message: format!("{method} is not supported on {HEALTH_PATH}; use GET"),
+                allow: "GET",
+            }),
+        };
+    }
     let rest = match path.strip_prefix(BASE_PATH) {
         Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.trim_start_matches('/'),
         _ => return Err(no_route()),

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::azure::{
-    AzureAccessKey, AzureAuthorizer, AzureCredential, MicrosoftAzureBuilder,
+    AzureAccessKey, AzureAuthorizer, AzureCredential, MicrosoftAzure, MicrosoftAzureBuilder,
 };
 use object_store::client::HttpRequestBody;
 
 use super::s3::send_signed;
 use super::{
-    CloudContainerStores, ContainerName, Destination, OpenedContainer, SinkError,
+    CloudContainerStores, ContainerName, Destination, OpenedContainer, SinkError, cloud_container,
     interactive_client_options, interactive_retry_config, open_checked_container, retry_config,
     worker_client_options,
 };
@@ -91,6 +91,37 @@ impl AzureDestination {
         }
     }
 
+    /// The worker and interactive stores of `container`; nothing is contacted.
+    fn stores(
+        &self,
+        container: &ContainerName,
+    ) -> Result<CloudContainerStores<MicrosoftAzure>, SinkError> {
+        let built = |client_options, retry| {
+            let failure =
+                |error| SinkError::from_object_store(container.as_str(), &self.describe(), error);
+            self.builder(container, client_options, retry)
+                .map_err(|reason| {
+                    failure(object_store::Error::Generic {
+                        store: "MicrosoftAzure",
+                        source: reason.into(),
+                    })
+                })?
+                .build()
+                .map_err(failure)
+        };
+        let stores = CloudContainerStores {
+            objects: Arc::new(built(
+                worker_client_options(self.destination_timeout),
+                retry_config(self.destination_timeout),
+            )?),
+            interactive_objects: Arc::new(built(
+                interactive_client_options(),
+                interactive_retry_config(),
+            )?),
+        };
+        Ok(stores)
+    }
+
     fn builder(
         &self,
         container: &ContainerName,
@@ -158,36 +189,17 @@ impl Destination for AzureDestination {
         container: &ContainerName,
         runtime: &tokio::runtime::Handle,
     ) -> Result<OpenedContainer, SinkError> {
-        let built = |client_options, retry| {
-            let failure =
-                |error| SinkError::from_object_store(container.as_str(), &self.describe(), error);
-            self.builder(container, client_options, retry)
-                .map_err(|reason| {
-                    failure(object_store::Error::Generic {
-                        store: "MicrosoftAzure",
-                        source: reason.into(),
-                    })
-                })?
-                .build()
-                .map_err(failure)
-        };
-        let stores = CloudContainerStores {
-            objects: Arc::new(built(
-                worker_client_options(self.destination_timeout),
-                retry_config(self.destination_timeout),
-            )?),
-            interactive_objects: Arc::new(built(
-                interactive_client_options(),
-                interactive_retry_config(),
-            )?),
-        };
         open_checked_container(
-            stores,
+            self.stores(container)?,
             container,
             self,
             self.create_containers,
             runtime,
             self.create_container(container),
         )
+    }
+
+    fn attach_container(&self, container: &ContainerName) -> Result<OpenedContainer, SinkError> {
+        Ok(cloud_container(self.stores(container)?, self.describe()))
     }
 }

@@ -40,6 +40,17 @@ impl Destination for LocalDestination {
             }
             create_folder_durably(&directory)?;
         }
+        self.attach_container(container)
+    }
+
+    fn attach_container(&self, container: &ContainerName) -> Result<OpenedContainer, SinkError> {
+        let directory = self.root.join(container.as_str());
+        if !directory.is_dir() {
+            return Err(SinkError::ContainerMissing {
+                container: container.to_string(),
+                destination: self.describe(),
+            });
+        }
         let folder = std::fs::canonicalize(&directory)?;
         let files = Arc::new(
             LocalFileSystem::new_with_prefix(&folder)

@@ -38,6 +38,20 @@ impl Destination for MemoryDestination {
         "memory://".to_owned()
     }
 
+    fn attach_container(&self, container: &ContainerName) -> Result<OpenedContainer, SinkError> {
+        let containers = self
+            .containers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match containers.get(container) {
+            Some(existing) => Ok(self.opened(Arc::clone(existing))),
+            None => Err(SinkError::ContainerMissing {
+                container: container.to_string(),
+                destination: self.describe(),
+            }),
+        }
+    }
+
     fn open_container(
         &self,
         container: &ContainerName,

@@ -367,6 +367,10 @@ pub trait Destination: Send + Sync + 'static {
         container: &ContainerName,
         runtime: &tokio::runtime::Handle,
     ) -> Result<OpenedContainer, SinkError>;
+    /// The store for a container known to exist (a persisted job's), built without
+    /// contacting a remote destination, so a restart never waits on one; a container
+    /// deleted meanwhile shows up as failures of the reads and writes that use it.
+    fn attach_container(&self, container: &ContainerName) -> Result<OpenedContainer, SinkError>;
 }
 
 /// Longest wait for [`Destination::open_container`]: the existence probe and creation.
@@ -421,13 +425,21 @@ pub(crate) fn open_checked_container<S: ObjectStore + Signer>(
                 OPEN_CONTAINER_DEADLINE,
             ))
         })?;
-    Ok(OpenedContainer {
+    Ok(cloud_container(stores, description))
+}
+
+/// A cloud container's stores as an [`OpenedContainer`], signing with the worker store.
+pub(crate) fn cloud_container<S: ObjectStore + Signer>(
+    stores: CloudContainerStores<S>,
+    description: String,
+) -> OpenedContainer {
+    OpenedContainer {
         objects: stores.objects.clone(),
         interactive_objects: stores.interactive_objects,
         signer: Some(stores.objects),
         durability: Durability::CommittedOnUpload,
         destination: description,
-    })
+    }
 }
 
 /// Whether `objects`' container exists: listing a missing container fails with the

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::aws::{AmazonS3Builder, AwsAuthorizer, AwsCredential};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AwsAuthorizer, AwsCredential};
 use object_store::client::HttpRequestBody;
 
 use super::{
-    CloudContainerStores, ContainerName, Destination, OpenedContainer, SinkError,
+    CloudContainerStores, ContainerName, Destination, OpenedContainer, SinkError, cloud_container,
     interactive_client_options, interactive_retry_config, open_checked_container,
     probe_http_client, retry_config, worker_client_options,
 };
@@ -39,6 +39,28 @@ impl S3Destination {
             create_containers,
             destination_timeout,
         }
+    }
+
+    /// The worker and interactive stores of `bucket`; nothing is contacted.
+    fn stores(&self, bucket: &ContainerName) -> Result<CloudContainerStores<AmazonS3>, SinkError> {
+        let built = |client_options, retry| {
+            self.builder(bucket, client_options, retry)
+                .build()
+                .map_err(|error| {
+                    SinkError::from_object_store(bucket.as_str(), &self.describe(), error)
+                })
+        };
+        let stores = CloudContainerStores {
+            objects: Arc::new(built(
+                worker_client_options(self.destination_timeout),
+                retry_config(self.destination_timeout),
+            )?),
+            interactive_objects: Arc::new(built(
+                interactive_client_options(),
+                interactive_retry_config(),
+            )?),
+        };
+        Ok(stores)
     }
 
     fn builder(
@@ -155,30 +177,17 @@ impl Destination for S3Destination {
         bucket: &ContainerName,
         runtime: &tokio::runtime::Handle,
     ) -> Result<OpenedContainer, SinkError> {
-        let built = |client_options, retry| {
-            self.builder(bucket, client_options, retry)
-                .build()
-                .map_err(|error| {
-                    SinkError::from_object_store(bucket.as_str(), &self.describe(), error)
-                })
-        };
-        let stores = CloudContainerStores {
-            objects: Arc::new(built(
-                worker_client_options(self.destination_timeout),
-                retry_config(self.destination_timeout),
-            )?),
-            interactive_objects: Arc::new(built(
-                interactive_client_options(),
-                interactive_retry_config(),
-            )?),
-        };
         open_checked_container(
-            stores,
+            self.stores(bucket)?,
             bucket,
             self,
             self.create_containers,
             runtime,
             self.create_bucket(bucket),
         )
+    }
+
+    fn attach_container(&self, bucket: &ContainerName) -> Result<OpenedContainer, SinkError> {
+        Ok(cloud_container(self.stores(bucket)?, self.describe()))
     }
 }

@@ -296,6 +296,19 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the store still takes durable writes: writes a probe entry to `meta` and
+    /// fsyncs it (for health checks; a full disk or a failed fsync shows here).
+    pub fn probe_writable(&self) -> Result<(), StoreError> {
+        let keyspaces = self.keyspaces();
+        keyspaces.meta.insert(
+            b"health-probe",
+            crate::fhir::Instant::now()
+                .micros_since_epoch()
+                .to_be_bytes(),
+        )?;
+        self.persist_durably()
+    }
+
     /// Writes a job record durably.
     pub fn job_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.keyspaces().jobs.insert(key.as_bytes(), value)?;

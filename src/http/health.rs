@@ -1,0 +1,55 @@
+//! `GET /healthz` for operators: whether the store takes durable writes and the export
+//! destination answers, each checked afresh on a blocking thread.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use warp::http::StatusCode;
+use warp::reply::Response as WarpResponse;
+
+use super::AppState;
+use super::response;
+
+/// One check's verdict as reported.
+fn verdict(outcome: Result<(), String>) -> Value {
+    match outcome {
+        Ok(()) => json!({"status": "pass"}),
+        Err(message) => json!({"status": "fail", "output": message}),
+    }
+}
+
+/// 200 when every check passes, 503 otherwise; the body names each check's verdict.
+pub async fn health(state: Arc<AppState>) -> WarpResponse {
+    let probed = tokio::task::spawn_blocking(move || {
+        let store = state
+            .store
+            .probe_writable()
+            .map_err(|error| error.to_string());
+        let destination = state
+            .exports
+            .probe_destination()
+            .map_err(|error| error.to_string());
+        (store, destination)
+    })
+    .await;
+    let (store, destination) = probed.unwrap_or_else(|error| {
+        let message = format!("the health check stopped: {error}");
+        (Err(message.clone()), Err(message))
+    });
+    let healthy = store.is_ok() && destination.is_ok();
+    let body = json!({
+        "status": if healthy { "pass" } else { "fail" },
+        "checks": {"store": verdict(store), "destination": verdict(destination)},
+    });
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut reply = response::fhir_json(status, &body);
+    reply.headers_mut().insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::header::HeaderValue::from_static("application/health+json"),
+    );
+    reply
+}
