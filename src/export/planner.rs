@@ -5,8 +5,6 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use serde_json::Value;
-
 use super::error::ExportError;
 use super::job::{JobState, UnitSource, WorkUnit, load_members};
 use super::registry::JobHandle;
@@ -281,6 +279,42 @@ fn live_as_of(
         .unwrap_or(false))
 }
 
+/// The parts of a Group that membership needs; everything else is skipped while parsing,
+/// so a Group of hundreds of thousands of members is read without building its JSON tree.
+#[derive(serde::Deserialize)]
+struct GroupMembers {
+    #[serde(default)]
+    member: Vec<Lenient<GroupMember>>,
+}
+
+#[derive(serde::Deserialize)]
+struct GroupMember {
+    entity: Option<Lenient<MemberEntity>>,
+    inactive: Option<Lenient<bool>>,
+}
+
+#[derive(serde::Deserialize)]
+struct MemberEntity {
+    reference: Option<Lenient<String>>,
+}
+
+/// A field of the expected shape, or anything else (ignored, as a malformed member is).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Lenient<T> {
+    Expected(T),
+    Other(serde::de::IgnoredAny),
+}
+
+impl<T> Lenient<T> {
+    fn into_value(self) -> Option<T> {
+        match self {
+            Lenient::Expected(value) => Some(value),
+            Lenient::Other(_) => None,
+        }
+    }
+}
+
 /// Patients referenced by `Group.member.entity`, following nested Groups and skipping
 /// inactive members, all as of `through_seq`.
 fn group_members(
@@ -311,23 +345,21 @@ fn group_members(
             }
             continue;
         };
-        let group: Value =
+        let group: GroupMembers =
             serde_json::from_str(&body).map_err(|error| StoreError::Corrupt(error.to_string()))?;
-        for member in group
-            .get("member")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if member.get("inactive").and_then(Value::as_bool) == Some(true) {
+        for member in group.member.into_iter().filter_map(Lenient::into_value) {
+            if member.inactive.and_then(Lenient::into_value) == Some(true) {
                 continue;
             }
-            let Some(reference) = member
-                .get("entity")
-                .and_then(|entity| entity.get("reference"))
-                .and_then(Value::as_str)
-                .and_then(LiteralReference::parse)
+            let Some(reference_text) = member
+                .entity
+                .and_then(Lenient::into_value)
+                .and_then(|entity| entity.reference)
+                .and_then(Lenient::into_value)
             else {
+                continue;
+            };
+            let Some(reference) = LiteralReference::parse(&reference_text) else {
                 continue;
             };
             match reference.resource_type_name {
