@@ -212,9 +212,12 @@ fn a_destination_that_dies_keeps_no_client_waiting_and_fails_the_job_within_the_
         uncached.text
     );
 
-    let deadline = Instant::now() + destination_timeout + Duration::from_secs(10);
+    let died_at = Instant::now();
+    let deadline = died_at + destination_timeout + Duration::from_secs(10);
+    let mut slowest_poll = Duration::ZERO;
     let failure = loop {
         let (poll, poll_time) = timed(|| bulk.status(&status_url));
+        slowest_poll = slowest_poll.max(poll_time);
         assert!(
             poll_time < Duration::from_secs(1),
             "a status poll took {poll_time:?}"
@@ -230,6 +233,7 @@ fn a_destination_that_dies_keeps_no_client_waiting_and_fails_the_job_within_the_
         );
         std::thread::sleep(Duration::from_millis(200));
     };
+    let failed_after = died_at.elapsed();
     assert!(failure.status.is_server_error(), "{}", failure.text);
     let outcome = failure.json();
     assert_eq!(outcome["resourceType"], "OperationOutcome", "{outcome}");
@@ -243,4 +247,11 @@ fn a_destination_that_dies_keeps_no_client_waiting_and_fails_the_job_within_the_
         "a cancel took {cancel_time:?}"
     );
     assert_eq!(cancelled.status, StatusCode::ACCEPTED, "{}", cancelled.text);
+    println!(
+        "after the destination died: /healthz {health_time:?}, kick-off {kick_off_time:?}, \
+         kick-off into an unopened container {uncached_time:?} ({}), slowest status poll \
+         {slowest_poll:?}, job failed {failed_after:?} after the first kick-off returned, \
+         cancel {cancel_time:?}",
+        uncached.status
+    );
 }
