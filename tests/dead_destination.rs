@@ -168,6 +168,7 @@ fn a_destination_that_dies_keeps_no_client_waiting_and_fails_the_job_within_the_
     assert_eq!(healthy.status, StatusCode::OK, "{}", healthy.text);
     assert_eq!(healthy.json()["status"], "pass", "{}", healthy.text);
     destination.die();
+    let died_at = Instant::now();
     let (unhealthy, health_time) = timed(|| operator.get("/healthz"));
     assert!(
         health_time < Duration::from_secs(6),
@@ -212,7 +213,6 @@ fn a_destination_that_dies_keeps_no_client_waiting_and_fails_the_job_within_the_
         uncached.text
     );
 
-    let died_at = Instant::now();
     let deadline = died_at + destination_timeout + Duration::from_secs(10);
     let mut slowest_poll = Duration::ZERO;
     let failure = loop {
@@ -250,7 +250,7 @@ fn a_destination_that_dies_keeps_no_client_waiting_and_fails_the_job_within_the_
     println!(
         "after the destination died: /healthz {health_time:?}, kick-off {kick_off_time:?}, \
          kick-off into an unopened container {uncached_time:?} ({}), slowest status poll \
-         {slowest_poll:?}, job failed {failed_after:?} after the first kick-off returned, \
+         {slowest_poll:?}, job failed {failed_after:?} after the destination died, \
          cancel {cancel_time:?}",
         uncached.status
     );
