@@ -86,17 +86,22 @@ impl Harness {
         };
         let mut contents = BTreeMap::new();
         for file in &record.files {
-            let (files, object) = engine.file(&job_id, &file.name).unwrap();
-            let bytes = self.runtime.block_on(files.get_bytes(&object)).unwrap();
-            let lines: Vec<String> = String::from_utf8(bytes.to_vec())
-                .unwrap()
-                .lines()
-                .map(str::to_owned)
-                .collect();
+            let lines = self.file_lines(engine, &job_id, &file.name);
             assert_eq!(lines.len() as u64, file.count, "{}", file.name);
             contents.insert(file.name.clone(), lines);
         }
         (record, contents)
+    }
+
+    /// The lines of a completed job's file, read through the engine as a download would.
+    fn file_lines(&self, engine: &ExportEngine, job_id: &str, file_name: &str) -> Vec<String> {
+        let (files, object) = engine.file(job_id, file_name).unwrap();
+        let bytes = self.runtime.block_on(files.get_bytes(&object)).unwrap();
+        String::from_utf8(bytes.to_vec())
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -441,19 +446,14 @@ fn a_job_interrupted_by_shutdown_resumes_to_the_same_output() {
     let JobStatus::Completed { record, .. } = engine.wait(&job_id, |_| {}).unwrap() else {
         panic!()
     };
-    let mut resumed = BTreeMap::new();
-    for file in &record.files {
-        let (files, object) = engine.file(&job_id, &file.name).unwrap();
-        let bytes = harness.runtime.block_on(files.get_bytes(&object)).unwrap();
-        resumed.insert(
-            file.name.clone(),
-            String::from_utf8(bytes.to_vec())
-                .unwrap()
-                .lines()
-                .map(str::to_owned)
-                .collect::<Vec<_>>(),
-        );
-    }
+    let resumed: BTreeMap<String, Vec<String>> = record
+        .files
+        .iter()
+        .map(|file| {
+            let lines = harness.file_lines(&engine, &job_id, &file.name);
+            (file.name.clone(), lines)
+        })
+        .collect();
     assert_eq!(resumed, uninterrupted);
 }
 
@@ -550,13 +550,7 @@ fn files_of_an_export_completed_before_a_restart_are_readable_at_once() {
     };
     let restarted = harness.engine(small_settings(5));
     for file in &record.files {
-        let (files, object) = restarted.file(&record.id, &file.name).unwrap();
-        let bytes = harness.runtime.block_on(files.get_bytes(&object)).unwrap();
-        let lines: Vec<String> = String::from_utf8(bytes.to_vec())
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect();
+        let lines = harness.file_lines(&restarted, &record.id, &file.name);
         assert_eq!(lines, contents[&file.name]);
     }
 }

@@ -2,7 +2,6 @@
 //! `AZURE_STORAGE_ACCOUNT_KEY`; with the emulator, Azurite's well-known development
 //! account is used and `AZURITE_BLOB_STORAGE_URL` overrides its endpoint.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::azure::{
@@ -13,8 +12,7 @@ use object_store::client::HttpRequestBody;
 use super::s3::send_signed;
 use super::{
     CloudContainerStores, ContainerName, Destination, OpenedContainer, SinkError, cloud_container,
-    interactive_client_options, interactive_retry_config, open_checked_container, retry_config,
-    worker_client_options,
+    open_checked_container,
 };
 
 /// Azurite's published development account and key.
@@ -109,17 +107,7 @@ impl AzureDestination {
                 .build()
                 .map_err(failure)
         };
-        let stores = CloudContainerStores {
-            objects: Arc::new(built(
-                worker_client_options(self.destination_timeout),
-                retry_config(self.destination_timeout),
-            )?),
-            interactive_objects: Arc::new(built(
-                interactive_client_options(),
-                interactive_retry_config(),
-            )?),
-        };
-        Ok(stores)
+        CloudContainerStores::build(self.destination_timeout, built)
     }
 
     fn builder(

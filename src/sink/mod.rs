@@ -428,6 +428,27 @@ pub(crate) fn open_checked_container<S: ObjectStore + Signer>(
     Ok(cloud_container(stores, description))
 }
 
+impl<S: ObjectStore> CloudContainerStores<S> {
+    /// Builds the worker store (retrying until `destination_timeout`) and the interactive
+    /// store (short timeouts) with `build`, which turns client options and a retry policy
+    /// into a store; nothing is contacted.
+    pub(crate) fn build(
+        destination_timeout: Duration,
+        build: impl Fn(object_store::ClientOptions, object_store::RetryConfig) -> Result<S, SinkError>,
+    ) -> Result<CloudContainerStores<S>, SinkError> {
+        Ok(CloudContainerStores {
+            objects: Arc::new(build(
+                worker_client_options(destination_timeout),
+                retry_config(destination_timeout),
+            )?),
+            interactive_objects: Arc::new(build(
+                interactive_client_options(),
+                interactive_retry_config(),
+            )?),
+        })
+    }
+}
+
 /// A cloud container's stores as an [`OpenedContainer`], signing with the worker store.
 pub(crate) fn cloud_container<S: ObjectStore + Signer>(
     stores: CloudContainerStores<S>,

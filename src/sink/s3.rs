@@ -1,7 +1,6 @@
 //! S3-compatible buckets (AWS S3, MinIO, moto, …). Credentials come from the standard
 //! `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN` variables.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::{AmazonS3, AmazonS3Builder, AwsAuthorizer, AwsCredential};
@@ -9,8 +8,7 @@ use object_store::client::HttpRequestBody;
 
 use super::{
     CloudContainerStores, ContainerName, Destination, OpenedContainer, SinkError, cloud_container,
-    interactive_client_options, interactive_retry_config, open_checked_container,
-    probe_http_client, retry_config, worker_client_options,
+    open_checked_container, probe_http_client,
 };
 
 pub struct S3Destination {
@@ -50,17 +48,7 @@ impl S3Destination {
                     SinkError::from_object_store(bucket.as_str(), &self.describe(), error)
                 })
         };
-        let stores = CloudContainerStores {
-            objects: Arc::new(built(
-                worker_client_options(self.destination_timeout),
-                retry_config(self.destination_timeout),
-            )?),
-            interactive_objects: Arc::new(built(
-                interactive_client_options(),
-                interactive_retry_config(),
-            )?),
-        };
-        Ok(stores)
+        CloudContainerStores::build(self.destination_timeout, built)
     }
 
     fn builder(
