@@ -5,11 +5,11 @@
 //! - [`config`]: settings from flags and `FHIRLOG_*` variables, validated at start-up.
 //! - [`fhir`]: domain values parsed at the edge — resource types, ids, instants, canonical bodies, OperationOutcome, the Patient compartment.
 //! - [`store`]: the event log in fjall and its projections; the only code that touches fjall.
-//! - [`export`]: Bulk Data `$export` — requests, planning, persisted jobs, the worker pool, manifests.
-//! - [`http`]: the warp front end — routes, handlers, and the one mapping from errors to OperationOutcome.
+//! - [`export`]: Bulk Data `$export` as stages — request, registry, scheduler, planner, worker, finalizer, files, watchdog, manifest.
+//! - [`http`]: the warp front end — routes, handlers, downloads, `/healthz`, and the one mapping from errors to OperationOutcome.
 //! - [`load`]: the ndjson and Bundle loader behind `fhirlog load` and `serve --load`.
 //! - [`generate`]: the scale-data generator behind `fhirlog gen`.
-//! - [`sink`]: export destinations — the `Destination` trait over object_store (local, memory).
+//! - [`sink`]: export destinations — the `Destination` trait over object_store (local, memory, S3, Azure), durability, ranged reads.
 //! - [`serve`]: `fhirlog serve` — open, load, listen, shut down gracefully.
 
 pub mod app;
