@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod bulk;
+pub mod fake_s3;
 
 use std::fs::File;
 use std::net::TcpListener;
