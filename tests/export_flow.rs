@@ -22,6 +22,7 @@ use support::bulk::{
     assert_output_files_are_numbered_per_type, gunzip, key, parameters, parse_http_date,
     parse_instant, resource_header,
 };
+use support::fake_s3::{self, SwitchableS3};
 use support::{
     FhirClient, Reply, ServerProcess, TestApp, free_local_port, run_fhirlog,
     spawn_app_in_data_dir_with_export_settings, spawn_app_with_export_settings,
@@ -1960,6 +1961,62 @@ fn assert_export_completes(bulk: &BulkClient, status_url: &str) {
             other => panic!("{status_url} ended with {other}: {}", reply.text),
         }
     }
+}
+
+#[test]
+fn an_export_whose_destination_stops_answering_is_failed_by_job_timeout_for_making_no_progress() {
+    let destination = SwitchableS3::start();
+    let workspace = TempDir::new().expect("creating a workspace");
+    let data_dir = workspace.path().join("data");
+    let job_timeout = Duration::from_secs(2);
+    let server = ServerProcess::start_with_environment(
+        &data_dir,
+        &[
+            "--storage",
+            &destination.storage_url(),
+            "--job-timeout",
+            "2s",
+            "--destination-timeout",
+            "60s",
+        ],
+        &fake_s3::storage_environment(),
+    );
+    build_small_world(&server.client);
+    destination.die();
+    let bulk = BulkClient::new(&server.base_url);
+    let kicked_off_at = Instant::now();
+    let status_url = bulk.kick_off(&KickOffRequest::get("/$export"));
+
+    let stall_bound = Duration::from_secs(25);
+    let mut last_reply = None;
+    let ended = wait_until(stall_bound, || {
+        let reply = bulk.status(&status_url);
+        let ended = reply.status != StatusCode::ACCEPTED;
+        last_reply = Some(reply);
+        ended
+    });
+    let ended_after = kicked_off_at.elapsed();
+    let last_reply = last_reply.expect("at least one status poll");
+    assert!(
+        ended,
+        "the stalled export was still in progress {stall_bound:?} after kick-off with \
+         --job-timeout 2s: {}",
+        last_reply.text
+    );
+    last_reply.expect_operation_outcome(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &["made no progress", "the limit is 2.0s"],
+    );
+    assert_eq!(
+        last_reply.json()["issue"][0]["code"],
+        "timeout",
+        "{}",
+        last_reply.text
+    );
+    assert!(
+        ended_after >= job_timeout,
+        "the export failed {ended_after:?} after kick-off, before --job-timeout 2s could pass"
+    );
 }
 
 #[test]
