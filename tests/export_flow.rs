@@ -1714,6 +1714,14 @@ fn simultaneous_kick_offs_never_start_more_exports_than_max_jobs() {
          ({still_running} of them still running)",
         accepted.len()
     );
+    assert!(
+        !accepted.is_empty(),
+        "none of {CLIENTS} simultaneous kick-offs was accepted with --max-jobs 2: {:?}",
+        replies
+            .iter()
+            .map(|reply| (reply.status, reply.text.as_str()))
+            .collect::<Vec<_>>()
+    );
 }
 
 #[derive(Debug, Clone)]
