@@ -2033,6 +2033,50 @@ fn an_export_whose_destination_stops_answering_is_failed_by_job_timeout_for_maki
 }
 
 #[test]
+fn an_export_to_a_slow_destination_that_keeps_making_progress_outlives_a_shorter_job_timeout() {
+    let destination = SwitchableS3::start();
+    let workspace = TempDir::new().expect("creating a workspace");
+    let data_dir = workspace.path().join("data");
+    let job_timeout = Duration::from_secs(2);
+    let server = ServerProcess::start_with_environment(
+        &data_dir,
+        &[
+            "--storage",
+            &destination.storage_url(),
+            "--job-timeout",
+            "2s",
+            "--destination-timeout",
+            "60s",
+            "--workers",
+            "1",
+            "--max-resources-per-file",
+            "1",
+        ],
+        &fake_s3::storage_environment(),
+    );
+    build_small_world(&server.client);
+    let answer_delay = Duration::from_millis(100);
+    destination.answer_after(answer_delay);
+    let bulk = BulkClient::new(&server.base_url);
+    let kicked_off_at = Instant::now();
+    let status_url = bulk.kick_off(&KickOffRequest::get("/$export"));
+
+    let (finished, finished_after) = bulk.poll_until_finished(&status_url, EXPORT_DEADLINE);
+    assert_eq!(
+        finished.status,
+        StatusCode::OK,
+        "an export making progress every {answer_delay:?} was stopped: {}\nserver log:\n{}",
+        finished.text,
+        server.log()
+    );
+    assert!(
+        kicked_off_at.elapsed() > job_timeout,
+        "the export completed in {finished_after:?}, within --job-timeout 2s, so it proves \
+         nothing about outliving it"
+    );
+}
+
+#[test]
 fn exports_that_keep_making_progress_outlive_a_job_timeout_shorter_than_the_export() {
     let job_timeout = Duration::from_millis(1500);
     let app = spawn_app_with_sample(ExportSettings {
