@@ -430,7 +430,6 @@ fn sigterm_shuts_the_server_down_gracefully_with_exit_status_0_and_keeps_its_wri
     }
     assert!(server.client.is_serving());
 
-    let started = Instant::now();
     let status = server.terminate();
 
     assert!(
@@ -438,10 +437,10 @@ fn sigterm_shuts_the_server_down_gracefully_with_exit_status_0_and_keeps_its_wri
         "exit status {status}; log:\n{}",
         server.log()
     );
+    let log = server.log();
     assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "shutdown took {:?}",
-        started.elapsed()
+        log.contains("shut down cleanly") && !log.contains("stopping anyway"),
+        "the server did not finish its requests within its shutdown grace period:\n{log}"
     );
     assert!(!server.client.is_serving());
     assert_log_has_no_errors(&server);

@@ -22,6 +22,7 @@ use support::bulk::{
     assert_output_files_are_numbered_per_type, gunzip, key, parameters, parse_http_date,
     parse_instant, resource_header,
 };
+use support::fake_s3::{self, SwitchableS3};
 use support::{
     FhirClient, Reply, ServerProcess, TestApp, free_local_port, run_fhirlog,
     spawn_app_in_data_dir_with_export_settings, spawn_app_with_export_settings,
@@ -1713,6 +1714,14 @@ fn simultaneous_kick_offs_never_start_more_exports_than_max_jobs() {
          ({still_running} of them still running)",
         accepted.len()
     );
+    assert!(
+        !accepted.is_empty(),
+        "none of {CLIENTS} simultaneous kick-offs was accepted with --max-jobs 2: {:?}",
+        replies
+            .iter()
+            .map(|reply| (reply.status, reply.text.as_str()))
+            .collect::<Vec<_>>()
+    );
 }
 
 #[derive(Debug, Clone)]
@@ -1866,9 +1875,9 @@ fn with_retention_of_2s_a_completed_exports_status_and_files_disappear_within_se
     let server = ServerProcess::start_with_arguments(&data_dir, &["--retention", "2s"]);
     build_small_world(&server.client);
     let bulk = BulkClient::new(&server.base_url);
+    let kicked_off_at = OffsetDateTime::now_utc();
     let status_url = bulk.kick_off(&KickOffRequest::get("/$export"));
     let completion = bulk.poll_until_complete(&status_url, Polling::Eagerly);
-    let completed_at = Instant::now();
     let status = bulk.status(&status_url);
     assert_eq!(status.status, StatusCode::OK);
     let expires = parse_http_date(status.required_header("expires"));
@@ -1876,6 +1885,11 @@ fn with_retention_of_2s_a_completed_exports_status_and_files_disappear_within_se
     assert!(
         expires <= now + time::Duration::seconds(3),
         "Expires {expires} is not about 2 s after completion ({now})"
+    );
+    let http_date_resolution = time::Duration::seconds(1);
+    assert!(
+        expires + http_date_resolution >= kicked_off_at + time::Duration::seconds(2),
+        "Expires {expires} is less than the 2 s retention after the kick-off ({kicked_off_at})"
     );
     let export = bulk.download(completion, Downloads::PlainOnly);
     let folder = job_folder(&data_dir, &status_url);
@@ -1886,10 +1900,10 @@ fn with_retention_of_2s_a_completed_exports_status_and_files_disappear_within_se
             == StatusCode::NOT_FOUND),
         "the export was still listed 10 s after completing with --retention 2s"
     );
+    let removed_by = OffsetDateTime::now_utc();
     assert!(
-        completed_at.elapsed() >= Duration::from_millis(1500),
-        "the export was removed after {:?}, before its retention",
-        completed_at.elapsed()
+        removed_by >= expires,
+        "the export was gone at {removed_by}, before its Expires {expires}"
     );
     bulk.status(&status_url)
         .expect_operation_outcome(StatusCode::NOT_FOUND, &[]);
@@ -1960,6 +1974,106 @@ fn assert_export_completes(bulk: &BulkClient, status_url: &str) {
             other => panic!("{status_url} ended with {other}: {}", reply.text),
         }
     }
+}
+
+#[test]
+fn an_export_whose_destination_stops_answering_is_failed_by_job_timeout_for_making_no_progress() {
+    let destination = SwitchableS3::start();
+    let workspace = TempDir::new().expect("creating a workspace");
+    let data_dir = workspace.path().join("data");
+    let job_timeout = Duration::from_secs(2);
+    let server = ServerProcess::start_with_environment(
+        &data_dir,
+        &[
+            "--storage",
+            &destination.storage_url(),
+            "--job-timeout",
+            "2s",
+            "--destination-timeout",
+            "60s",
+        ],
+        &fake_s3::storage_environment(),
+    );
+    build_small_world(&server.client);
+    destination.die();
+    let bulk = BulkClient::new(&server.base_url);
+    let kicked_off_at = Instant::now();
+    let status_url = bulk.kick_off(&KickOffRequest::get("/$export"));
+
+    let stall_bound = Duration::from_secs(25);
+    let mut last_reply = None;
+    let ended = wait_until(stall_bound, || {
+        let reply = bulk.status(&status_url);
+        let ended = reply.status != StatusCode::ACCEPTED;
+        last_reply = Some(reply);
+        ended
+    });
+    let ended_after = kicked_off_at.elapsed();
+    let last_reply = last_reply.expect("at least one status poll");
+    assert!(
+        ended,
+        "the stalled export was still in progress {stall_bound:?} after kick-off with \
+         --job-timeout 2s: {}",
+        last_reply.text
+    );
+    last_reply.expect_operation_outcome(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &["made no progress", "the limit is 2.0s"],
+    );
+    assert_eq!(
+        last_reply.json()["issue"][0]["code"],
+        "timeout",
+        "{}",
+        last_reply.text
+    );
+    assert!(
+        ended_after >= job_timeout,
+        "the export failed {ended_after:?} after kick-off, before --job-timeout 2s could pass"
+    );
+}
+
+#[test]
+fn an_export_to_a_slow_destination_that_keeps_making_progress_outlives_a_shorter_job_timeout() {
+    let destination = SwitchableS3::start();
+    let workspace = TempDir::new().expect("creating a workspace");
+    let data_dir = workspace.path().join("data");
+    let job_timeout = Duration::from_secs(2);
+    let server = ServerProcess::start_with_environment(
+        &data_dir,
+        &[
+            "--storage",
+            &destination.storage_url(),
+            "--job-timeout",
+            "2s",
+            "--destination-timeout",
+            "60s",
+            "--workers",
+            "1",
+            "--max-resources-per-file",
+            "1",
+        ],
+        &fake_s3::storage_environment(),
+    );
+    build_small_world(&server.client);
+    let answer_delay = Duration::from_millis(100);
+    destination.answer_after(answer_delay);
+    let bulk = BulkClient::new(&server.base_url);
+    let kicked_off_at = Instant::now();
+    let status_url = bulk.kick_off(&KickOffRequest::get("/$export"));
+
+    let (finished, finished_after) = bulk.poll_until_finished(&status_url, EXPORT_DEADLINE);
+    assert_eq!(
+        finished.status,
+        StatusCode::OK,
+        "an export making progress every {answer_delay:?} was stopped: {}\nserver log:\n{}",
+        finished.text,
+        server.log()
+    );
+    assert!(
+        kicked_off_at.elapsed() > job_timeout,
+        "the export completed in {finished_after:?}, within --job-timeout 2s, so it proves \
+         nothing about outliving it"
+    );
 }
 
 #[test]

@@ -1016,8 +1016,19 @@ fn assert_storage_failures_end_the_export_and_never_leave_it_in_progress(backend
         "403 Forbidden",
         &behind_proxy.server.log(),
     );
+    let forbidden_job = job_id_of(&forbidden_status);
+    let server_log = behind_proxy.server.log();
+    let retries_of_forbidden_job: Vec<&str> = server_log
+        .lines()
+        .filter(|line| line.contains(&forbidden_job) && line.contains("retrying"))
+        .collect();
     assert!(
-        forbidden_after < destination_timeout / 3,
+        retries_of_forbidden_job.is_empty(),
+        "{label}: a 403 is permanent, yet the export retried it:\n{}",
+        retries_of_forbidden_job.join("\n")
+    );
+    assert!(
+        forbidden_after <= latest_failure_for(destination_timeout),
         "{label}: a 403 failed the export only after {forbidden_after:?} (destination timeout {destination_timeout:?})"
     );
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod bulk;
+pub mod fake_s3;
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -557,7 +558,7 @@ impl ServerProcess {
         self.child.wait().expect("reaping fhirlog serve");
     }
 
-    /// SIGTERM, then wait for the exit status.
+    /// SIGTERM, then wait for the exit status (panics after `SERVER_EXIT_TIMEOUT`).
     pub fn terminate(&mut self) -> ExitStatus {
         let sent = Command::new("kill")
             .arg("-TERM")
