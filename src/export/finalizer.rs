@@ -85,7 +85,9 @@ pub fn finalize(
         .iter()
         .map(|file| files::final_object(&record.id, &file.name))
         .collect();
+    job.touch();
     container.make_durable_blocking(&final_objects)?;
+    job.touch();
     job.complete(store, exported_files)?;
     delete_checkpoints(store, &record.id)?;
     store.scratch_clear(&record.id)?;

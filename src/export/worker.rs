@@ -40,7 +40,8 @@ pub struct UnitAssignment {
 /// `destination_timeout` has passed since the first failing attempt began (a destination
 /// that hangs counts from when it stopped answering), pausing with backoff.
 /// Attempts resume from the last checkpoint, so a retried step writes exactly what one
-/// run would.
+/// run would. A job counts as alive while it retries: `--destination-timeout`, not
+/// `--job-timeout`, ends a retry.
 pub fn retrying_transient_failures<T>(
     job: &JobHandle,
     destination_timeout: Duration,
@@ -62,6 +63,7 @@ pub fn retrying_transient_failures<T>(
                 }
                 job.touch();
                 std::thread::sleep(pause);
+                job.touch();
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
             outcome => return outcome,
