@@ -118,7 +118,7 @@ fn tree_of_parsed_value(value: &Value) -> JsonTree {
     match value {
         Value::Null => JsonTree::Null,
         Value::Bool(boolean) => JsonTree::Boolean(*boolean),
-        Value::Number(number) => JsonTree::Number(number.to_string()),
+        Value::Number(number) => JsonTree::Number(number.to_string().to_ascii_lowercase()),
         Value::String(text) => JsonTree::String(text.clone()),
         Value::Array(items) => JsonTree::Array(items.iter().map(tree_of_parsed_value).collect()),
         Value::Object(members) => JsonTree::Object(
@@ -222,14 +222,16 @@ impl ByteMutation {
     }
 }
 
+/// One byte damaged: JSON punctuation, or a byte that starts, continues or can never be
+/// part of a UTF-8 sequence.
 fn byte_mutation_strategy() -> impl Strategy<Value = ByteMutation> {
-    let structural_byte = select(b"{}[]\":, a0\\".to_vec());
+    let mutation_byte = select(b"{}[]\":, a0\\\xc3\xa9\xed\xff".to_vec());
     prop_oneof![
         4 => Just(ByteMutation::None),
         1 => any::<Index>().prop_map(ByteMutation::Truncate),
-        1 => (any::<Index>(), structural_byte.clone())
+        1 => (any::<Index>(), mutation_byte.clone())
             .prop_map(|(position, byte)| ByteMutation::Replace(position, byte)),
-        1 => (any::<Index>(), structural_byte)
+        1 => (any::<Index>(), mutation_byte)
             .prop_map(|(position, byte)| ByteMutation::Insert(position, byte)),
     ]
 }
@@ -280,7 +282,17 @@ fn resource_shaped_bytes_strategy() -> impl Strategy<Value = Vec<u8>> {
     let extra_members = proptest::collection::vec(
         (
             "[a-z]{1,6}",
-            select(vec!["1", "1.50", "true", r#""text""#, "{}", "[]", "null"]),
+            select(vec![
+                "1",
+                "1.50",
+                "-2E+3",
+                "true",
+                r#""text""#,
+                r#""é\u00e9\ud83d\ude00\n""#,
+                "{}",
+                "[]",
+                "null",
+            ]),
         ),
         0..4,
     );

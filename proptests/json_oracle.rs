@@ -14,7 +14,8 @@ pub const READER_NESTING_GUARD: usize = 512;
 pub enum JsonTree {
     Null,
     Boolean(bool),
-    /// The number exactly as written.
+    /// The number as written, its exponent marker in lower case (`E` and `e` are the
+    /// same token).
     Number(String),
     String(String),
     Array(Vec<JsonTree>),
@@ -318,7 +319,7 @@ impl Reader<'_> {
         let written = self.bytes[start..self.position]
             .iter()
             .copied()
-            .map(char::from)
+            .map(|byte| char::from(byte.to_ascii_lowercase()))
             .collect();
         Ok(JsonTree::Number(written))
     }
@@ -410,10 +411,11 @@ fn the_reader_recognises_exactly_the_json_texts_of_rfc_8259() {
         );
     }
     assert_eq!(
-        read_json_text(b"{\"a\":[[[1]]],\"a\":2,\"s\":\"\\u00e9\\uD83D\\uDE00\"}"),
+        read_json_text(b"{\"a\":[[[1]]],\"a\":2,\"e\":-1.50E+7,\"s\":\"\\u00e9\\uD83D\\uDE00\"}"),
         JsonReading::WellFormed {
             tree: JsonTree::Object(BTreeMap::from([
                 ("a".to_owned(), JsonTree::Number("2".to_owned())),
+                ("e".to_owned(), JsonTree::Number("-1.50e+7".to_owned())),
                 ("s".to_owned(), JsonTree::String("é😀".to_owned())),
             ])),
             textual_nesting: 4,
