@@ -67,14 +67,14 @@ fn oracle_verdict(bytes: &[u8]) -> OracleVerdict {
             return OracleVerdict {
                 tree: None,
                 refusal_kinds: vec![MALFORMED_JSON],
-                tolerates_malformed: true,
+                tolerates_malformed: false,
             };
         }
         JsonReading::NestedBeyondTheGuard => {
             return OracleVerdict {
                 tree: None,
                 refusal_kinds: vec![MALFORMED_JSON, NESTED_TOO_DEEP],
-                tolerates_malformed: true,
+                tolerates_malformed: false,
             };
         }
     };
