@@ -5,9 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::LazyLock;
 
 use fhirlog::export::{ExportLevel, ExportRequest};
-use fhirlog::fhir::compartment::PatientCompartment;
 use fhirlog::fhir::{Instant, ResourceId, ResourceType};
 use serde_json::{Value, json};
 
@@ -20,6 +20,73 @@ pub const NESTED_GROUP_ID: &str = "g2";
 pub const GROUP_IDS: [&str; 2] = [EXPORTED_GROUP_ID, NESTED_GROUP_ID];
 
 const ABSOLUTE_REFERENCE_BASE: &str = "http://example.org/fhir";
+
+const PATIENT_COMPARTMENT_DEFINITION_PATH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/fhir-r4/compartmentdefinition-patient.json"
+);
+
+/// The R4 Patient CompartmentDefinition as the specification publishes it: each resource
+/// type listed with at least one `param`, and the names of those search parameters. A type
+/// listed without a `param` cannot be in a patient's compartment.
+struct PatientCompartmentDefinition {
+    param_names_by_type_name: BTreeMap<String, Vec<String>>,
+}
+
+impl PatientCompartmentDefinition {
+    fn read() -> PatientCompartmentDefinition {
+        let text =
+            std::fs::read_to_string(PATIENT_COMPARTMENT_DEFINITION_PATH).unwrap_or_else(|error| {
+                panic!("reading {PATIENT_COMPARTMENT_DEFINITION_PATH}: {error}")
+            });
+        let definition: Value = serde_json::from_str(&text).unwrap_or_else(|error| {
+            panic!("{PATIENT_COMPARTMENT_DEFINITION_PATH} is not JSON: {error}")
+        });
+        let listed_resources = definition["resource"].as_array().unwrap_or_else(|| {
+            panic!("{PATIENT_COMPARTMENT_DEFINITION_PATH} has no resource array")
+        });
+        let mut param_names_by_type_name = BTreeMap::new();
+        for listed in listed_resources {
+            let type_name = listed["code"].as_str().unwrap_or_else(|| {
+                panic!("{PATIENT_COMPARTMENT_DEFINITION_PATH}: a resource without a code")
+            });
+            let param_names: Vec<String> = listed["param"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|param| {
+                    param.as_str().map(str::to_owned).unwrap_or_else(|| {
+                        panic!("{PATIENT_COMPARTMENT_DEFINITION_PATH}: {type_name} has a non-string param")
+                    })
+                })
+                .collect();
+            if !param_names.is_empty() {
+                param_names_by_type_name.insert(type_name.to_owned(), param_names);
+            }
+        }
+        PatientCompartmentDefinition {
+            param_names_by_type_name,
+        }
+    }
+
+    fn get() -> &'static PatientCompartmentDefinition {
+        static DEFINITION: LazyLock<PatientCompartmentDefinition> =
+            LazyLock::new(PatientCompartmentDefinition::read);
+        &DEFINITION
+    }
+
+    /// Whether resources of `type_name` can be in a patient's compartment. Patient is, as
+    /// the resource that defines the compartment, whether or not it is listed.
+    fn covers_type(&self, type_name: &str) -> bool {
+        type_name == "Patient" || self.param_names_by_type_name.contains_key(type_name)
+    }
+
+    fn param_names_of(&self, type_name: &str) -> &[String] {
+        self.param_names_by_type_name
+            .get(type_name)
+            .map_or(&[], Vec::as_slice)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ExportTargetKind {
@@ -228,32 +295,52 @@ impl ExportContent {
         body
     }
 
-    /// The patients whose R4 compartment a version with this content is in: a Patient is
-    /// in its own and its `link`ed patient's; an Observation through `subject` and
-    /// `performer`; an Encounter through `subject`; a Group through every `member.entity`,
-    /// inactive or not; an Organization in none.
-    pub fn compartment_patients(&self, target: ExportTarget) -> BTreeSet<&'static str> {
-        match self {
-            ExportContent::Patient { linked_patient, .. } => [target.id]
-                .into_iter()
-                .chain(linked_patient.and_then(LiteralReferenceTo::patient_id))
-                .collect(),
-            ExportContent::Observation {
-                subject,
-                performers,
-                ..
-            } => subject
-                .iter()
-                .chain(performers)
-                .filter_map(|reference| reference.patient_id())
-                .collect(),
-            ExportContent::Encounter { subject, .. } => subject.patient_id().into_iter().collect(),
-            ExportContent::Organization { .. } => BTreeSet::new(),
-            ExportContent::Group { members } => members
-                .iter()
-                .filter_map(|member| member.entity.patient_id())
-                .collect(),
+    /// The references this content writes into the element that search parameter
+    /// `param_name` of its type searches: `subject` is `subject`, `performer` is
+    /// `performer[]`, `link` is `link[].other` and `member` is `member[].entity` (inactive
+    /// members included). `None` when the generator writes no such element for this type.
+    fn references_searched_by(&self, param_name: &str) -> Option<Vec<LiteralReferenceTo>> {
+        match (self, param_name) {
+            (ExportContent::Patient { linked_patient, .. }, "link") => {
+                Some(linked_patient.iter().copied().collect())
+            }
+            (ExportContent::Observation { subject, .. }, "subject") => {
+                Some(subject.iter().copied().collect())
+            }
+            (ExportContent::Observation { performers, .. }, "performer") => {
+                Some(performers.clone())
+            }
+            (ExportContent::Encounter { subject, .. }, "subject") => Some(vec![*subject]),
+            (ExportContent::Group { members }, "member") => {
+                Some(members.iter().map(|member| member.entity).collect())
+            }
+            _ => None,
         }
+    }
+
+    /// The patients whose R4 compartment a version with this content is in: a Patient is
+    /// in its own; any resource is in the compartment of each Patient it references through
+    /// a `param` the Patient CompartmentDefinition lists for its type.
+    pub fn compartment_patients(&self, target: ExportTarget) -> BTreeSet<&'static str> {
+        let type_name = target.kind.type_name();
+        let mut patients = BTreeSet::new();
+        if target.kind == ExportTargetKind::Patient {
+            patients.insert(target.id);
+        }
+        for param_name in PatientCompartmentDefinition::get().param_names_of(type_name) {
+            let references = self.references_searched_by(param_name).unwrap_or_else(|| {
+                panic!(
+                    "the compartment definition lists {type_name}.{param_name}, which the model \
+                     does not map to an element the generator writes"
+                )
+            });
+            patients.extend(
+                references
+                    .iter()
+                    .filter_map(|reference| reference.patient_id()),
+            );
+        }
+        patients
     }
 }
 
@@ -460,7 +547,7 @@ impl ExportHistory {
         let mut output_bodies_by_type: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut deleted_entries = Vec::new();
         for target in every_export_target() {
-            if !request_covers_type(request, target.resource_type()) {
+            if !request_covers_type(request, target.kind) {
                 continue;
             }
             let Some(index) = self.version_index_as_of(target, request.until) else {
@@ -516,21 +603,20 @@ impl ExportHistory {
     }
 }
 
-/// Whether the request's level and `_type` cover `resource_type`: every type at system
-/// level, the R4 Patient compartment types at patient level, and those but Group at group
-/// level.
-pub fn request_covers_type(request: &ExportRequest, resource_type: ResourceType) -> bool {
+/// Whether the request's level and `_type` cover `target_kind`: every type at system
+/// level, the types the R4 Patient CompartmentDefinition lists at patient level, and those
+/// but Group at group level.
+pub fn request_covers_type(request: &ExportRequest, target_kind: ExportTargetKind) -> bool {
+    let in_patient_compartment =
+        PatientCompartmentDefinition::get().covers_type(target_kind.type_name());
     let level_covers = match request.level {
         ExportLevel::System => true,
-        ExportLevel::AllPatients => PatientCompartment::r4().contains_type(resource_type),
-        ExportLevel::Group(_) => {
-            PatientCompartment::r4().contains_type(resource_type)
-                && resource_type != ResourceType::GROUP
-        }
+        ExportLevel::AllPatients => in_patient_compartment,
+        ExportLevel::Group(_) => in_patient_compartment && target_kind != ExportTargetKind::Group,
     };
     level_covers
         && request
             .types
             .as_ref()
-            .is_none_or(|types| types.contains(&resource_type))
+            .is_none_or(|types| types.contains(&target_kind.resource_type()))
 }

@@ -6,10 +6,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fhirlog::export::job::{FileKind, JobRecord};
+use fhirlog::export::job::{FileKind, JobRecord, UnitCheckpoint};
 use fhirlog::export::manifest::{FileUrls, manifest};
 use fhirlog::export::{
     ExportEngine, ExportError, ExportErrorKind, ExportLevel, ExportRequest, ExportSettings,
@@ -20,6 +21,7 @@ use fhirlog::sink::MemoryDestination;
 use fhirlog::store::{Store, UnchangedContent, WriteOperation, WriteOutcome};
 use proptest::prelude::*;
 use proptest::sample::{Index, select, subsequence};
+use proptest::test_runner::TestRunner;
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -41,6 +43,11 @@ const MAX_DELAY_BEFORE_STOPPING_AN_EXPORT_MICROS: u64 = 3_000;
 const JOB_COMPLETION_DEADLINE: Duration = Duration::from_secs(60);
 const JOB_STATUS_POLL_INTERVAL: Duration = Duration::from_millis(1);
 const PAUSE_BEFORE_A_COMMIT: Duration = Duration::from_millis(1);
+/// Versions of one Patient after the others: its unit visits them all after writing its
+/// first part, checking for a stop every 256 events (`CANCEL_CHECK_INTERVAL` in
+/// `src/export/worker.rs`) and again before its last part, so a stop in between lands
+/// part-way through the unit.
+const REPEATED_PUTS: std::ops::RangeInclusive<usize> = 400..=800;
 const KICK_OFF_URL: &str = "http://proptest.example/fhir/$export";
 const MANIFEST_FILE_URL_PREFIX: &str = "http://proptest.example/files";
 
@@ -61,6 +68,14 @@ pub enum HistoryStep {
         operations: Vec<HistoryOperation>,
         /// Sleep first, so this commit's instant is measurably later than the last one's.
         pause_before: bool,
+    },
+    /// One request putting every Patient once, then one of them `times` more times: a
+    /// part's worth of Patients followed by a long run of superseded versions, inside
+    /// which an export's Patient unit can be stopped part-way written.
+    PatientsThenManyVersions {
+        patient_contents: Vec<ExportContent>,
+        repeated_patient: Index,
+        times: usize,
     },
     /// Drop the engine and the store, reopen the store and start a new engine.
     Restart,
@@ -115,9 +130,20 @@ pub struct PatientsChoice {
     pub restrict_to_level_members: bool,
 }
 
+/// When an interrupted export's engine is stopped.
+#[derive(Debug, Clone, Copy)]
+pub enum StopPoint {
+    /// A fixed delay after the kick-off: before planning, between units or inside one,
+    /// as it happens.
+    AfterDelay { micros: u64 },
+    /// As soon as a unit's checkpoint shows a part written and the unit not done (or once
+    /// the job is no longer in progress, when that never shows).
+    OnceAUnitIsPartWayWritten,
+}
+
 #[derive(Debug, Clone)]
 pub struct InterruptionChoice {
-    pub delay_before_stopping_micros: u64,
+    pub stop_point: StopPoint,
     pub commits_while_stopped: Vec<Vec<HistoryOperation>>,
     pub reopen_store_while_stopped: bool,
     pub resuming_engine: EngineChoice,
@@ -161,6 +187,8 @@ pub struct ExportScenarioRun {
     destination: Arc<MemoryDestination>,
     runtime: tokio::runtime::Runtime,
     history: ExportHistory,
+    /// How many interruptions stopped a job with a unit part-way written.
+    mid_unit_interruptions: usize,
     directory: TempDir,
 }
 
@@ -179,6 +207,7 @@ impl ExportScenarioRun {
             destination: Arc::new(MemoryDestination::new(true)),
             runtime,
             history: ExportHistory::default(),
+            mid_unit_interruptions: 0,
             directory,
         };
         run.start_engine();
@@ -475,6 +504,39 @@ impl ExportScenarioRun {
         }
     }
 
+    /// Whether a unit of the job has parts written and is not done, by its checkpoint.
+    fn job_has_a_unit_part_way_written(&self, job_id: &str, context: &str) -> bool {
+        let store = self.store();
+        let records = JobRecord::load_all(store)
+            .unwrap_or_else(|error| panic!("{context}: loading job records: {error}"));
+        let Some(record) = records.iter().find(|record| record.id == job_id) else {
+            return false;
+        };
+        (0..record.units.len()).any(|unit_index| {
+            let checkpoint =
+                UnitCheckpoint::load(store, job_id, unit_index).unwrap_or_else(|error| {
+                    panic!("{context}: loading the checkpoint of unit {unit_index}: {error}")
+                });
+            !checkpoint.done
+                && (!checkpoint.output.parts.is_empty() || !checkpoint.deleted.parts.is_empty())
+        })
+    }
+
+    /// Waits until a unit of the job is part-way written, or the job is no longer in
+    /// progress, or the completion deadline passes.
+    fn wait_until_a_unit_is_part_way_written(&self, job_id: &str, context: &str) {
+        let deadline = std::time::Instant::now() + JOB_COMPLETION_DEADLINE;
+        while std::time::Instant::now() < deadline
+            && !self.job_has_a_unit_part_way_written(job_id, context)
+            && matches!(
+                self.engine().status(job_id),
+                Ok(JobStatus::InProgress { .. })
+            )
+        {
+            std::thread::yield_now();
+        }
+    }
+
     fn run_interrupted_export_and_compare(
         &mut self,
         request: &ExportRequest,
@@ -486,10 +548,18 @@ impl ExportScenarioRun {
             .engine()
             .submit(request.clone(), KICK_OFF_URL.to_owned())
             .unwrap_or_else(|error| panic!("{context}: resubmitting failed: {error}"));
-        std::thread::sleep(Duration::from_micros(
-            interruption.delay_before_stopping_micros,
-        ));
+        match interruption.stop_point {
+            StopPoint::AfterDelay { micros } => {
+                std::thread::sleep(Duration::from_micros(micros));
+            }
+            StopPoint::OnceAUnitIsPartWayWritten => {
+                self.wait_until_a_unit_is_part_way_written(&job_id, context);
+            }
+        }
         self.stop_engine();
+        if self.job_has_a_unit_part_way_written(&job_id, context) {
+            self.mid_unit_interruptions += 1;
+        }
         for (commit_index, operations) in interruption.commits_while_stopped.iter().enumerate() {
             self.commit(
                 operations,
@@ -524,7 +594,9 @@ impl ExportScenarioRun {
     }
 }
 
-pub fn run_export_scenario(scenario: &ExportScenario) {
+/// Runs the scenario; returns how many of its interruptions stopped a job with a unit
+/// part-way written.
+pub fn run_export_scenario(scenario: &ExportScenario) -> usize {
     let mut run = ExportScenarioRun::new(scenario.engine);
     for (step_index, step) in scenario.history.iter().enumerate() {
         match step {
@@ -537,12 +609,36 @@ pub fn run_export_scenario(scenario: &ExportScenario) {
                 }
                 run.commit(operations, &format!("history step {step_index}"));
             }
+            HistoryStep::PatientsThenManyVersions {
+                patient_contents,
+                repeated_patient,
+                times,
+            } => {
+                let puts: Vec<HistoryOperation> = PATIENT_IDS
+                    .iter()
+                    .zip(patient_contents)
+                    .map(|(id, content)| HistoryOperation::Put {
+                        target: ExportTarget {
+                            kind: ExportTargetKind::Patient,
+                            id,
+                        },
+                        content: content.clone(),
+                    })
+                    .collect();
+                let repeated = puts[repeated_patient.index(puts.len())].clone();
+                let operations: Vec<HistoryOperation> = puts
+                    .into_iter()
+                    .chain(std::iter::repeat_n(repeated, *times))
+                    .collect();
+                run.commit(&operations, &format!("history step {step_index}"));
+            }
             HistoryStep::Restart => run.restart(),
         }
     }
     for (export_index, choice) in scenario.exports.iter().enumerate() {
         run.run_export_choice(choice, &format!("export {export_index}"));
     }
+    run.mid_unit_interruptions
 }
 
 fn engine_error_answers_refusal(error: &ExportError, refusal: ExpectedRefusal) -> bool {
@@ -870,6 +966,26 @@ fn history_step_strategy() -> impl Strategy<Value = HistoryStep> {
     ]
 }
 
+fn patients_then_many_versions_strategy() -> impl Strategy<Value = HistoryStep> {
+    (
+        proptest::collection::vec(
+            content_strategy(ExportTargetKind::Patient),
+            PATIENT_IDS.len(),
+        ),
+        any::<Index>(),
+        REPEATED_PUTS,
+    )
+        .prop_map(|(patient_contents, repeated_patient, times)| {
+            HistoryStep::PatientsThenManyVersions {
+                patient_contents,
+                repeated_patient,
+                times,
+            }
+        })
+}
+
+/// A first commit, random steps, and usually a last step that gives the Patient unit a
+/// long run of events after its first part (so most `since` choices keep it).
 fn history_strategy() -> impl Strategy<Value = Vec<HistoryStep>> {
     (
         put_operation_strategy(),
@@ -877,13 +993,15 @@ fn history_strategy() -> impl Strategy<Value = Vec<HistoryStep>> {
             history_step_strategy(),
             MIN_HISTORY_STEPS_AFTER_THE_FIRST_COMMIT..=MAX_HISTORY_STEPS_AFTER_THE_FIRST_COMMIT,
         ),
+        proptest::option::weighted(0.75, patients_then_many_versions_strategy()),
     )
-        .prop_map(|(first_put, rest)| {
+        .prop_map(|(first_put, rest, last)| {
             let mut history = vec![HistoryStep::Commit {
                 operations: vec![first_put],
                 pause_before: false,
             }];
             history.extend(rest);
+            history.extend(last);
             history
         })
 }
@@ -920,11 +1038,16 @@ fn interruption_strategy() -> impl Strategy<Value = InterruptionChoice> {
     let short_delays = 0..SHORT_DELAY_BEFORE_STOPPING_AN_EXPORT_MICROS;
     let long_delays =
         SHORT_DELAY_BEFORE_STOPPING_AN_EXPORT_MICROS..=MAX_DELAY_BEFORE_STOPPING_AN_EXPORT_MICROS;
+    let delay = prop_oneof![
+        2 => Just(0u64),
+        2 => short_delays,
+        1 => long_delays,
+    ]
+    .prop_map(|micros| StopPoint::AfterDelay { micros });
     (
         prop_oneof![
-            2 => Just(0u64),
-            2 => short_delays,
-            1 => long_delays,
+            1 => delay,
+            1 => Just(StopPoint::OnceAUnitIsPartWayWritten),
         ],
         proptest::collection::vec(
             commit_operations_strategy(),
@@ -934,16 +1057,13 @@ fn interruption_strategy() -> impl Strategy<Value = InterruptionChoice> {
         engine_choice_strategy(),
     )
         .prop_map(
-            |(
-                delay_before_stopping_micros,
-                commits_while_stopped,
-                reopen_store_while_stopped,
-                resuming_engine,
-            )| InterruptionChoice {
-                delay_before_stopping_micros,
-                commits_while_stopped,
-                reopen_store_while_stopped,
-                resuming_engine,
+            |(stop_point, commits_while_stopped, reopen_store_while_stopped, resuming_engine)| {
+                InterruptionChoice {
+                    stop_point,
+                    commits_while_stopped,
+                    reopen_store_while_stopped,
+                    resuming_engine,
+                }
             },
         )
 }
@@ -985,30 +1105,66 @@ fn export_choice_strategy() -> impl Strategy<Value = ExportChoice> {
         )
 }
 
+/// An interruption that waits until a unit is part-way written before stopping.
+fn part_way_interruption_strategy() -> impl Strategy<Value = InterruptionChoice> {
+    interruption_strategy().prop_map(|interruption| InterruptionChoice {
+        stop_point: StopPoint::OnceAUnitIsPartWayWritten,
+        ..interruption
+    })
+}
+
+/// Random exports; after a history that ends with a long run of Patient versions, also a
+/// system export of everything interrupted once its Patient unit is part-way written.
 fn export_scenario_strategy() -> impl Strategy<Value = ExportScenario> {
     (
         engine_choice_strategy(),
         history_strategy(),
         proptest::collection::vec(export_choice_strategy(), 1..=MAX_EXPORTS_PER_SCENARIO),
+        part_way_interruption_strategy(),
     )
-        .prop_map(|(engine, history, exports)| ExportScenario {
-            engine,
-            history,
-            exports,
+        .prop_map(|(engine, history, mut exports, part_way_interruption)| {
+            if matches!(
+                history.last(),
+                Some(HistoryStep::PatientsThenManyVersions { .. })
+            ) {
+                exports.push(ExportChoice {
+                    level: LevelChoice::System,
+                    types: None,
+                    since: None,
+                    until: None,
+                    patients: None,
+                    interruption: Some(part_way_interruption),
+                });
+            }
+            ExportScenario {
+                engine,
+                history,
+                exports,
+            }
         })
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig {
+/// Every case agrees with the model, and across the cases at least one interruption
+/// stopped a job with a unit part-way written, so every run resumes from a part
+/// checkpoint.
+#[test]
+fn exports_match_the_snapshot_model_across_restarts_and_resumptions() {
+    let mut runner = TestRunner::new(ProptestConfig {
         cases: EXPORT_SCENARIO_CASES,
         failure_persistence: None,
         ..ProptestConfig::default()
-    })]
-
-    #[test]
-    fn exports_match_the_snapshot_model_across_restarts_and_resumptions(
-        scenario in export_scenario_strategy()
-    ) {
-        run_export_scenario(&scenario);
+    });
+    let mid_unit_interruptions = AtomicUsize::new(0);
+    let outcome = runner.run(&export_scenario_strategy(), |scenario| {
+        let stopped_mid_unit = run_export_scenario(&scenario);
+        mid_unit_interruptions.fetch_add(stopped_mid_unit, Ordering::Relaxed);
+        Ok(())
+    });
+    if let Err(failure) = outcome {
+        panic!("{failure}");
     }
+    assert!(
+        mid_unit_interruptions.load(Ordering::Relaxed) > 0,
+        "no interruption in {EXPORT_SCENARIO_CASES} cases stopped a job part-way through a unit"
+    );
 }

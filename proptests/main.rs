@@ -6,6 +6,7 @@
 mod body_parser;
 mod export_model;
 mod export_properties;
+mod json_oracle;
 mod regressions;
 mod store_harness;
 mod store_model;
