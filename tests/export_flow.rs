@@ -1976,25 +1976,37 @@ fn assert_export_completes(bulk: &BulkClient, status_url: &str) {
     }
 }
 
-#[test]
-fn an_export_whose_destination_stops_answering_is_failed_by_job_timeout_for_making_no_progress() {
-    let destination = SwitchableS3::start();
+/// `fhirlog serve` exporting to `destination` with `--job-timeout 2s` and a destination
+/// timeout long enough that only the watchdog can end a job, over the small world.
+fn serve_small_world_on_fake_s3(
+    destination: &SwitchableS3,
+    extra_arguments: &[&str],
+) -> (TempDir, ServerProcess) {
     let workspace = TempDir::new().expect("creating a workspace");
-    let data_dir = workspace.path().join("data");
-    let job_timeout = Duration::from_secs(2);
+    let storage_url = destination.storage_url();
+    let mut arguments = vec![
+        "--storage",
+        storage_url.as_str(),
+        "--job-timeout",
+        "2s",
+        "--destination-timeout",
+        "60s",
+    ];
+    arguments.extend_from_slice(extra_arguments);
     let server = ServerProcess::start_with_environment(
-        &data_dir,
-        &[
-            "--storage",
-            &destination.storage_url(),
-            "--job-timeout",
-            "2s",
-            "--destination-timeout",
-            "60s",
-        ],
+        &workspace.path().join("data"),
+        &arguments,
         &fake_s3::storage_environment(),
     );
     build_small_world(&server.client);
+    (workspace, server)
+}
+
+#[test]
+fn an_export_whose_destination_stops_answering_is_failed_by_job_timeout_for_making_no_progress() {
+    let destination = SwitchableS3::start();
+    let job_timeout = Duration::from_secs(2);
+    let (_workspace, server) = serve_small_world_on_fake_s3(&destination, &[]);
     destination.die();
     let bulk = BulkClient::new(&server.base_url);
     let kicked_off_at = Instant::now();
@@ -2035,26 +2047,11 @@ fn an_export_whose_destination_stops_answering_is_failed_by_job_timeout_for_maki
 #[test]
 fn an_export_to_a_slow_destination_that_keeps_making_progress_outlives_a_shorter_job_timeout() {
     let destination = SwitchableS3::start();
-    let workspace = TempDir::new().expect("creating a workspace");
-    let data_dir = workspace.path().join("data");
     let job_timeout = Duration::from_secs(2);
-    let server = ServerProcess::start_with_environment(
-        &data_dir,
-        &[
-            "--storage",
-            &destination.storage_url(),
-            "--job-timeout",
-            "2s",
-            "--destination-timeout",
-            "60s",
-            "--workers",
-            "1",
-            "--max-resources-per-file",
-            "1",
-        ],
-        &fake_s3::storage_environment(),
+    let (_workspace, server) = serve_small_world_on_fake_s3(
+        &destination,
+        &["--workers", "1", "--max-resources-per-file", "1"],
     );
-    build_small_world(&server.client);
     let answer_delay = Duration::from_millis(100);
     destination.answer_after(answer_delay);
     let bulk = BulkClient::new(&server.base_url);

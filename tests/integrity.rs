@@ -273,26 +273,52 @@ fn writers_wait_while_the_commit_queue_is_full_and_every_write_lands() {
     run_child_under_fsync_gate("child_writers_wait_while_the_commit_queue_is_full");
 }
 
+/// A store whose committer is held inside the journal fsync of one write (under the fsync
+/// gate), with a commit queue of `queue_capacity`; removing `hold` lets it go on.
+struct HeldCommitter {
+    _directory: tempfile::TempDir,
+    store: Store,
+    hold: PathBuf,
+    stuck_writer: std::thread::JoinHandle<Result<Vec<WriteOutcome>, StoreError>>,
+}
+
+impl HeldCommitter {
+    fn start(queue_capacity: usize) -> HeldCommitter {
+        let directory = tempfile::tempdir().expect("creating a temporary directory");
+        let options = StoreOptions {
+            max_queued_commits: queue_capacity,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(directory.path(), &options).expect("opening");
+        let hold = gate_control_file(HOLD_FILE);
+        std::fs::write(&hold, b"").expect("closing the gate");
+        let stuck_writer = {
+            let store = store.clone();
+            std::thread::spawn(move || store.commit(vec![patient("stuck", "Stuck")]))
+        };
+        wait_until("the committer is held in a journal fsync", || {
+            gate_control_file(HELD_FILE).exists()
+        });
+        HeldCommitter {
+            _directory: directory,
+            store,
+            hold,
+            stuck_writer,
+        }
+    }
+}
+
 #[test]
 #[ignore = "a child of writers_wait_while_the_commit_queue_is_full_and_every_write_lands, which runs it under the fsync gate"]
 fn child_writers_wait_while_the_commit_queue_is_full() {
     const QUEUE_CAPACITY: usize = 4;
     const QUEUED_WRITES: usize = 10;
-    let directory = tempfile::tempdir().expect("creating a temporary directory");
-    let options = StoreOptions {
-        max_queued_commits: QUEUE_CAPACITY,
-        ..StoreOptions::default()
-    };
-    let store = Store::open(directory.path(), &options).expect("opening");
-    let hold = gate_control_file(HOLD_FILE);
-    std::fs::write(&hold, b"").expect("closing the gate");
-    let stuck_writer = {
-        let store = store.clone();
-        std::thread::spawn(move || store.commit(vec![patient("stuck", "Stuck")]))
-    };
-    wait_until("the committer is held in a journal fsync", || {
-        gate_control_file(HELD_FILE).exists()
-    });
+    let HeldCommitter {
+        _directory,
+        store,
+        hold,
+        stuck_writer,
+    } = HeldCommitter::start(QUEUE_CAPACITY);
     let submitted = Arc::new(AtomicUsize::new(0));
     let submitter = {
         let store = store.clone();
@@ -592,21 +618,12 @@ fn child_async_writers_wait_without_blocking_the_runtime() {
     const QUEUE_CAPACITY: usize = 2;
     const WRITES: usize = 8;
     const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(20);
-    let directory = tempfile::tempdir().expect("creating a temporary directory");
-    let options = StoreOptions {
-        max_queued_commits: QUEUE_CAPACITY,
-        ..StoreOptions::default()
-    };
-    let store = Store::open(directory.path(), &options).expect("opening");
-    let hold = gate_control_file(HOLD_FILE);
-    std::fs::write(&hold, b"").expect("closing the gate");
-    let stuck_writer = {
-        let store = store.clone();
-        std::thread::spawn(move || store.commit(vec![patient("stuck", "Stuck")]))
-    };
-    wait_until("the committer is held in a journal fsync", || {
-        gate_control_file(HELD_FILE).exists()
-    });
+    let HeldCommitter {
+        _directory,
+        store,
+        hold,
+        stuck_writer,
+    } = HeldCommitter::start(QUEUE_CAPACITY);
     let submits_returned = Arc::new(AtomicBool::new(false));
     let watchdog = {
         let submits_returned = Arc::clone(&submits_returned);

@@ -105,6 +105,16 @@ impl Harness {
     }
 }
 
+/// The error a system export kick-off is refused with.
+fn refused_system_export(engine: &ExportEngine) -> ExportError {
+    engine
+        .submit(
+            ExportRequest::everything_at(ExportLevel::System),
+            "x".to_owned(),
+        )
+        .unwrap_err()
+}
+
 fn error_kind<T>(result: Result<T, ExportError>) -> Option<ExportErrorKind> {
     result.err().map(|error| error.kind())
 }
@@ -489,12 +499,7 @@ fn the_job_limit_is_enforced() {
             "x".to_owned(),
         )
         .unwrap();
-    let refused = engine
-        .submit(
-            ExportRequest::everything_at(ExportLevel::System),
-            "x".to_owned(),
-        )
-        .unwrap_err();
+    let refused = refused_system_export(&engine);
     assert_eq!(refused.kind(), ExportErrorKind::TooManyJobs);
     assert!(refused.message().contains("the limit is 1"), "{refused}");
 }
@@ -509,12 +514,7 @@ fn kept_exports_are_limited_by_count_and_by_bytes() {
     settings.max_retained_exports = 1;
     let engine = harness.engine(settings);
     let (first, _) = harness.run(&engine, ExportRequest::everything_at(ExportLevel::System));
-    let refused = engine
-        .submit(
-            ExportRequest::everything_at(ExportLevel::System),
-            "x".to_owned(),
-        )
-        .unwrap_err();
+    let refused = refused_system_export(&engine);
     assert_eq!(refused.kind(), ExportErrorKind::TooManyJobs);
     assert!(refused.message().contains("kept"), "{refused}");
     engine.cancel(&first.id).unwrap();
@@ -526,12 +526,7 @@ fn kept_exports_are_limited_by_count_and_by_bytes() {
     let mut settings = small_settings(5);
     settings.max_export_bytes = Some(exported_bytes);
     let engine = harness.engine(settings);
-    let refused = engine
-        .submit(
-            ExportRequest::everything_at(ExportLevel::System),
-            "x".to_owned(),
-        )
-        .unwrap_err();
+    let refused = refused_system_export(&engine);
     assert_eq!(refused.kind(), ExportErrorKind::InsufficientStorage);
     engine.cancel(&second.id).unwrap();
     harness.run(&engine, ExportRequest::everything_at(ExportLevel::System));
