@@ -32,21 +32,7 @@ http_export_seconds() {
     /usr/bin/time -v -o "$scratch/http.time" "$binary" serve --data-dir "$scratch/store" \
         --listen "127.0.0.1:$port" >"$scratch/http.log" 2>&1 &
     for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$port/fhir/metadata" && break; sleep 0.1; done
-    python3 - "http://127.0.0.1:$port/fhir" <<'PYTHON'
-import json, sys, time, urllib.request
-base = sys.argv[1]
-started = time.monotonic()
-request = urllib.request.Request(base + "/$export", headers={"Accept": "application/fhir+json", "Prefer": "respond-async"})
-with urllib.request.urlopen(request) as reply:
-    status_url = reply.headers["Content-Location"]
-while True:
-    with urllib.request.urlopen(status_url) as reply:
-        if reply.status == 200:
-            json.load(reply)
-            break
-    time.sleep(0.02)
-print(f"{time.monotonic() - started:.2f}")
-PYTHON
+    python3 benches/http_export.py "http://127.0.0.1:$port/fhir" | cut -d' ' -f1
     pkill -TERM -f "^$binary serve .*127.0.0.1:$port"
     wait || true
 }

@@ -58,23 +58,8 @@ http_export() {
     /usr/bin/time -v -o "$scratch/$label.time" "$binary" serve --data-dir "$scratch/store" --listen "127.0.0.1:$port" "$@" \
         >"$scratch/$label.log" 2>&1 &
     for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$port/fhir/metadata" && break; sleep 0.2; done
-    python3 - "http://127.0.0.1:$port/fhir" "$label" "$total" <<'PYTHON'
-import json, sys, time, urllib.request
-base, label, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
-started = time.monotonic()
-request = urllib.request.Request(base + "/$export", headers={"Accept": "application/fhir+json", "Prefer": "respond-async"})
-with urllib.request.urlopen(request) as reply:
-    status_url = reply.headers["Content-Location"]
-while True:
-    with urllib.request.urlopen(status_url) as reply:
-        if reply.status == 200:
-            manifest = json.load(reply)
-            break
-    time.sleep(0.05)
-elapsed = time.monotonic() - started
-count = sum(item["count"] for item in manifest["output"])
-print(f"HTTP {label}: kick-off to manifest {elapsed:.2f}s for {count} resources = {count / elapsed:.0f} resources/s")
-PYTHON
+    read -r elapsed count < <(python3 benches/http_export.py "http://127.0.0.1:$port/fhir")
+    echo "HTTP $label: kick-off to manifest ${elapsed}s for $count resources = $(rate "$count" "$elapsed") resources/s"
     pkill -TERM -f "^$binary serve .*127.0.0.1:$port"
     wait || true
     echo "HTTP $label: server peak RSS $(peak_megabytes "$scratch/$label.time") MB"
