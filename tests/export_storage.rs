@@ -1294,26 +1294,14 @@ fn serve_rejects_malformed_storage_urls_naming_the_problem() {
     }
 }
 
-/// A plain GET of `url` with extra `headers`: status, headers and raw body.
+/// `GET url` with `headers` through the harness's raw client: status, headers, body bytes.
 fn get_with_headers(
-    http: &reqwest::blocking::Client,
+    http: &FhirClient,
     url: &str,
     headers: &[(&str, &str)],
 ) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
-    let mut request = http.get(url).header("Accept-Encoding", "identity");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = request
-        .send()
-        .unwrap_or_else(|error| panic!("GET {url} got no answer: {error}"));
-    let status = response.status();
-    let headers = response.headers().clone();
-    let body = response
-        .bytes()
-        .unwrap_or_else(|error| panic!("reading {url}: {error}"))
-        .to_vec();
-    (status, headers, body)
+    let reply = http.get_raw(url, headers);
+    (reply.status, reply.headers, reply.body)
 }
 
 fn header_text<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
@@ -1332,7 +1320,7 @@ fn assert_downloads_are_ranged_and_fail_fast_on_dead_storage(backend: &StorageBa
     let status_url = client.kick_off(&KickOffRequest::get("/$export"));
     let completion = wait_for_manifest(client, &status_url);
     assert_urls_are_server_downloads(&completion.manifest, client, &status_url);
-    let http = reqwest::blocking::Client::new();
+    let http = &client.absolute;
     let url = manifest_items(&completion.manifest)
         .into_iter()
         .filter(|(kind, _)| kind == "output")
@@ -1340,7 +1328,7 @@ fn assert_downloads_are_ranged_and_fail_fast_on_dead_storage(backend: &StorageBa
         .max_by_key(|url| client.fetch_ndjson(url).len())
         .expect("an output file");
 
-    let (status, headers, whole) = get_with_headers(&http, &url, &[]);
+    let (status, headers, whole) = get_with_headers(http, &url, &[]);
     assert_eq!(status, StatusCode::OK, "{label}: GET {url}");
     assert_eq!(header_text(&headers, "accept-ranges"), Some("bytes"));
     let entity_tag = header_text(&headers, "etag").expect("an ETag").to_owned();
@@ -1352,7 +1340,7 @@ fn assert_downloads_are_ranged_and_fail_fast_on_dead_storage(backend: &StorageBa
     assert!(size > 1_000, "{label}: {url} has only {size} bytes");
 
     let (status, headers, tail) = get_with_headers(
-        &http,
+        http,
         &url,
         &[("Range", "bytes=500-"), ("If-Range", &entity_tag)],
     );
@@ -1363,21 +1351,21 @@ fn assert_downloads_are_ranged_and_fail_fast_on_dead_storage(backend: &StorageBa
     );
     assert_eq!(header_text(&headers, "etag"), Some(entity_tag.as_str()));
     assert_eq!(tail, &whole[500..], "{label}: the resumed tail");
-    let (status, _, head) = get_with_headers(&http, &url, &[("Range", "bytes=0-99")]);
+    let (status, _, head) = get_with_headers(http, &url, &[("Range", "bytes=0-99")]);
     assert_eq!(status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(head, &whole[..100]);
-    let (status, _, last) = get_with_headers(&http, &url, &[("Range", "bytes=-10")]);
+    let (status, _, last) = get_with_headers(http, &url, &[("Range", "bytes=-10")]);
     assert_eq!(status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(last, &whole[size - 10..]);
     let (status, headers, _) =
-        get_with_headers(&http, &url, &[("Range", &format!("bytes={size}-"))]);
+        get_with_headers(http, &url, &[("Range", &format!("bytes={size}-"))]);
     assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE, "{label}");
     assert_eq!(
         header_text(&headers, "content-range"),
         Some(format!("bytes */{size}").as_str())
     );
     let (status, _, full) = get_with_headers(
-        &http,
+        http,
         &url,
         &[("Range", "bytes=0-99"), ("If-Range", "\"stale\"")],
     );
@@ -1386,7 +1374,7 @@ fn assert_downloads_are_ranged_and_fail_fast_on_dead_storage(backend: &StorageBa
 
     proxy.set_mode(ProxyMode::Refuse);
     let started = Instant::now();
-    let (status, headers, body) = get_with_headers(&http, &url, &[("Range", "bytes=0-99")]);
+    let (status, headers, body) = get_with_headers(http, &url, &[("Range", "bytes=0-99")]);
     let answered_after = started.elapsed();
     println!("{label}: a download from dead storage answered {status} after {answered_after:?}");
     assert_eq!(
@@ -1410,7 +1398,7 @@ fn assert_downloads_are_ranged_and_fail_fast_on_dead_storage(backend: &StorageBa
     );
 
     proxy.set_mode(ProxyMode::Forward);
-    let (status, _, again) = get_with_headers(&http, &url, &[("Range", "bytes=500-")]);
+    let (status, _, again) = get_with_headers(http, &url, &[("Range", "bytes=500-")]);
     assert_eq!(
         status,
         StatusCode::PARTIAL_CONTENT,
