@@ -65,12 +65,13 @@ pub fn run_export(
         JobStatus::InProgress { .. } => anyhow::bail!("export stopped before it finished"),
     };
     let job_folder = working.join(container.as_str());
+    // The engine made every file durable before completing the job; a move within one
+    // file system changes only names, which the fsync of `out` makes durable.
     for file in &record.files {
         let staged = job_folder.join(files::final_object(&record.id, &file.name));
         let placed = out.join(&file.name);
         std::fs::rename(&staged, &placed)
             .with_context(|| format!("moving {} to {}", staged.display(), placed.display()))?;
-        sync_file(&placed)?;
     }
     sync_file(&out)?;
     let prefix = format!("file://{}", out.display());
