@@ -110,6 +110,11 @@ const TABLE_TARGET_BYTES: u64 = 16 << 20;
 /// blocks (UUIDs and seqs) barely compress, so they are stored uncompressed.
 const RANDOM_KEYED_L0_THRESHOLD: u8 = 12;
 
+/// Data blocks of `events` (fjall's default is 4 KiB): an export reads whole runs of
+/// events, and a 4 KiB block holds only a few resources, so per-block costs (a read
+/// call, a cache entry, an index step) dominated the scan.
+const EVENTS_DATA_BLOCK_BYTES: u32 = 64 << 10;
+
 /// How a keyspace's keys arrive, which decides how it is compressed and compacted.
 #[derive(Debug, Clone, Copy)]
 enum KeyOrder {
@@ -129,7 +134,11 @@ fn keyspace_options(memtable_bytes: u64, key_order: KeyOrder) -> KeyspaceCreateO
     let (options, leveled) = match key_order {
         KeyOrder::Ascending => (options, leveled),
         KeyOrder::EventBuckets => (
-            options.data_block_compression_policy(all_blocks(fjall::CompressionType::Lz4)),
+            options
+                .data_block_compression_policy(all_blocks(fjall::CompressionType::Lz4))
+                .data_block_size_policy(fjall::config::BlockSizePolicy::all(
+                    EVENTS_DATA_BLOCK_BYTES,
+                )),
             leveled,
         ),
         KeyOrder::RandomIds => (
