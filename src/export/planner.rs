@@ -332,7 +332,7 @@ fn group_members(
         let body = match version_as_of(store, ResourceType::GROUP, &current, through_seq)? {
             Some(seq) => store
                 .with_event(ResourceType::GROUP, seq, |view| {
-                    (!view.deleted).then(|| view.body.to_owned())
+                    (!view.deleted).then(|| view.body.to_vec())
                 })?
                 .flatten(),
             None => None,
@@ -345,8 +345,8 @@ fn group_members(
             }
             continue;
         };
-        let group: GroupMembers =
-            serde_json::from_str(&body).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let group: GroupMembers = serde_json::from_slice(&body)
+            .map_err(|error| StoreError::Corrupt(error.to_string()))?;
         for member in group.member.into_iter().filter_map(Lenient::into_value) {
             if member.inactive.and_then(Lenient::into_value) == Some(true) {
                 continue;

@@ -191,7 +191,7 @@ pub fn run_unit(
                 }
                 deleted.push(&run, view.seq, deleted_bundle_line(view).as_bytes())?
             } else {
-                output.push(&run, view.seq, view.body.as_bytes())?
+                output.push(&run, view.seq, view.body)?
             };
             if pushed {
                 job.count_exported(1);

@@ -214,7 +214,7 @@ impl Committer {
                             .collect()
                     })
                     .unwrap_or_default(),
-                body: &body,
+                body: body.as_bytes(),
             };
             let encoded = record::encode(&record);
             self.event_bytes_since_rotation += encoded.len() as u64;

@@ -149,13 +149,23 @@ impl Store {
             .with_event_record(resource_type, seq, |event| {
                 let id = ResourceId::parse(event.id)
                     .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+                let body = match event.operation {
+                    EventOperation::Put => {
+                        Some(String::from_utf8(event.body.to_vec()).map_err(|_| {
+                            StoreError::Corrupt(format!(
+                                "event {seq} holds a body that is not UTF-8"
+                            ))
+                        })?)
+                    }
+                    EventOperation::Delete => None,
+                };
                 Ok(StoredVersion {
                     resource_type,
                     id,
                     version: event.version,
                     last_updated: Instant::from_micros_since_epoch(event.instant_micros),
                     seq: event.seq,
-                    body: (event.operation == EventOperation::Put).then(|| event.body.to_owned()),
+                    body,
                 })
             })?
             .ok_or_else(|| {

@@ -15,6 +15,9 @@ pub enum EventOperation {
 /// One immutable entry of the log. `body` is the exported JSON (empty for a delete);
 /// `digest` is the content digest of the body without server metadata;
 /// `compartment_patients` are the patients whose compartment this version is in.
+/// `body` is UTF-8 (checked when it was written) but read back as bytes, so a scan that
+/// copies bodies out does not validate every one again; postcard stores bytes and strings
+/// alike (a length, then the bytes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventRecord<'a> {
     pub seq: u64,
@@ -25,7 +28,8 @@ pub struct EventRecord<'a> {
     pub operation: EventOperation,
     pub digest: [u8; 32],
     pub compartment_patients: Vec<&'a str>,
-    pub body: &'a str,
+    #[serde(with = "serde_bytes")]
+    pub body: &'a [u8],
 }
 
 /// The `current` projection of one resource.
@@ -71,11 +75,17 @@ mod tests {
             operation: EventOperation::Put,
             digest: [9; 32],
             compartment_patients: vec!["p1", "p2"],
-            body: "{\"resourceType\":\"Patient\"}",
+            body: b"{\"resourceType\":\"Patient\"}",
         };
         let bytes = encode(&record);
         assert_eq!(bytes[0], RECORD_FORMAT_VERSION);
         assert_eq!(decode::<EventRecord>(&bytes).unwrap(), record);
+        let mut body_as_strings_were_stored = vec![26u8];
+        body_as_strings_were_stored.extend_from_slice(br#"{"resourceType":"Patient"}"#);
+        assert!(
+            bytes.ends_with(&body_as_strings_were_stored),
+            "a body is stored as its length, then its bytes, as when it was a string"
+        );
         let mut future = bytes.clone();
         future[0] = 99;
         assert!(matches!(

@@ -35,7 +35,8 @@ pub struct EventView<'a> {
     pub version: u64,
     pub last_updated: Instant,
     pub deleted: bool,
-    pub body: &'a str,
+    /// The stored JSON (UTF-8; empty for a delete).
+    pub body: &'a [u8],
     pub compartment_patients: &'a [&'a str],
 }
 
@@ -173,7 +174,7 @@ impl Store {
         resource_type: ResourceType,
         window: SeqWindow,
     ) -> Result<Option<(u64, u64)>, StoreError> {
-        if window.is_empty() {
+        if window.is_empty() || !self.has_ever_stored(resource_type)? {
             return Ok(None);
         }
         let events = &self.keyspaces().events;
@@ -183,6 +184,21 @@ impl Store {
             .rev()
             .find_map(|range| events.range(range).next_back());
         seqs_of_first_and_last(first, last)
+    }
+
+    /// Whether any resource of this type was ever written (deleted ones included): one
+    /// seek in `current`, where a type without events would otherwise cost a seek per
+    /// seq bucket in `events`.
+    fn has_ever_stored(&self, resource_type: ResourceType) -> Result<bool, StoreError> {
+        let mut entries = self
+            .keyspaces()
+            .current
+            .prefix(keys::type_prefix(resource_type));
+        Ok(entries
+            .next()
+            .map(|guard| guard.key())
+            .transpose()?
+            .is_some())
     }
 
     /// Calls `visit` with event `seq` of `resource_type`; `None` if there is no such event.
