@@ -520,11 +520,11 @@ pub fn ndjson_client_options() -> object_store::ClientOptions {
 }
 
 /// [`ndjson_client_options`] for workers' transfers: a request that hangs gives up within
-/// the destination timeout (at least 5 s, at most object_store's usual 30 s), so a
-/// destination that stops answering fails the job in about that time.
+/// the destination timeout (at least 1 s, at most object_store's usual 30 s), so a
+/// destination that stops answering fails the job within that time.
 pub(crate) fn worker_client_options(destination_timeout: Duration) -> object_store::ClientOptions {
     let request_timeout =
-        destination_timeout.clamp(Duration::from_secs(5), Duration::from_secs(30));
+        destination_timeout.clamp(Duration::from_secs(1), Duration::from_secs(30));
     ndjson_client_options().with_timeout(request_timeout)
 }
 
