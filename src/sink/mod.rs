@@ -12,7 +12,7 @@ mod storage_url;
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -580,6 +580,47 @@ const UPLOAD_PARTS_IN_FLIGHT: usize = 2;
 /// share the file system's journal commits instead of paying one each.
 const PARALLEL_FSYNCS: usize = 16;
 
+/// Chunk buffers kept for reuse once their part is written. A fresh 5 MiB buffer costs a
+/// page fault per 4 KiB whenever the allocator has handed a freed one back to the OS:
+/// about 9% of a system export's CPU time before buffers were reused.
+static SPARE_CHUNK_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// Enough for every upload in flight on the default worker count; 40 MiB at most.
+const SPARE_CHUNK_BUFFERS_KEPT: usize = 8;
+
+fn take_chunk_buffer() -> Vec<u8> {
+    SPARE_CHUNK_BUFFERS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .pop()
+        .unwrap_or_else(|| Vec::with_capacity(UPLOAD_CHUNK_BYTES))
+}
+
+/// A chunk handed to object_store; its buffer goes back to [`SPARE_CHUNK_BUFFERS`] when
+/// the part has been written and object_store drops it.
+struct RecycledChunk(Vec<u8>);
+
+impl AsRef<[u8]> for RecycledChunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for RecycledChunk {
+    fn drop(&mut self) {
+        let mut buffer = std::mem::take(&mut self.0);
+        if buffer.capacity() != UPLOAD_CHUNK_BYTES {
+            return;
+        }
+        buffer.clear();
+        let mut spare = SPARE_CHUNK_BUFFERS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if spare.len() < SPARE_CHUNK_BUFFERS_KEPT {
+            spare.push(buffer);
+        }
+    }
+}
+
 /// A streaming (multipart/block) upload of one object, fed from a worker thread.
 pub struct ObjectUpload {
     writer: Option<WriteMultipart>,
@@ -591,7 +632,7 @@ pub struct ObjectUpload {
 impl ObjectUpload {
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), SinkError> {
         if !self.pending.is_empty() && self.pending.len() + bytes.len() > UPLOAD_CHUNK_BYTES {
-            let full = std::mem::replace(&mut self.pending, Vec::with_capacity(UPLOAD_CHUNK_BYTES));
+            let full = std::mem::replace(&mut self.pending, take_chunk_buffer());
             self.hand_over(full)?;
         }
         self.pending.extend_from_slice(bytes);
@@ -607,7 +648,7 @@ impl ObjectUpload {
         }
         let runtime = self.store.runtime.clone();
         let _context = runtime.enter();
-        writer.put(Bytes::from(chunk));
+        writer.put(Bytes::from_owner(RecycledChunk(chunk)));
         runtime
             .block_on(writer.wait_for_capacity(UPLOAD_PARTS_IN_FLIGHT))
             .map_err(|error| self.store.storage_error(error))
@@ -751,7 +792,7 @@ impl ContainerStore {
                 upload,
                 UPLOAD_CHUNK_BYTES,
             )),
-            pending: Vec::with_capacity(UPLOAD_CHUNK_BYTES),
+            pending: take_chunk_buffer(),
             store: self.clone(),
             name: name.to_owned(),
         })
