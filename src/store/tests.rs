@@ -539,3 +539,63 @@ fn open_refuses_a_store_whose_rebuild_was_interrupted_until_a_rebuild_finishes()
     let reopened = Store::open(directory.path(), &StoreOptions::default()).unwrap();
     assert_eq!(reopened.dump_projections().unwrap(), before);
 }
+
+/// Bytes of journal the next open would replay: what precedes the zero padding of
+/// fjall's preallocated journal files.
+fn journal_content_bytes(data_dir: &std::path::Path) -> usize {
+    std::fs::read_dir(data_dir.join("store"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "jnl"))
+        .map(|path| {
+            let bytes = std::fs::read(path).unwrap();
+            bytes.len() - bytes.iter().rev().take_while(|byte| **byte == 0).count()
+        })
+        .sum()
+}
+
+#[test]
+fn flushing_memtables_retires_the_journal_the_next_open_would_replay() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut incompressible_text = || {
+        (0..64 << 10)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                char::from(b'a' + (state % 26) as u8)
+            })
+            .collect::<String>()
+    };
+    let padding = incompressible_text();
+    for batch in 0..8 {
+        let writes = (0..8)
+            .map(|index| {
+                let text = if (batch, index) == (7, 7) {
+                    padding.clone()
+                } else {
+                    incompressible_text()
+                };
+                update(&format!(
+                    r#"{{"resourceType":"Patient","id":"p{batch}-{index}","text":{{"div":"{text}"}}}}"#
+                ))
+            })
+            .collect();
+        store.commit(writes).unwrap();
+    }
+    store.flush_memtables().unwrap();
+    drop(store);
+    let journal_bytes = journal_content_bytes(directory.path());
+    assert!(
+        journal_bytes < 1 << 20,
+        "{journal_bytes} bytes of journal left for the next open to replay after writing 4 MiB"
+    );
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    let patient = store
+        .read_current(ResourceType::PATIENT, &id("p7-7"))
+        .unwrap()
+        .unwrap();
+    assert!(patient.body.unwrap().contains(&padding));
+}
