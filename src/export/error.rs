@@ -96,9 +96,19 @@ impl ExportError {
 
 impl From<StoreError> for ExportError {
     fn from(error: StoreError) -> Self {
+        let (kind, message) = match &error {
+            StoreError::OutOfSpace => (
+                ExportErrorKind::InsufficientStorage,
+                format!("the export's state cannot be saved: {error}"),
+            ),
+            _ => (
+                ExportErrorKind::Store,
+                format!("reading the store failed: {error}"),
+            ),
+        };
         ExportError {
-            kind: ExportErrorKind::Store,
-            message: format!("reading the store failed: {error}"),
+            kind,
+            message,
             cause: Some(Box::new(error)),
         }
     }

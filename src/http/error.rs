@@ -63,7 +63,10 @@ impl ApiError {
             ApiError::Store(StoreError::Rejected(WriteRejection::AlreadyExists { .. })) => {
                 StatusCode::CONFLICT
             }
-            ApiError::Store(StoreError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Store(StoreError::Closed | StoreError::Recovering) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Store(StoreError::OutOfSpace) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Store(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Export(error) => export_status(error.kind()),
             ApiError::ExportFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -87,6 +90,8 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => IssueKind::TooLong,
             ApiError::RequestTimeout(_) => IssueKind::Timeout,
             ApiError::Store(StoreError::Rejected(_)) => IssueKind::Conflict,
+            ApiError::Store(StoreError::OutOfSpace) => IssueKind::TooCostly,
+            ApiError::Store(StoreError::Recovering) => IssueKind::Transient,
             ApiError::Store(_) | ApiError::Internal(_) => IssueKind::Exception,
             ApiError::Export(error) => export_issue_kind(error.kind()),
             ApiError::ExportFailed { kind, .. } => export_issue_kind(*kind),
@@ -154,6 +159,13 @@ mod tests {
         assert_eq!(
             ApiError::Store(StoreError::Closed).status(),
             StatusCode::SERVICE_UNAVAILABLE
+        );
+        let full = ApiError::Store(StoreError::OutOfSpace);
+        assert_eq!(full.status(), StatusCode::INSUFFICIENT_STORAGE);
+        assert!(full.to_string().contains("disk is full"), "{full}");
+        assert_eq!(
+            ApiError::Export(ExportError::from(StoreError::OutOfSpace)).status(),
+            StatusCode::INSUFFICIENT_STORAGE
         );
     }
 }

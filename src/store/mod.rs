@@ -3,7 +3,9 @@
 //! are projections of them written in the same batch (DESIGN.md §2).
 
 mod committer;
+mod journal_cut;
 mod keys;
+mod out_of_space;
 mod projection;
 mod read;
 mod rebuild;
@@ -12,7 +14,7 @@ mod scan;
 mod write;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
@@ -26,6 +28,7 @@ pub use write::{
 };
 
 use committer::{CommitRequest, Committer};
+use out_of_space::{FailedWrite, WriteHealth};
 
 /// Store failures a caller can act on.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +53,13 @@ pub enum StoreError {
     RebuildInterrupted { path: PathBuf },
     #[error("the store is shutting down")]
     Closed,
+    #[error(
+        "the store's disk is full: writes are refused until space is freed on it (reads, \
+         history, metadata and exports of stored data still work)"
+    )]
+    OutOfSpace,
+    #[error("the store is recovering from a failed write; retry shortly")]
+    Recovering,
     #[error(transparent)]
     Rejected(#[from] WriteRejection),
 }
@@ -200,6 +210,43 @@ impl Keyspaces {
     }
 }
 
+/// The open database, which the committer swaps for a reopened one after a failed write
+/// ([`out_of_space`]); readers take a handle per operation.
+pub(crate) struct DatabaseSlot {
+    data_dir: PathBuf,
+    options: StoreOptions,
+    /// `None` only while the committer, holding the lock, reopens the database.
+    current: RwLock<Option<Arc<Keyspaces>>>,
+    health: WriteHealth,
+}
+
+impl DatabaseSlot {
+    fn keyspaces(&self) -> Arc<Keyspaces> {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(
+            current
+                .as_ref()
+                .expect("the database slot is empty only while its lock is held"),
+        )
+    }
+}
+
+/// Opens fjall in `data_dir/store` with its keyspaces.
+fn open_database(data_dir: &Path, options: &StoreOptions) -> Result<Keyspaces, StoreError> {
+    let database = Database::builder(data_dir.join("store"))
+        .cache_size(options.block_cache_bytes)
+        .max_journaling_size(options.max_journal_bytes)
+        .worker_threads(FJALL_WORKER_THREADS)
+        .open()
+        .map_err(|error| match error {
+            fjall::Error::Locked => StoreError::Locked {
+                path: data_dir.to_path_buf(),
+            },
+            other => StoreError::Storage(other),
+        })?;
+    Keyspaces::open(database, options)
+}
+
 /// A handle to an open store; clones share it. Dropping the last handle stops the
 /// committer and closes the database, releasing the data directory.
 #[derive(Clone)]
@@ -208,8 +255,7 @@ pub struct Store {
 }
 
 struct StoreShared {
-    data_dir: PathBuf,
-    keyspaces: Keyspaces,
+    slot: Arc<DatabaseSlot>,
     commit_sender: Option<crossbeam_channel::Sender<CommitRequest>>,
     committer_thread: Option<JoinHandle<()>>,
 }
@@ -277,7 +323,7 @@ impl Store {
     /// Writes every memtable out as tables and waits for those flushes, so the next open
     /// replays (almost) no journal. Blocking; for the end of a bulk load.
     pub fn flush_memtables(&self) -> Result<(), StoreError> {
-        let keyspaces = &self.shared.keyspaces;
+        let keyspaces = self.keyspaces();
         let all = [
             &keyspaces.events,
             &keyspaces.log,
@@ -329,24 +375,15 @@ impl Store {
     fn open_even_mid_rebuild(data_dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|error| StoreError::Storage(fjall::Error::Io(error)))?;
-        let database = Database::builder(data_dir.join("store"))
-            .cache_size(options.block_cache_bytes)
-            .max_journaling_size(options.max_journal_bytes)
-            .worker_threads(FJALL_WORKER_THREADS)
-            .open()
-            .map_err(|error| match error {
-                fjall::Error::Locked => StoreError::Locked {
-                    path: data_dir.to_path_buf(),
-                },
-                other => StoreError::Storage(other),
-            })?;
-        let keyspaces = Keyspaces::open(database, options)?;
+        let keyspaces = Arc::new(open_database(data_dir, options)?);
         check_layout(&keyspaces, data_dir)?;
-        let committer = Committer::recover(
-            keyspaces.clone(),
-            options.events_memtable_bytes,
-            options.index_memtable_bytes,
-        )?;
+        let slot = Arc::new(DatabaseSlot {
+            data_dir: data_dir.to_path_buf(),
+            options: options.clone(),
+            current: RwLock::new(Some(Arc::clone(&keyspaces))),
+            health: WriteHealth::default(),
+        });
+        let committer = Committer::recover(Arc::clone(&slot), keyspaces)?;
         let (commit_sender, commit_receiver) =
             crossbeam_channel::bounded(options.max_queued_commits.max(1));
         let committer_thread = std::thread::Builder::new()
@@ -355,8 +392,7 @@ impl Store {
             .map_err(|error| StoreError::Storage(fjall::Error::Io(error)))?;
         Ok(Store {
             shared: Arc::new(StoreShared {
-                data_dir: data_dir.to_path_buf(),
-                keyspaces,
+                slot,
                 commit_sender: Some(commit_sender),
                 committer_thread: Some(committer_thread),
             }),
@@ -415,11 +451,42 @@ impl Store {
 
     /// The directory the store was opened in.
     pub fn data_dir(&self) -> &Path {
-        &self.shared.data_dir
+        &self.shared.slot.data_dir
     }
 
-    pub(crate) fn keyspaces(&self) -> &Keyspaces {
-        &self.shared.keyspaces
+    /// The open database, for one operation: holding it across a reopen delays the
+    /// reopen, so a long scan lets go of it when [`Store::is_reopening`] says so.
+    pub(crate) fn keyspaces(&self) -> Arc<Keyspaces> {
+        self.shared.slot.keyspaces()
+    }
+
+    /// The error to refuse a write with while the store recovers from a failed one.
+    fn refuse_while_failed(&self) -> Result<(), StoreError> {
+        match self.shared.slot.health.refusal() {
+            Some(refusal) => Err(refusal),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a failed write outside the committer and classifies it for its caller;
+    /// `failed_write` names what must not come back when the journal is replayed.
+    fn write_failed(&self, error: fjall::Error, failed_write: Option<FailedWrite>) -> StoreError {
+        self.shared
+            .slot
+            .health
+            .note_failure(self.data_dir(), error, failed_write)
+    }
+
+    /// Whether the committer waits for readers to let go of the database to reopen it.
+    fn is_reopening(&self) -> bool {
+        self.shared.slot.health.is_reopening()
+    }
+
+    /// Waits until the committer has reopened the database.
+    fn wait_out_reopen(&self) {
+        while self.is_reopening() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
 
