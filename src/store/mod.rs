@@ -477,6 +477,13 @@ impl Store {
             .note_failure(self.data_dir(), error, failed_write)
     }
 
+    /// Records a write as failed with `error`, as a real failure would: writes are refused
+    /// until the committer has probed the disk and reopened the database.
+    #[cfg(test)]
+    pub(crate) fn fail_a_write_for_test(&self, error: std::io::Error) {
+        self.write_failed(fjall::Error::Io(error), None);
+    }
+
     /// Whether the committer waits for readers to let go of the database to reopen it.
     fn is_reopening(&self) -> bool {
         self.shared.slot.health.is_reopening()
