@@ -12,9 +12,10 @@ use super::error::{ExportError, ExportErrorKind};
 use super::job::{ExportedFile, JobRecord, JobState, UnitCheckpoint};
 use crate::fhir::Instant;
 use crate::sink::ContainerStore;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
-/// How often a job whose state the store refuses to save (its disk full) tries again.
+/// How often a job whose state the store refuses to save (its disk full, or a failed
+/// write being repaired) tries again.
 const STORE_FULL_RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Locks `mutex`, carrying on with the data if a thread panicked while holding it: every
@@ -251,9 +252,9 @@ impl JobHandle {
                     *self.record() = changed.clone();
                     return Ok(());
                 }
-                Err(StoreError::OutOfSpace) => {
+                Err(error) if error.is_passing_refusal() => {
                     drop(persisting);
-                    tracing::warn!(job = %self.id, "the store's disk is full; the job waits to save its state");
+                    tracing::warn!(job = %self.id, %error, "the job waits to save its state");
                     std::thread::sleep(STORE_FULL_RETRY_INTERVAL);
                 }
                 Err(error) => return Err(error.into()),
@@ -409,7 +410,7 @@ mod tests {
     use crate::export::job::JobRecord;
     use crate::export::request::{ExportLevel, ExportRequest};
     use crate::sink::ContainerName;
-    use crate::store::{SeqWindow, StoreOptions};
+    use crate::store::{SeqWindow, StoreError, StoreOptions};
 
     fn exporting_job(store: &Store) -> JobHandle {
         let record = JobRecord {

@@ -263,8 +263,8 @@ fn save_checkpoint(
         .checkpoint
         .save(store, run.job.id(), run.unit_index)
     {
-        Err(StoreError::OutOfSpace) => {
-            tracing::warn!(job = %run.job.id(), "the store's disk is full; a checkpoint was not saved (a restart resumes from an earlier one)");
+        Err(error) if error.is_passing_refusal() => {
+            tracing::warn!(job = %run.job.id(), %error, "a checkpoint was not saved (a restart resumes from an earlier one)");
             Ok(())
         }
         saved => Ok(saved?),

@@ -115,7 +115,9 @@ fn export_status(kind: ExportErrorKind) -> StatusCode {
         ExportErrorKind::NotFound | ExportErrorKind::Cancelled => StatusCode::NOT_FOUND,
         ExportErrorKind::TooManyJobs => StatusCode::TOO_MANY_REQUESTS,
         ExportErrorKind::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
-        ExportErrorKind::DestinationUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ExportErrorKind::DestinationUnavailable | ExportErrorKind::StoreRecovering => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ExportErrorKind::Destination | ExportErrorKind::Store | ExportErrorKind::TimedOut => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
@@ -128,7 +130,9 @@ fn export_issue_kind(kind: ExportErrorKind) -> IssueKind {
         ExportErrorKind::NotFound | ExportErrorKind::Cancelled => IssueKind::NotFound,
         ExportErrorKind::TooManyJobs => IssueKind::Throttled,
         ExportErrorKind::InsufficientStorage => IssueKind::TooCostly,
-        ExportErrorKind::DestinationUnavailable => IssueKind::Transient,
+        ExportErrorKind::DestinationUnavailable | ExportErrorKind::StoreRecovering => {
+            IssueKind::Transient
+        }
         ExportErrorKind::TimedOut => IssueKind::Timeout,
         ExportErrorKind::Destination | ExportErrorKind::Store => IssueKind::Exception,
     }
@@ -166,6 +170,10 @@ mod tests {
         assert_eq!(
             ApiError::Export(ExportError::from(StoreError::OutOfSpace)).status(),
             StatusCode::INSUFFICIENT_STORAGE
+        );
+        assert_eq!(
+            ApiError::Export(ExportError::from(StoreError::Recovering)).status(),
+            StatusCode::SERVICE_UNAVAILABLE
         );
     }
 }

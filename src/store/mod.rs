@@ -64,6 +64,14 @@ pub enum StoreError {
     Rejected(#[from] WriteRejection),
 }
 
+impl StoreError {
+    /// Whether the store refused a write only until its disk has room again or it has
+    /// repaired a failed write: the same write may succeed shortly.
+    pub fn is_passing_refusal(&self) -> bool {
+        matches!(self, StoreError::OutOfSpace | StoreError::Recovering)
+    }
+}
+
 /// Memory and durability settings; the defaults keep memory bounded whatever the store size.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
