@@ -329,7 +329,8 @@ impl Store {
     }
 
     /// Writes every memtable out as tables and waits for those flushes, so the next open
-    /// replays (almost) no journal. Blocking; for the end of a bulk load.
+    /// replays (almost) no journal. Blocking; for the end of a bulk load. A flush that
+    /// fails (a full disk) ends the wait with the error.
     pub fn flush_memtables(&self) -> Result<(), StoreError> {
         let keyspaces = self.keyspaces();
         let all = [
@@ -345,13 +346,19 @@ impl Store {
             &keyspaces.meta,
         ];
         for keyspace in all {
-            keyspace.rotate_memtable()?;
+            keyspace
+                .rotate_memtable()
+                .map_err(|error| self.write_failed(error, None))?;
         }
         while keyspaces.database.outstanding_flushes() > 0
             || all
                 .iter()
                 .any(|keyspace| keyspace.sealed_memtable_count() > 0)
         {
+            keyspaces
+                .database
+                .persist(fjall::PersistMode::Buffer)
+                .map_err(|error| self.write_failed(error, None))?;
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         Ok(())
