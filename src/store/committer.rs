@@ -36,6 +36,11 @@ const FLUSH_WAIT_BEFORE_HEALTH_CHECK: Duration = Duration::from_millis(100);
 /// the process exits ([`exit_unrecoverable`]).
 const REOPEN_WAIT: Duration = Duration::from_secs(30);
 
+/// How long the committer keeps new readers out at a time while readers of the old
+/// database finish: a reader that needs a second handle for its operation waits this
+/// long at most before all readers are let in again.
+const READER_DRAIN_WINDOW: Duration = Duration::from_millis(20);
+
 pub(super) struct CommitRequest {
     pub operations: Vec<WriteOperation>,
     pub reply: oneshot::Sender<Result<Vec<WriteOutcome>, StoreError>>,
@@ -163,8 +168,9 @@ impl Committer {
     }
 
     /// Closes the database once no reader holds it, cuts the failed writes out of its
-    /// journal and opens it again; readers wait only while it is closed. Exits the
-    /// process when that cannot be done ([`exit_unrecoverable`]).
+    /// journal and opens it again. Long scans let go of it meanwhile; new readers wait
+    /// [`READER_DRAIN_WINDOW`] at a time while the others finish, and while it is closed.
+    /// Exits the process when that cannot be done ([`exit_unrecoverable`]).
     fn reopen(self) -> Committer {
         let started = std::time::Instant::now();
         let Committer {
@@ -177,10 +183,14 @@ impl Committer {
             ..
         } = self;
         slot.health.set_reopening(true);
+        let held_by_slot_and_committer_only = || Arc::strong_count(&keyspaces) == 2;
         let mut current = loop {
             let current = slot.current.write().unwrap_or_else(PoisonError::into_inner);
-            let held_by_slot_and_committer_only = Arc::strong_count(&keyspaces) == 2;
-            if held_by_slot_and_committer_only {
+            let window_ends = std::time::Instant::now() + READER_DRAIN_WINDOW;
+            while !held_by_slot_and_committer_only() && std::time::Instant::now() < window_ends {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            if held_by_slot_and_committer_only() {
                 break current;
             }
             drop(current);

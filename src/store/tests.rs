@@ -611,7 +611,8 @@ fn a_write_cut_from_the_journal_does_not_come_back_but_earlier_ones_do() {
 }
 
 #[test]
-fn after_a_failed_write_the_store_refuses_writes_then_reopens_itself_while_a_scan_goes_on() {
+fn after_a_failed_write_the_store_refuses_writes_then_reopens_itself_while_reads_and_a_scan_go_on()
+{
     let directory = tempfile::tempdir().unwrap();
     let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
     let patients: Vec<WriteOperation> = (0..200)
@@ -639,6 +640,23 @@ fn after_a_failed_write_the_store_refuses_writes_then_reopens_itself_while_a_sca
             .unwrap();
         seqs
     });
+    let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (store, reading) = (store.clone(), Arc::clone(&reading));
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while reading.load(std::sync::atomic::Ordering::SeqCst) {
+                    let found = store
+                        .read_current(ResourceType::PATIENT, &id("p7"))
+                        .unwrap();
+                    assert!(found.is_some());
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
     std::thread::sleep(std::time::Duration::from_millis(100));
     let refused =
         store
@@ -669,6 +687,10 @@ fn after_a_failed_write_the_store_refuses_writes_then_reopens_itself_while_a_sca
         !scan.is_finished(),
         "the store was reopened only after the scan"
     );
+    reading.store(false, std::sync::atomic::Ordering::SeqCst);
+    for reader in readers {
+        assert!(reader.join().unwrap() > 0);
+    }
     assert_eq!(scan.join().unwrap(), (1..=200).collect::<Vec<u64>>());
     assert!(
         store
