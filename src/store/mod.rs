@@ -220,7 +220,7 @@ impl Keyspaces {
 
 /// The open database, which the committer swaps for a reopened one after a failed write
 /// ([`out_of_space`]); readers take a handle per operation.
-pub(crate) struct DatabaseSlot {
+struct DatabaseSlot {
     data_dir: PathBuf,
     options: StoreOptions,
     /// `None` only while the committer, holding the lock, reopens the database.
@@ -475,7 +475,7 @@ impl Store {
         self.shared.slot.keyspaces()
     }
 
-    /// The error to refuse a write with while the store recovers from a failed one.
+    /// Refuses a write while the store repairs a failed one (its disk full, most often).
     fn refuse_while_failed(&self) -> Result<(), StoreError> {
         match self.shared.slot.health.refusal() {
             Some(refusal) => Err(refusal),
