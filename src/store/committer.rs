@@ -10,7 +10,7 @@ use crossbeam_channel::RecvTimeoutError;
 use fjall::{OwnedWriteBatch, PersistMode};
 use tokio::sync::oneshot;
 
-use super::journal_cut::cut_failed_writes;
+use super::journal_cut::{cut_failed_writes, wait_until_journals_closed};
 use super::out_of_space::{FailedWrite, PROBE_INTERVAL, exit_unrecoverable, probe_free_space};
 use super::projection::{CurrentOverlay, stage_projections};
 use super::read::newest_event;
@@ -35,6 +35,9 @@ const FLUSH_WAIT_BEFORE_HEALTH_CHECK: Duration = Duration::from_millis(100);
 /// Longest wait for readers to let go of the database so it can be reopened; beyond it
 /// the process exits ([`exit_unrecoverable`]).
 const REOPEN_WAIT: Duration = Duration::from_secs(30);
+
+/// Longest wait, once the database is closed, for fjall's journal files to be closed.
+const JOURNAL_CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// How long the committer keeps new readers out at a time while readers of the old
 /// database finish: a reader that needs a second handle for its operation waits this
@@ -205,6 +208,9 @@ impl Committer {
         current.take();
         drop(keyspaces);
         let store_dir = slot.data_dir.join("store");
+        if let Err(reason) = wait_until_journals_closed(&store_dir, JOURNAL_CLOSE_WAIT) {
+            exit_unrecoverable(&reason);
+        }
         let failed_writes = slot.health.take_failed_writes();
         match cut_failed_writes(&store_dir, &failed_writes) {
             Ok(Some(cut)) => tracing::warn!(

@@ -18,6 +18,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::out_of_space::FailedWrite;
 
@@ -59,6 +60,44 @@ pub(super) fn cut_failed_writes(
         }
     }
     Ok(None)
+}
+
+/// Waits until this process holds no journal of `store_dir` open: fjall's last handles
+/// (a worker thread's, say) may drop just after the database closed, and a journal
+/// dropped then still flushes its buffer, which must happen before the cut. Linux only
+/// (`/proc/self/fd`); elsewhere it returns at once.
+pub(super) fn wait_until_journals_closed(
+    store_dir: &Path,
+    timeout: Duration,
+) -> Result<(), String> {
+    let Ok(store_dir) = store_dir.canonicalize() else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let Ok(descriptors) = std::fs::read_dir("/proc/self/fd") else {
+            return Ok(());
+        };
+        let open_journal = descriptors
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .find(|target| {
+                target.parent() == Some(store_dir.as_path())
+                    && target
+                        .extension()
+                        .is_some_and(|extension| extension == "jnl")
+            });
+        let Some(open_journal) = open_journal else {
+            return Ok(());
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{} was still open {} s after the database closed",
+                open_journal.display(),
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// The `<id>.jnl` files of a fjall folder, by ascending id.

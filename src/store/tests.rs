@@ -699,3 +699,16 @@ fn after_a_failed_write_the_store_refuses_writes_then_reopens_itself_while_reads
             .is_some()
     );
 }
+
+#[test]
+fn journals_count_as_closed_only_once_the_database_is() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    let store_dir = directory.path().join("store");
+    let still_open =
+        journal_cut::wait_until_journals_closed(&store_dir, std::time::Duration::from_millis(50));
+    assert!(still_open.is_err_and(|reason| reason.contains(".jnl")));
+    drop(store);
+    journal_cut::wait_until_journals_closed(&store_dir, std::time::Duration::from_millis(50))
+        .unwrap();
+}
