@@ -117,11 +117,11 @@ const STORE_FILESYSTEM_SIZE: &str = "8m";
 const FILLER_BYTES: usize = 3 << 20;
 
 /// A server whose data directory is a small tmpfs holding a filler file; exports go to a
-/// folder outside it.
+/// folder outside it. Dropped in field order: the server stops before the unmount.
 struct FullStoreDisk {
-    workspace: tempfile::TempDir,
-    store_filesystem: SmallFilesystem,
     server: ServerProcess,
+    store_filesystem: SmallFilesystem,
+    workspace: tempfile::TempDir,
 }
 
 impl FullStoreDisk {
@@ -132,9 +132,9 @@ impl FullStoreDisk {
         std::fs::write(store_filesystem.filler(), vec![1u8; FILLER_BYTES]).expect("the filler");
         let server = FullStoreDisk::start_server(workspace.path(), &store_filesystem.mount_point);
         FullStoreDisk {
-            workspace,
-            store_filesystem,
             server,
+            store_filesystem,
+            workspace,
         }
     }
 
