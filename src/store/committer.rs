@@ -205,6 +205,7 @@ impl Committer {
             }
             std::thread::sleep(Duration::from_millis(1));
         };
+        let closing = std::time::Instant::now();
         current.take();
         drop(keyspaces);
         let store_dir = slot.data_dir.join("store");
@@ -224,6 +225,7 @@ impl Committer {
                 store_dir.display()
             )),
         }
+        let opening = std::time::Instant::now();
         let keyspaces = match open_database(&slot.data_dir, &slot.options) {
             Ok(keyspaces) => Arc::new(keyspaces),
             Err(error) => exit_unrecoverable(&format!("reopening the store failed: {error}")),
@@ -234,6 +236,9 @@ impl Committer {
         drop(current);
         tracing::warn!(
             elapsed_ms = started.elapsed().as_millis() as u64,
+            readers_waited_ms = (closing - started).as_millis() as u64,
+            closed_ms = (opening - closing).as_millis() as u64,
+            opened_ms = opening.elapsed().as_millis() as u64,
             "the store was reopened after a failed write; writes are taken again"
         );
         Committer {
