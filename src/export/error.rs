@@ -24,6 +24,8 @@ pub enum ExportErrorKind {
     Destination,
     /// Reading or writing the store failed.
     Store,
+    /// The store is repairing a failed write and refuses writes for a moment; retry.
+    StoreRecovering,
     /// The job was cancelled or the engine is stopping.
     Cancelled,
     /// The job made no progress for longer than `--job-timeout`.
@@ -96,9 +98,23 @@ impl ExportError {
 
 impl From<StoreError> for ExportError {
     fn from(error: StoreError) -> Self {
+        let (kind, message) = match &error {
+            StoreError::OutOfSpace => (
+                ExportErrorKind::InsufficientStorage,
+                format!("the export's state cannot be saved: {error}"),
+            ),
+            StoreError::Recovering => (
+                ExportErrorKind::StoreRecovering,
+                format!("the export's state cannot be saved now: {error}"),
+            ),
+            _ => (
+                ExportErrorKind::Store,
+                format!("reading the store failed: {error}"),
+            ),
+        };
         ExportError {
-            kind: ExportErrorKind::Store,
-            message: format!("reading the store failed: {error}"),
+            kind,
+            message,
             cause: Some(Box::new(error)),
         }
     }

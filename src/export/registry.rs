@@ -6,12 +6,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use super::error::{ExportError, ExportErrorKind};
 use super::job::{ExportedFile, JobRecord, JobState, UnitCheckpoint};
 use crate::fhir::Instant;
 use crate::sink::ContainerStore;
 use crate::store::Store;
+
+/// How often a job whose state the store refuses to save (its disk full, or a failed
+/// write being repaired) tries again.
+const STORE_FULL_RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Locks `mutex`, carrying on with the data if a thread panicked while holding it: every
 /// value guarded here is left consistent between statements.
@@ -220,21 +225,41 @@ impl JobHandle {
 
     /// Saves `change` applied to the record, unless the job was cancelled or failed
     /// meanwhile. Decisions are serialised by the persistence lock, so a job that was
-    /// cancelled is never written back; status readers never wait on the disk.
+    /// cancelled is never written back; status readers never wait on the disk. While the
+    /// store's disk is full the job waits for room (without the lock, so it can still be
+    /// cancelled; `--job-timeout` bounds the wait, as the job makes no progress).
     pub fn persist(
         &self,
         store: &Store,
         change: impl FnOnce(&mut JobRecord),
     ) -> Result<(), ExportError> {
-        let _persisting = lock(&self.persistence);
-        if self.halted.load(Ordering::SeqCst) {
-            return Err(ExportError::cancelled());
+        let mut change = Some(change);
+        let mut changed: Option<JobRecord> = None;
+        loop {
+            let persisting = lock(&self.persistence);
+            if self.halted.load(Ordering::SeqCst) {
+                return Err(ExportError::cancelled());
+            }
+            let changed = changed.get_or_insert_with(|| {
+                let mut changed = self.record().clone();
+                if let Some(change) = change.take() {
+                    change(&mut changed);
+                }
+                changed
+            });
+            match changed.save(store) {
+                Ok(()) => {
+                    *self.record() = changed.clone();
+                    return Ok(());
+                }
+                Err(error) if error.is_passing_refusal() => {
+                    drop(persisting);
+                    tracing::warn!(job = %self.id, %error, "the job waits to save its state");
+                    std::thread::sleep(STORE_FULL_RETRY_INTERVAL);
+                }
+                Err(error) => return Err(error.into()),
+            }
         }
-        let mut changed = self.record().clone();
-        change(&mut changed);
-        changed.save(store)?;
-        *self.record() = changed;
-        Ok(())
     }
 
     /// Completes the job with `files`; the Completed state is durable when this returns.
@@ -385,7 +410,7 @@ mod tests {
     use crate::export::job::JobRecord;
     use crate::export::request::{ExportLevel, ExportRequest};
     use crate::sink::ContainerName;
-    use crate::store::{SeqWindow, StoreOptions};
+    use crate::store::{SeqWindow, StoreError, StoreOptions};
 
     fn exporting_job(store: &Store) -> JobHandle {
         let record = JobRecord {
@@ -450,6 +475,23 @@ mod tests {
         let completed = exporting_job(&store);
         completed.complete(&store, Vec::new()).unwrap();
         assert!(!completed.fail(&store, &failure));
+        assert!(matches!(
+            persisted_states(&store).as_slice(),
+            [JobState::Completed { .. }]
+        ));
+    }
+
+    #[test]
+    fn a_job_whose_state_the_full_store_refuses_saves_it_once_the_store_takes_writes() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+        let job = exporting_job(&store);
+        store.fail_a_write_for_test(std::io::Error::from_raw_os_error(28));
+        assert!(matches!(
+            store.job_put("unrelated", b""),
+            Err(StoreError::OutOfSpace)
+        ));
+        job.complete(&store, Vec::new()).unwrap();
         assert!(matches!(
             persisted_states(&store).as_slice(),
             [JobState::Completed { .. }]

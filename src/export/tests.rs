@@ -549,3 +549,47 @@ fn files_of_an_export_completed_before_a_restart_are_readable_at_once() {
         assert_eq!(lines, contents[&file.name]);
     }
 }
+
+#[test]
+fn an_export_running_while_the_store_refuses_writes_completes_once_it_takes_them_again() {
+    let harness = Harness::new();
+    let patients = (0..1500)
+        .map(|index| {
+            let text = format!(r#"{{"resourceType":"Patient","id":"p{index}"}}"#);
+            let parsed =
+                ParsedResource::parse_bytes(text.as_bytes(), DEFAULT_MAX_JSON_DEPTH).unwrap();
+            WriteOperation::Update {
+                resource: PreparedResource::new(
+                    parsed.resource_type,
+                    parsed.id.clone().unwrap(),
+                    parsed.json,
+                ),
+                expected_version: None,
+                unchanged: UnchangedContent::NewVersion,
+            }
+        })
+        .collect();
+    harness.store.commit(patients).unwrap();
+    let engine = harness.engine(small_settings(1));
+    let job_id = engine
+        .submit(
+            ExportRequest::everything_at(ExportLevel::System),
+            "http://test/fhir/$export".to_owned(),
+        )
+        .unwrap();
+    harness
+        .store
+        .fail_a_write_for_test(std::io::Error::from_raw_os_error(28));
+    let refused = engine.submit(
+        ExportRequest::everything_at(ExportLevel::System),
+        "http://test/fhir/$export".to_owned(),
+    );
+    assert_eq!(
+        error_kind(refused),
+        Some(ExportErrorKind::InsufficientStorage)
+    );
+    match engine.wait(&job_id, |_| {}).unwrap() {
+        JobStatus::Completed { record, .. } => assert_eq!(record.files.len(), 1500),
+        other => panic!("the export did not complete: {other:?}"),
+    }
+}

@@ -259,10 +259,16 @@ fn save_checkpoint(
         output: output.checkpoint.clone(),
         deleted: deleted.checkpoint.clone(),
     };
-    assignment
+    match assignment
         .checkpoint
-        .save(store, run.job.id(), run.unit_index)?;
-    Ok(())
+        .save(store, run.job.id(), run.unit_index)
+    {
+        Err(error) if error.is_passing_refusal() => {
+            tracing::warn!(job = %run.job.id(), %error, "a checkpoint was not saved (a restart resumes from an earlier one)");
+            Ok(())
+        }
+        saved => Ok(saved?),
+    }
 }
 
 /// Whether the unit's source covers this event.

@@ -63,7 +63,10 @@ impl ApiError {
             ApiError::Store(StoreError::Rejected(WriteRejection::AlreadyExists { .. })) => {
                 StatusCode::CONFLICT
             }
-            ApiError::Store(StoreError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Store(StoreError::Closed | StoreError::Recovering) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Store(StoreError::OutOfSpace) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Store(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Export(error) => export_status(error.kind()),
             ApiError::ExportFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -87,6 +90,8 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => IssueKind::TooLong,
             ApiError::RequestTimeout(_) => IssueKind::Timeout,
             ApiError::Store(StoreError::Rejected(_)) => IssueKind::Conflict,
+            ApiError::Store(StoreError::OutOfSpace) => IssueKind::TooCostly,
+            ApiError::Store(StoreError::Recovering) => IssueKind::Transient,
             ApiError::Store(_) | ApiError::Internal(_) => IssueKind::Exception,
             ApiError::Export(error) => export_issue_kind(error.kind()),
             ApiError::ExportFailed { kind, .. } => export_issue_kind(*kind),
@@ -110,7 +115,9 @@ fn export_status(kind: ExportErrorKind) -> StatusCode {
         ExportErrorKind::NotFound | ExportErrorKind::Cancelled => StatusCode::NOT_FOUND,
         ExportErrorKind::TooManyJobs => StatusCode::TOO_MANY_REQUESTS,
         ExportErrorKind::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
-        ExportErrorKind::DestinationUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ExportErrorKind::DestinationUnavailable | ExportErrorKind::StoreRecovering => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ExportErrorKind::Destination | ExportErrorKind::Store | ExportErrorKind::TimedOut => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
@@ -123,7 +130,9 @@ fn export_issue_kind(kind: ExportErrorKind) -> IssueKind {
         ExportErrorKind::NotFound | ExportErrorKind::Cancelled => IssueKind::NotFound,
         ExportErrorKind::TooManyJobs => IssueKind::Throttled,
         ExportErrorKind::InsufficientStorage => IssueKind::TooCostly,
-        ExportErrorKind::DestinationUnavailable => IssueKind::Transient,
+        ExportErrorKind::DestinationUnavailable | ExportErrorKind::StoreRecovering => {
+            IssueKind::Transient
+        }
         ExportErrorKind::TimedOut => IssueKind::Timeout,
         ExportErrorKind::Destination | ExportErrorKind::Store => IssueKind::Exception,
     }
@@ -153,6 +162,17 @@ mod tests {
         );
         assert_eq!(
             ApiError::Store(StoreError::Closed).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let full = ApiError::Store(StoreError::OutOfSpace);
+        assert_eq!(full.status(), StatusCode::INSUFFICIENT_STORAGE);
+        assert!(full.to_string().contains("disk is full"), "{full}");
+        assert_eq!(
+            ApiError::Export(ExportError::from(StoreError::OutOfSpace)).status(),
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+        assert_eq!(
+            ApiError::Export(ExportError::from(StoreError::Recovering)).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
     }

@@ -3,17 +3,22 @@
 //! its batch is fsynced, which happens before any of it becomes visible to readers.
 
 use std::collections::HashMap;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
 
+use crossbeam_channel::RecvTimeoutError;
 use fjall::{OwnedWriteBatch, PersistMode};
 use tokio::sync::oneshot;
 
+use super::journal_cut::{cut_failed_writes, wait_until_journals_closed};
+use super::out_of_space::{FailedWrite, PROBE_INTERVAL, exit_unrecoverable, probe_free_space};
 use super::projection::{CurrentOverlay, stage_projections};
 use super::read::newest_event;
 use super::record::{self, CurrentEntry, EventOperation, EventRecord};
 use super::write::{
     PreparedResource, UnchangedContent, VersionInfo, WriteOperation, WriteOutcome, WriteRejection,
 };
-use super::{Keyspaces, StoreError, keys};
+use super::{DatabaseSlot, Keyspaces, StoreError, keys, open_database};
 use crate::fhir::{Instant, ResourceId, ResourceType};
 
 /// Most commit requests folded into one batch and one fsync.
@@ -23,13 +28,30 @@ pub(super) const MAX_REQUESTS_PER_GROUP: usize = 512;
 /// of 100 ms, until its flush worker catches up.
 const FJALL_SEALED_MEMTABLES_HALTING_WRITES: usize = 4;
 
+/// How long holding a group back for flushes may take before the committer checks that
+/// fjall still takes writes (a flush that failed, on a full disk, stops them for good).
+const FLUSH_WAIT_BEFORE_HEALTH_CHECK: Duration = Duration::from_millis(100);
+
+/// Longest wait for readers to let go of the database so it can be reopened; beyond it
+/// the process exits ([`exit_unrecoverable`]).
+const REOPEN_WAIT: Duration = Duration::from_secs(30);
+
+/// Longest wait, once the database is closed, for fjall's journal files to be closed.
+const JOURNAL_CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long the committer keeps new readers out at a time while readers of the old
+/// database finish: a reader that needs a second handle for its operation waits this
+/// long at most before all readers are let in again.
+const READER_DRAIN_WINDOW: Duration = Duration::from_millis(20);
+
 pub(super) struct CommitRequest {
     pub operations: Vec<WriteOperation>,
     pub reply: oneshot::Sender<Result<Vec<WriteOutcome>, StoreError>>,
 }
 
 pub(super) struct Committer {
-    keyspaces: Keyspaces,
+    slot: Arc<DatabaseSlot>,
+    keyspaces: Arc<Keyspaces>,
     last_seq: u64,
     last_instant: Instant,
     /// Event bytes written since the `events` memtable was last sealed.
@@ -58,9 +80,8 @@ struct PlannedRequest<'request> {
 impl Committer {
     /// Resumes numbering after the newest event in `events`.
     pub fn recover(
-        keyspaces: Keyspaces,
-        events_memtable_bytes: u64,
-        index_memtable_bytes: u64,
+        slot: Arc<DatabaseSlot>,
+        keyspaces: Arc<Keyspaces>,
     ) -> Result<Committer, StoreError> {
         let (last_seq, last_instant) = match newest_event(&keyspaces)? {
             Some((resource_type, seq)) => keyspaces
@@ -76,18 +97,33 @@ impl Committer {
             None => (0, Instant::from_micros_since_epoch(i64::MIN)),
         };
         Ok(Committer {
-            keyspaces,
             event_bytes_since_rotation: 0,
-            events_memtable_bytes,
+            events_memtable_bytes: slot.options.events_memtable_bytes,
             index_bytes_since_rotation: 0,
-            index_memtable_bytes,
+            index_memtable_bytes: slot.options.index_memtable_bytes,
+            slot,
+            keyspaces,
             last_seq,
             last_instant,
         })
     }
 
+    /// Commits groups until every sender is gone. After a failed write (its own or
+    /// another's) it refuses writes at once until the disk has room, then reopens the
+    /// database; it wakes every [`PROBE_INTERVAL`] to notice failures of other writers.
     pub fn run(mut self, requests: crossbeam_channel::Receiver<CommitRequest>) {
-        while let Ok(first) = requests.recv() {
+        loop {
+            if self.slot.health.has_failed() {
+                match self.refuse_until_writable(&requests) {
+                    Some(reopened) => self = reopened,
+                    None => return,
+                }
+            }
+            let first = match requests.recv_timeout(PROBE_INTERVAL) {
+                Ok(first) => first,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
             let mut group = vec![first];
             while group.len() < MAX_REQUESTS_PER_GROUP {
                 match requests.try_recv() {
@@ -95,7 +131,125 @@ impl Committer {
                     Err(_) => break,
                 }
             }
+            if let Some(refusal) = self.slot.health.refusal() {
+                let message = refusal.to_string();
+                for request in group {
+                    let _ = request.reply.send(Err(same_refusal(&refusal, &message)));
+                }
+                continue;
+            }
             self.commit_group(group);
+        }
+    }
+
+    /// Answers every request with the refusal until a probe finds room on the disk, then
+    /// reopens the database. `None` once every sender is gone.
+    fn refuse_until_writable(
+        self,
+        requests: &crossbeam_channel::Receiver<CommitRequest>,
+    ) -> Option<Committer> {
+        let health = &self.slot.health;
+        loop {
+            let probed = probe_free_space(&self.slot.data_dir);
+            health.note_probe(&probed);
+            if probed.is_ok() {
+                break;
+            }
+            let deadline = std::time::Instant::now() + PROBE_INTERVAL;
+            loop {
+                match requests.recv_deadline(deadline) {
+                    Ok(request) => {
+                        let refusal = health.refusal().unwrap_or(StoreError::Recovering);
+                        let _ = request.reply.send(Err(refusal));
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => return None,
+                }
+            }
+        }
+        Some(self.reopen())
+    }
+
+    /// Closes the database once no reader holds it, cuts the failed writes out of its
+    /// journal and opens it again. Long scans let go of it meanwhile; new readers wait
+    /// [`READER_DRAIN_WINDOW`] at a time while the others finish, and while it is closed.
+    /// Exits the process when that cannot be done ([`exit_unrecoverable`]).
+    fn reopen(self) -> Committer {
+        let started = std::time::Instant::now();
+        let Committer {
+            slot,
+            keyspaces,
+            last_seq,
+            last_instant,
+            events_memtable_bytes,
+            index_memtable_bytes,
+            ..
+        } = self;
+        slot.health.set_reopening(true);
+        let held_by_slot_and_committer_only = || Arc::strong_count(&keyspaces) == 2;
+        let mut current = loop {
+            let current = slot.current.write().unwrap_or_else(PoisonError::into_inner);
+            let window_ends = std::time::Instant::now() + READER_DRAIN_WINDOW;
+            while !held_by_slot_and_committer_only() && std::time::Instant::now() < window_ends {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            if held_by_slot_and_committer_only() {
+                break current;
+            }
+            drop(current);
+            if started.elapsed() > REOPEN_WAIT {
+                exit_unrecoverable(&format!(
+                    "readers still held the database after {} s",
+                    REOPEN_WAIT.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let closing = std::time::Instant::now();
+        current.take();
+        drop(keyspaces);
+        let store_dir = slot.data_dir.join("store");
+        if let Err(reason) = wait_until_journals_closed(&store_dir, JOURNAL_CLOSE_WAIT) {
+            exit_unrecoverable(&reason);
+        }
+        let failed_writes = slot.health.take_failed_writes();
+        match cut_failed_writes(&store_dir, &failed_writes) {
+            Ok(Some(cut)) => tracing::warn!(
+                journal = %cut.journal.display(),
+                length = cut.length,
+                "cut the failed writes out of the store's journal"
+            ),
+            Ok(None) => {}
+            Err(error) => exit_unrecoverable(&format!(
+                "cutting the failed writes out of the journal in {} failed: {error}",
+                store_dir.display()
+            )),
+        }
+        let opening = std::time::Instant::now();
+        let keyspaces = match open_database(&slot.data_dir, &slot.options) {
+            Ok(keyspaces) => Arc::new(keyspaces),
+            Err(error) => exit_unrecoverable(&format!("reopening the store failed: {error}")),
+        };
+        *current = Some(Arc::clone(&keyspaces));
+        slot.health.clear();
+        slot.health.set_reopening(false);
+        drop(current);
+        tracing::warn!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            readers_waited_ms = (closing - started).as_millis() as u64,
+            closed_ms = (opening - closing).as_millis() as u64,
+            opened_ms = opening.elapsed().as_millis() as u64,
+            "the store was reopened after a failed write; writes are taken again"
+        );
+        Committer {
+            slot,
+            keyspaces,
+            last_seq,
+            last_instant,
+            event_bytes_since_rotation: 0,
+            events_memtable_bytes,
+            index_bytes_since_rotation: 0,
+            index_memtable_bytes,
         }
     }
 
@@ -111,18 +265,31 @@ impl Committer {
             .durability(Some(PersistMode::SyncAll));
         let mut group_overlay = CurrentOverlay::new();
         let mut answers = Vec::with_capacity(group.len());
+        let mut first_event_key = None;
         for request in group {
-            let staged = self.stage_request(&request.operations, &mut batch, &mut group_overlay);
+            let staged = self.stage_request(
+                &request.operations,
+                &mut batch,
+                &mut group_overlay,
+                &mut first_event_key,
+            );
             answers.push((request.reply, staged));
         }
+        let min_batch_seqno = self.keyspaces.database.seqno();
         if let Err(error) = batch.commit() {
             tracing::error!(%error, "commit failed; the group's writes were not acknowledged");
-            let message = error.to_string();
+            let failed_write = first_event_key.map(|key| FailedWrite {
+                keyspace_id: self.keyspaces.events.id(),
+                key,
+                min_batch_seqno,
+            });
+            let refusal = self
+                .slot
+                .health
+                .note_failure(&self.slot.data_dir, error, failed_write);
+            let message = refusal.to_string();
             for (reply, staged) in answers {
-                let answer = staged.and(Err(StoreError::Storage(fjall::Error::Io(
-                    std::io::Error::other(message.clone()),
-                ))));
-                let _ = reply.send(answer);
+                let _ = reply.send(staged.and(Err(same_refusal(&refusal, &message))));
             }
             return;
         }
@@ -135,6 +302,8 @@ impl Committer {
     /// Holds the group back, in 1 ms steps, while a keyspace has as many sealed memtables as
     /// make fjall halt writes: fjall would sleep 100 ms at a time, and those halts cost a
     /// late 2.2M-resource load about a sixth of its time although a flush takes ~25 ms.
+    /// Stops waiting once fjall refuses writes (its flush failed): the commit then fails
+    /// and the committer repairs the store.
     fn wait_while_flushes_are_behind(&self) {
         let keyspaces = &self.keyspaces;
         let flushes_are_behind = || {
@@ -144,8 +313,15 @@ impl Committer {
                     keyspace.sealed_memtable_count() >= FJALL_SEALED_MEMTABLES_HALTING_WRITES
                 })
         };
+        let mut next_health_check = std::time::Instant::now() + FLUSH_WAIT_BEFORE_HEALTH_CHECK;
         while flushes_are_behind() {
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            if std::time::Instant::now() >= next_health_check {
+                if keyspaces.database.persist(PersistMode::Buffer).is_err() {
+                    return;
+                }
+                next_health_check += FLUSH_WAIT_BEFORE_HEALTH_CHECK;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -154,7 +330,7 @@ impl Committer {
     /// worker compacts the request waits and the memtables keep growing; sealing here lets
     /// fjall's own limit on sealed memtables hold writes back, which keeps memory bounded.
     fn seal_full_memtables(&mut self) {
-        let keyspaces = self.keyspaces.clone();
+        let keyspaces = Arc::clone(&self.keyspaces);
         if self.event_bytes_since_rotation >= self.events_memtable_bytes {
             self.event_bytes_since_rotation = 0;
             seal(&keyspaces.events);
@@ -177,11 +353,17 @@ impl Committer {
         operations: &[WriteOperation],
         batch: &mut OwnedWriteBatch,
         group_overlay: &mut CurrentOverlay,
+        first_event_key: &mut Option<Vec<u8>>,
     ) -> Result<Vec<WriteOutcome>, StoreError> {
         let planned = self.plan_request(operations, group_overlay)?;
         let Some(last_event) = planned.events.last() else {
             return Ok(planned.outcomes);
         };
+        if first_event_key.is_none() {
+            let first_event = &planned.events[0];
+            *first_event_key =
+                Some(keys::event(first_event.resource_type, first_event.seq).to_vec());
+        }
         let last_seq = last_event.seq;
         let mut request_overlay = CurrentOverlay::new();
         for event in &planned.events {
@@ -365,6 +547,15 @@ impl Committer {
             });
         }
         Ok(planned)
+    }
+}
+
+/// Another copy of `refusal` (whose `message` is given) for the next request it answers.
+fn same_refusal(refusal: &StoreError, message: &str) -> StoreError {
+    match refusal {
+        StoreError::OutOfSpace => StoreError::OutOfSpace,
+        StoreError::Recovering => StoreError::Recovering,
+        _ => StoreError::Storage(fjall::Error::Io(std::io::Error::other(message.to_owned()))),
     }
 }
 

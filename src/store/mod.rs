@@ -3,7 +3,9 @@
 //! are projections of them written in the same batch (DESIGN.md §2).
 
 mod committer;
+mod journal_cut;
 mod keys;
+mod out_of_space;
 mod projection;
 mod read;
 mod rebuild;
@@ -12,7 +14,7 @@ mod scan;
 mod write;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
@@ -26,6 +28,7 @@ pub use write::{
 };
 
 use committer::{CommitRequest, Committer};
+use out_of_space::{FailedWrite, WriteHealth};
 
 /// Store failures a caller can act on.
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +53,23 @@ pub enum StoreError {
     RebuildInterrupted { path: PathBuf },
     #[error("the store is shutting down")]
     Closed,
+    #[error(
+        "the store's disk is full: writes are refused until space is freed on it (reads, \
+         history, metadata and exports of stored data still work)"
+    )]
+    OutOfSpace,
+    #[error("the store is recovering from a failed write; retry shortly")]
+    Recovering,
     #[error(transparent)]
     Rejected(#[from] WriteRejection),
+}
+
+impl StoreError {
+    /// Whether the store refused a write only until its disk has room again or it has
+    /// repaired a failed write: the same write may succeed shortly.
+    pub fn is_passing_refusal(&self) -> bool {
+        matches!(self, StoreError::OutOfSpace | StoreError::Recovering)
+    }
 }
 
 /// Memory and durability settings; the defaults keep memory bounded whatever the store size.
@@ -200,18 +218,41 @@ impl Keyspaces {
     }
 }
 
-fn flush_and_wait(database: &Database, keyspaces: &[&Keyspace]) -> Result<(), StoreError> {
-    for keyspace in keyspaces {
-        keyspace.rotate_memtable()?;
+/// The open database, which the committer swaps for a reopened one after a failed write
+/// ([`out_of_space`]); readers take a handle per operation.
+struct DatabaseSlot {
+    data_dir: PathBuf,
+    options: StoreOptions,
+    /// `None` only while the committer, holding the lock, reopens the database.
+    current: RwLock<Option<Arc<Keyspaces>>>,
+    health: WriteHealth,
+}
+
+impl DatabaseSlot {
+    fn keyspaces(&self) -> Arc<Keyspaces> {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(
+            current
+                .as_ref()
+                .expect("the database slot is empty only while its lock is held"),
+        )
     }
-    while database.outstanding_flushes() > 0
-        || keyspaces
-            .iter()
-            .any(|keyspace| keyspace.sealed_memtable_count() > 0)
-    {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    Ok(())
+}
+
+/// Opens fjall in `data_dir/store` with its keyspaces.
+fn open_database(data_dir: &Path, options: &StoreOptions) -> Result<Keyspaces, StoreError> {
+    let database = Database::builder(data_dir.join("store"))
+        .cache_size(options.block_cache_bytes)
+        .max_journaling_size(options.max_journal_bytes)
+        .worker_threads(FJALL_WORKER_THREADS)
+        .open()
+        .map_err(|error| match error {
+            fjall::Error::Locked => StoreError::Locked {
+                path: data_dir.to_path_buf(),
+            },
+            other => StoreError::Storage(other),
+        })?;
+    Keyspaces::open(database, options)
 }
 
 /// fjall 3.1 starts a new journal only when a flush finds the active one past this many
@@ -220,25 +261,6 @@ const FJALL_JOURNAL_ROTATION_BYTES: usize = 64_000_000;
 const JOURNAL_FILLER_VALUE_BYTES: usize = 1 << 20;
 /// Sorts after every job's scratch keys (job ids are hex).
 const JOURNAL_FILLER_KEY_PREFIX: &[u8] = b"\xffjournal-filler/";
-
-/// Makes fjall start a new journal once everything in the active one is in tables: pads
-/// the journal past fjall's rotation mark with filler (incompressible, as fjall compresses
-/// journal values with LZ4) that is deleted at once, then flushes. Without it the next
-/// open replays up to 64 MB of journal (0.35-0.47 s after a load of 2.25M resources, the
-/// largest fixed cost of `fhirlog export`). Costs one 64 MB journal write; compaction
-/// drops whatever filler reached a table.
-fn retire_flushed_journal(database: &Database, scratch: &Keyspace) -> Result<(), StoreError> {
-    let filler = incompressible_bytes(JOURNAL_FILLER_VALUE_BYTES);
-    let filler_count = FJALL_JOURNAL_ROTATION_BYTES / JOURNAL_FILLER_VALUE_BYTES + 1;
-    let filler_key = |index: usize| [JOURNAL_FILLER_KEY_PREFIX, &index.to_be_bytes()].concat();
-    for index in 0..filler_count {
-        scratch.insert(filler_key(index), filler.as_slice())?;
-    }
-    for index in 0..filler_count {
-        scratch.remove(filler_key(index))?;
-    }
-    flush_and_wait(database, &[scratch])
-}
 
 /// Bytes that fjall's LZ4 journal compression cannot shrink (xorshift64).
 fn incompressible_bytes(length: usize) -> Vec<u8> {
@@ -261,8 +283,7 @@ pub struct Store {
 }
 
 struct StoreShared {
-    data_dir: PathBuf,
-    keyspaces: Keyspaces,
+    slot: Arc<DatabaseSlot>,
     commit_sender: Option<crossbeam_channel::Sender<CommitRequest>>,
     committer_thread: Option<JoinHandle<()>>,
 }
@@ -329,9 +350,10 @@ impl Store {
 
     /// Writes every memtable out as tables, waits for those flushes and retires the
     /// journal they came from, so the next open replays (almost) no journal. Blocking; for
-    /// the end of a bulk load.
+    /// the end of a bulk load. A flush that fails (a full disk) ends the wait with the
+    /// error.
     pub fn flush_memtables(&self) -> Result<(), StoreError> {
-        let keyspaces = &self.shared.keyspaces;
+        let keyspaces = self.keyspaces();
         let all = [
             &keyspaces.events,
             &keyspaces.log,
@@ -344,8 +366,60 @@ impl Store {
             &keyspaces.scratch,
             &keyspaces.meta,
         ];
-        flush_and_wait(&keyspaces.database, &all)?;
-        retire_flushed_journal(&keyspaces.database, &keyspaces.scratch)
+        self.flush_and_wait(&keyspaces.database, &all)?;
+        self.retire_flushed_journal(&keyspaces.database, &keyspaces.scratch)
+    }
+
+    /// Seals `keyspaces`' memtables and waits until they are flushed; a flush that fails
+    /// ends the wait with the error.
+    fn flush_and_wait(
+        &self,
+        database: &Database,
+        keyspaces: &[&Keyspace],
+    ) -> Result<(), StoreError> {
+        for keyspace in keyspaces {
+            keyspace
+                .rotate_memtable()
+                .map_err(|error| self.write_failed(error, None))?;
+        }
+        while database.outstanding_flushes() > 0
+            || keyspaces
+                .iter()
+                .any(|keyspace| keyspace.sealed_memtable_count() > 0)
+        {
+            database
+                .persist(fjall::PersistMode::Buffer)
+                .map_err(|error| self.write_failed(error, None))?;
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Makes fjall start a new journal once everything in the active one is in tables: pads
+    /// the journal past fjall's rotation mark with filler (incompressible, as fjall compresses
+    /// journal values with LZ4) that is deleted at once, then flushes. Without it the next
+    /// open replays up to 64 MB of journal (0.35-0.47 s after a load of 2.25M resources, the
+    /// largest fixed cost of `fhirlog export`). Costs one 64 MB journal write; compaction
+    /// drops whatever filler reached a table.
+    fn retire_flushed_journal(
+        &self,
+        database: &Database,
+        scratch: &Keyspace,
+    ) -> Result<(), StoreError> {
+        let filler = incompressible_bytes(JOURNAL_FILLER_VALUE_BYTES);
+        let filler_count = FJALL_JOURNAL_ROTATION_BYTES / JOURNAL_FILLER_VALUE_BYTES + 1;
+        let filler_key = |index: usize| [JOURNAL_FILLER_KEY_PREFIX, &index.to_be_bytes()].concat();
+        for index in 0..filler_count {
+            scratch
+                .insert(filler_key(index), filler.as_slice())
+                .map_err(|error| self.write_failed(error, None))?;
+        }
+        for index in 0..filler_count {
+            scratch
+                .remove(filler_key(index))
+                .map_err(|error| self.write_failed(error, None))?;
+        }
+        self.flush_and_wait(database, &[scratch])
     }
 
     /// Opens the store for reads and writes; refuses one that a rebuild left half done.
@@ -374,24 +448,15 @@ impl Store {
     fn open_even_mid_rebuild(data_dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|error| StoreError::Storage(fjall::Error::Io(error)))?;
-        let database = Database::builder(data_dir.join("store"))
-            .cache_size(options.block_cache_bytes)
-            .max_journaling_size(options.max_journal_bytes)
-            .worker_threads(FJALL_WORKER_THREADS)
-            .open()
-            .map_err(|error| match error {
-                fjall::Error::Locked => StoreError::Locked {
-                    path: data_dir.to_path_buf(),
-                },
-                other => StoreError::Storage(other),
-            })?;
-        let keyspaces = Keyspaces::open(database, options)?;
+        let keyspaces = Arc::new(open_database(data_dir, options)?);
         check_layout(&keyspaces, data_dir)?;
-        let committer = Committer::recover(
-            keyspaces.clone(),
-            options.events_memtable_bytes,
-            options.index_memtable_bytes,
-        )?;
+        let slot = Arc::new(DatabaseSlot {
+            data_dir: data_dir.to_path_buf(),
+            options: options.clone(),
+            current: RwLock::new(Some(Arc::clone(&keyspaces))),
+            health: WriteHealth::default(),
+        });
+        let committer = Committer::recover(Arc::clone(&slot), keyspaces)?;
         let (commit_sender, commit_receiver) =
             crossbeam_channel::bounded(options.max_queued_commits.max(1));
         let committer_thread = std::thread::Builder::new()
@@ -400,8 +465,7 @@ impl Store {
             .map_err(|error| StoreError::Storage(fjall::Error::Io(error)))?;
         Ok(Store {
             shared: Arc::new(StoreShared {
-                data_dir: data_dir.to_path_buf(),
-                keyspaces,
+                slot,
                 commit_sender: Some(commit_sender),
                 committer_thread: Some(committer_thread),
             }),
@@ -460,11 +524,49 @@ impl Store {
 
     /// The directory the store was opened in.
     pub fn data_dir(&self) -> &Path {
-        &self.shared.data_dir
+        &self.shared.slot.data_dir
     }
 
-    pub(crate) fn keyspaces(&self) -> &Keyspaces {
-        &self.shared.keyspaces
+    /// The open database, for one operation: holding it across a reopen delays the
+    /// reopen, so a long scan lets go of it when [`Store::is_reopening`] says so.
+    pub(crate) fn keyspaces(&self) -> Arc<Keyspaces> {
+        self.shared.slot.keyspaces()
+    }
+
+    /// Refuses a write while the store repairs a failed one (its disk full, most often).
+    fn refuse_while_failed(&self) -> Result<(), StoreError> {
+        match self.shared.slot.health.refusal() {
+            Some(refusal) => Err(refusal),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a failed write outside the committer and classifies it for its caller;
+    /// `failed_write` names what must not come back when the journal is replayed.
+    fn write_failed(&self, error: fjall::Error, failed_write: Option<FailedWrite>) -> StoreError {
+        self.shared
+            .slot
+            .health
+            .note_failure(self.data_dir(), error, failed_write)
+    }
+
+    /// Records a write as failed with `error`, as a real failure would: writes are refused
+    /// until the committer has probed the disk and reopened the database.
+    #[cfg(test)]
+    pub(crate) fn fail_a_write_for_test(&self, error: std::io::Error) {
+        self.write_failed(fjall::Error::Io(error), None);
+    }
+
+    /// Whether the committer waits for readers to let go of the database to reopen it.
+    fn is_reopening(&self) -> bool {
+        self.shared.slot.health.is_reopening()
+    }
+
+    /// Waits until the committer has reopened the database.
+    fn wait_out_reopen(&self) {
+        while self.is_reopening() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
 

@@ -42,8 +42,8 @@ impl Store {
             let event: EventRecord = record::decode(&value)?;
             let resource_type = ResourceType::from_code(event.resource_type_code)
                 .ok_or_else(|| StoreError::Corrupt("bad event type".to_owned()))?;
-            let previous = overlay.get(keyspaces, resource_type, event.id)?;
-            stage_projections(keyspaces, &mut batch, &mut overlay, &event, previous)?;
+            let previous = overlay.get(&keyspaces, resource_type, event.id)?;
+            stage_projections(&keyspaces, &mut batch, &mut overlay, &event, previous)?;
             let instant = Instant::from_micros_since_epoch(event.instant_micros);
             let newest_seq = clock_pending.entry(instant).or_insert(event.seq);
             *newest_seq = (*newest_seq).max(event.seq);

@@ -5,8 +5,9 @@
 use fjall::PersistMode;
 use serde::{Deserialize, Serialize};
 
+use super::out_of_space::FailedWrite;
 use super::record::{self, EventOperation, EventRecord};
-use super::{Store, StoreError, keys};
+use super::{Keyspaces, Store, StoreError, keys};
 use crate::fhir::{Instant, ResourceType};
 
 /// The seqs in `(after_seq, through_seq]`.
@@ -106,10 +107,18 @@ fn parse_trailing_seq(key: &[u8]) -> Result<u64, StoreError> {
         .ok_or_else(|| StoreError::Corrupt("key without a seq".to_owned()))
 }
 
+/// How one pass of a scan ended.
+enum ScanPass {
+    Finished,
+    /// The store is being reopened: the scan let go of the database after this seq.
+    PausedAfter(u64),
+}
+
 impl Store {
     /// Visits, in seq order, every event of `resource_type` in `window` that is still the
     /// resource's newest version as of `snapshot_seq` (which may lie beyond the window
-    /// when the window is one slice of a larger export).
+    /// when the window is one slice of a larger export). While the store is reopened
+    /// the scan waits without holding the database, then resumes where it was.
     pub fn scan_newest_in_window(
         &self,
         resource_type: ResourceType,
@@ -118,10 +127,33 @@ impl Store {
         mut visit: impl FnMut(&EventView<'_>) -> ScanControl,
     ) -> Result<(), StoreError> {
         debug_assert!(window.through_seq <= snapshot_seq);
-        if window.is_empty() {
-            return Ok(());
+        let mut window = window;
+        loop {
+            if window.is_empty() {
+                return Ok(());
+            }
+            let keyspaces = self.keyspaces();
+            let pass =
+                self.scan_newest_pass(&keyspaces, resource_type, window, snapshot_seq, &mut visit)?;
+            drop(keyspaces);
+            match pass {
+                ScanPass::Finished => return Ok(()),
+                ScanPass::PausedAfter(seq) => {
+                    self.wait_out_reopen();
+                    window.after_seq = seq;
+                }
+            }
         }
-        let keyspaces = self.keyspaces();
+    }
+
+    fn scan_newest_pass(
+        &self,
+        keyspaces: &Keyspaces,
+        resource_type: ResourceType,
+        window: SeqWindow,
+        snapshot_seq: u64,
+        visit: &mut impl FnMut(&EventView<'_>) -> ScanControl,
+    ) -> Result<ScanPass, StoreError> {
         let first_seq = window.after_seq + 1;
         let mut superseded = keyspaces.superseded.range(
             keys::type_seq(resource_type, first_seq)
@@ -130,9 +162,14 @@ impl Store {
         let mut pending_superseded: Option<(u64, u64)> = None;
         let events = keys::event_ranges(resource_type, first_seq, window.through_seq)
             .flat_map(|range| keyspaces.events.range(range));
+        let mut last_seq_done = window.after_seq;
         for entry in events {
+            if self.is_reopening() {
+                return Ok(ScanPass::PausedAfter(last_seq_done));
+            }
             let (key, value) = entry.into_inner()?;
             let seq = parse_trailing_seq(&key)?;
+            last_seq_done = seq;
             let mut superseded_by = None;
             loop {
                 if pending_superseded.is_none() {
@@ -165,7 +202,7 @@ impl Store {
                 break;
             }
         }
-        Ok(())
+        Ok(ScanPass::Finished)
     }
 
     /// The first and last seq of `resource_type`'s events inside `window`.
@@ -177,7 +214,8 @@ impl Store {
         if window.is_empty() || !self.has_ever_stored(resource_type)? {
             return Ok(None);
         }
-        let events = &self.keyspaces().events;
+        let keyspaces = self.keyspaces();
+        let events = &keyspaces.events;
         let ranges = || keys::event_ranges(resource_type, window.after_seq + 1, window.through_seq);
         let first = ranges().find_map(|range| events.range(range).next());
         let last = ranges()
@@ -239,6 +277,7 @@ impl Store {
         namespace: &str,
         entries: &[(ResourceType, u64)],
     ) -> Result<(), StoreError> {
+        self.refuse_while_failed()?;
         let keyspaces = self.keyspaces();
         let mut batch = keyspaces.database.batch();
         for (resource_type, seq) in entries {
@@ -248,11 +287,13 @@ impl Store {
                 [],
             );
         }
-        batch.commit()?;
-        Ok(())
+        batch
+            .commit()
+            .map_err(|error| self.write_failed(error, None))
     }
 
-    /// Visits, in order, the scratch seqs of `resource_type` inside `window`.
+    /// Visits, in order, the scratch seqs of `resource_type` inside `window`; pauses
+    /// like [`Store::scan_newest_in_window`] while the store is reopened.
     pub fn scratch_scan(
         &self,
         namespace: &str,
@@ -260,18 +301,28 @@ impl Store {
         window: SeqWindow,
         mut visit: impl FnMut(u64) -> Result<ScanControl, StoreError>,
     ) -> Result<(), StoreError> {
-        if window.is_empty() {
+        let mut window = window;
+        'passes: loop {
+            if window.is_empty() {
+                return Ok(());
+            }
+            let start = scratch_key(namespace, resource_type, window.after_seq + 1);
+            let end = scratch_key(namespace, resource_type, window.through_seq);
+            let keyspaces = self.keyspaces();
+            for entry in keyspaces.scratch.range(start..=end) {
+                if self.is_reopening() {
+                    drop(keyspaces);
+                    self.wait_out_reopen();
+                    continue 'passes;
+                }
+                let seq = parse_trailing_seq(&entry.key()?)?;
+                window.after_seq = seq;
+                if visit(seq)? == ScanControl::Stop {
+                    break;
+                }
+            }
             return Ok(());
         }
-        let start = scratch_key(namespace, resource_type, window.after_seq + 1);
-        let end = scratch_key(namespace, resource_type, window.through_seq);
-        for entry in self.keyspaces().scratch.range(start..=end) {
-            let key = entry.key()?;
-            if visit(parse_trailing_seq(&key)?)? == ScanControl::Stop {
-                break;
-            }
-        }
-        Ok(())
     }
 
     /// The first and last scratch seq of `resource_type`.
@@ -287,6 +338,7 @@ impl Store {
 
     /// Removes the whole scratch set `namespace`.
     pub fn scratch_clear(&self, namespace: &str) -> Result<(), StoreError> {
+        self.refuse_while_failed()?;
         let keyspaces = self.keyspaces();
         let mut batch = keyspaces.database.batch();
         let mut pending = 0usize;
@@ -297,46 +349,74 @@ impl Store {
             batch.remove(&keyspaces.scratch, entry.key()?);
             pending += 1;
             if pending == 10_000 {
-                batch.commit()?;
+                batch
+                    .commit()
+                    .map_err(|error| self.write_failed(error, None))?;
                 batch = keyspaces.database.batch();
                 pending = 0;
             }
         }
-        batch.commit()?;
-        Ok(())
+        batch
+            .commit()
+            .map_err(|error| self.write_failed(error, None))
     }
 
     /// Makes every write so far durable (fsync).
     pub fn persist_durably(&self) -> Result<(), StoreError> {
-        self.keyspaces().database.persist(PersistMode::SyncAll)?;
-        Ok(())
+        self.refuse_while_failed()?;
+        self.keyspaces()
+            .database
+            .persist(PersistMode::SyncAll)
+            .map_err(|error| self.write_failed(error, None))
     }
 
     /// Whether the store still takes durable writes: writes a probe entry to `meta` and
-    /// fsyncs it (for health checks; a full disk or a failed fsync shows here).
+    /// fsyncs it (for health checks; a full disk or a failed fsync shows here). While
+    /// the store refuses writes it says why without writing.
     pub fn probe_writable(&self) -> Result<(), StoreError> {
+        self.refuse_while_failed()?;
         let keyspaces = self.keyspaces();
-        keyspaces.meta.insert(
-            b"health-probe",
-            crate::fhir::Instant::now()
-                .micros_since_epoch()
-                .to_be_bytes(),
-        )?;
+        keyspaces
+            .meta
+            .insert(
+                b"health-probe",
+                crate::fhir::Instant::now()
+                    .micros_since_epoch()
+                    .to_be_bytes(),
+            )
+            .map_err(|error| self.write_failed(error, None))?;
         self.persist_durably()
     }
 
-    /// Writes a job record durably.
+    /// Writes a job record durably. One refused (the disk full, say) does not come back
+    /// when the store is reopened or restarted.
     pub fn job_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.keyspaces().jobs.insert(key.as_bytes(), value)?;
-        self.persist_durably()
+        self.refuse_while_failed()?;
+        let keyspaces = self.keyspaces();
+        let min_batch_seqno = keyspaces.database.seqno();
+        keyspaces
+            .jobs
+            .insert(key.as_bytes(), value)
+            .and_then(|()| keyspaces.database.persist(PersistMode::SyncAll))
+            .map_err(|error| {
+                let failed_write = FailedWrite {
+                    keyspace_id: keyspaces.jobs.id(),
+                    key: key.as_bytes().to_vec(),
+                    min_batch_seqno,
+                };
+                self.write_failed(error, Some(failed_write))
+            })
     }
 
     /// Writes a job record that survives a crash of the process (it reaches the OS at
     /// once) but is not fsynced: for per-part checkpoints, whose parts are not fsynced
     /// either, so an fsync would buy no power-loss safety and costs one per part.
     pub fn job_put_buffered(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.keyspaces().jobs.insert(key.as_bytes(), value)?;
-        Ok(())
+        self.refuse_while_failed()?;
+        self.keyspaces()
+            .jobs
+            .insert(key.as_bytes(), value)
+            .map_err(|error| self.write_failed(error, None))
     }
 
     pub fn job_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -361,12 +441,15 @@ impl Store {
 
     /// Removes every job record whose key starts with `prefix`, durably.
     pub fn job_delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        self.refuse_while_failed()?;
         let keyspaces = self.keyspaces();
         let mut batch = keyspaces.database.batch();
         for entry in keyspaces.jobs.prefix(prefix.as_bytes()) {
             batch.remove(&keyspaces.jobs, entry.key()?);
         }
-        batch.commit()?;
+        batch
+            .commit()
+            .map_err(|error| self.write_failed(error, None))?;
         self.persist_durably()
     }
 }

@@ -522,6 +522,7 @@ fn open_refuses_a_store_whose_rebuild_was_interrupted_until_a_rebuild_finishes()
         .database
         .persist(fjall::PersistMode::SyncAll)
         .unwrap();
+    drop(keyspaces);
     drop(store);
 
     let refused = Store::open(directory.path(), &StoreOptions::default());
@@ -598,4 +599,176 @@ fn flushing_memtables_retires_the_journal_the_next_open_would_replay() {
         .unwrap()
         .unwrap();
     assert!(patient.body.unwrap().contains(&padding));
+}
+
+/// The journal batch of `store`'s next commit, as a failed write: the key of its first
+/// event (`seq`) at or after fjall's next batch seqno.
+fn next_commit_as_failed_write(
+    store: &Store,
+    resource_type: ResourceType,
+    seq: u64,
+) -> FailedWrite {
+    let keyspaces = store.keyspaces();
+    FailedWrite {
+        keyspace_id: keyspaces.events.id(),
+        key: keys::event(resource_type, seq).to_vec(),
+        min_batch_seqno: keyspaces.database.seqno(),
+    }
+}
+
+#[test]
+fn a_write_cut_from_the_journal_does_not_come_back_but_earlier_ones_do() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    store
+        .commit(vec![update(r#"{"resourceType":"Patient","id":"kept"}"#)])
+        .unwrap();
+    store.job_put("job/a", b"first").unwrap();
+    let failed_job = FailedWrite {
+        keyspace_id: store.keyspaces().jobs.id(),
+        key: b"job/a".to_vec(),
+        min_batch_seqno: store.keyspaces().database.seqno(),
+    };
+    store.job_put("job/a", b"second").unwrap();
+    let failed_event = next_commit_as_failed_write(&store, ResourceType::PATIENT, 2);
+    store
+        .commit(vec![update(r#"{"resourceType":"Patient","id":"cut"}"#)])
+        .unwrap();
+    drop(store);
+
+    let store_dir = directory.path().join("store");
+    let unrelated = FailedWrite {
+        min_batch_seqno: u64::MAX,
+        ..failed_event.clone()
+    };
+    assert_eq!(
+        journal_cut::cut_failed_writes(&store_dir, &[unrelated]).unwrap(),
+        None
+    );
+    let cut = journal_cut::cut_failed_writes(&store_dir, &[failed_event, failed_job])
+        .unwrap()
+        .expect("the failed batches were found");
+    assert!(cut.length > 0);
+
+    let reopened = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    assert!(
+        reopened
+            .read_current(ResourceType::PATIENT, &id("kept"))
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        reopened
+            .read_current(ResourceType::PATIENT, &id("cut"))
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        reopened.job_get("job/a").unwrap().as_deref(),
+        Some(&b"first"[..])
+    );
+    assert_eq!(reopened.high_water_seq().unwrap(), 1);
+}
+
+#[test]
+fn after_a_failed_write_the_store_refuses_writes_then_reopens_itself_while_reads_and_a_scan_go_on()
+{
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    let patients: Vec<WriteOperation> = (0..200)
+        .map(|n| update(&format!(r#"{{"resourceType":"Patient","id":"p{n}"}}"#)))
+        .collect();
+    store.commit(patients).unwrap();
+
+    let scanning_store = store.clone();
+    let scan = std::thread::spawn(move || {
+        let mut seqs = Vec::new();
+        scanning_store
+            .scan_newest_in_window(
+                ResourceType::PATIENT,
+                SeqWindow {
+                    after_seq: 0,
+                    through_seq: 200,
+                },
+                200,
+                |event| {
+                    seqs.push(event.seq);
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    ScanControl::Continue
+                },
+            )
+            .unwrap();
+        seqs
+    });
+    let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (store, reading) = (store.clone(), Arc::clone(&reading));
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while reading.load(std::sync::atomic::Ordering::SeqCst) {
+                    let found = store
+                        .read_current(ResourceType::PATIENT, &id("p7"))
+                        .unwrap();
+                    assert!(found.is_some());
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let refused =
+        store
+            .shared
+            .slot
+            .health
+            .note_failure(directory.path(), fjall::Error::Poisoned, None);
+    assert!(matches!(refused, StoreError::Recovering), "{refused}");
+    assert!(matches!(
+        store.job_put("job/b", b"refused"),
+        Err(StoreError::Recovering)
+    ));
+    let write = || store.commit(vec![update(r#"{"resourceType":"Patient","id":"after"}"#)]);
+    assert!(matches!(write(), Err(StoreError::Recovering)));
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match write() {
+            Ok(_) => break,
+            Err(StoreError::Recovering) => {
+                assert!(std::time::Instant::now() < deadline, "never reopened");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(other) => panic!("refused for another reason: {other}"),
+        }
+    }
+    assert!(
+        !scan.is_finished(),
+        "the store was reopened only after the scan"
+    );
+    reading.store(false, std::sync::atomic::Ordering::SeqCst);
+    for reader in readers {
+        assert!(reader.join().unwrap() > 0);
+    }
+    assert_eq!(scan.join().unwrap(), (1..=200).collect::<Vec<u64>>());
+    assert!(
+        store
+            .read_current(ResourceType::PATIENT, &id("after"))
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[test]
+fn journals_count_as_closed_only_once_the_database_is() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    let store_dir = directory.path().join("store");
+    let still_open =
+        journal_cut::wait_until_journals_closed(&store_dir, std::time::Duration::from_millis(50));
+    assert!(still_open.is_err_and(|reason| reason.contains(".jnl")));
+    drop(store);
+    journal_cut::wait_until_journals_closed(&store_dir, std::time::Duration::from_millis(50))
+        .unwrap();
 }
