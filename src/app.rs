@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::config::{AppSettings, BaseUrl, SettingsError, StorageSettings};
 use crate::export::{ExportEngine, ExportError, ExportSettings};
 use crate::http::AppState;
+use crate::http::front_door::{FrontDoor, TlsSetupError, tls_acceptor};
 use crate::sink::{ContainerName, StorageUrl};
 use crate::store::{Store, StoreError, StoreOptions};
 
@@ -34,6 +35,8 @@ pub enum AppError {
     ExportStorage(ExportError),
     #[error("starting the export engine")]
     Exports(#[source] ExportError),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
     #[error("listening on {address}")]
     Listen {
         address: SocketAddr,
@@ -85,7 +88,7 @@ impl ExportServices {
 /// A built server: the listener is bound, nothing is served until [`App::run_until`].
 pub struct App {
     state: Arc<AppState>,
-    listener: tokio::net::TcpListener,
+    front_door: FrontDoor,
     address: SocketAddr,
 }
 
@@ -113,6 +116,10 @@ impl App {
             ExportServices::start(store, &storage, exports, runtime)
         })
         .await??;
+        let tls = match settings.front_door.tls.clone() {
+            Some(files) => Some(tokio::task::spawn_blocking(move || tls_acceptor(&files)).await??),
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .map_err(|source| AppError::Listen {
@@ -128,13 +135,13 @@ impl App {
             exports: services.exports,
             base_url: settings
                 .base_url
-                .unwrap_or_else(|| BaseUrl::for_listen_address(address)),
+                .unwrap_or_else(|| BaseUrl::for_listen_address(address, tls.is_some())),
             limits: settings.limits,
             signed_url_ttl: settings.storage.signed_url_ttl,
         });
         Ok(App {
             state,
-            listener,
+            front_door: FrontDoor::new(listener, &settings.front_door, tls),
             address,
         })
     }
@@ -161,11 +168,7 @@ impl App {
     /// engine on a blocking thread (unless a caller still holds it).
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let exports = Arc::clone(&self.state.exports);
-        warp::serve(crate::http::routes(self.state))
-            .incoming(self.listener)
-            .graceful(shutdown)
-            .run()
-            .await;
+        self.front_door.serve(self.state, shutdown).await;
         let _ = tokio::task::spawn_blocking(move || drop(exports)).await;
     }
 }

@@ -98,7 +98,7 @@ impl From<StoreError> for ExportError {
     fn from(error: StoreError) -> Self {
         ExportError {
             kind: ExportErrorKind::Store,
-            message: format!("reading the store failed: {error}"),
+            message: "reading the store failed; the server log has the details".to_owned(),
             cause: Some(Box::new(error)),
         }
     }
@@ -114,7 +114,7 @@ impl From<SinkError> for ExportError {
         };
         ExportError {
             kind,
-            message: error.to_string(),
+            message: error.client_message(),
             cause: Some(Box::new(error)),
         }
     }

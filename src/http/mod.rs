@@ -7,6 +7,7 @@ mod capability;
 mod download;
 pub mod error;
 mod export;
+pub mod front_door;
 mod health;
 mod request;
 mod resource;
@@ -39,8 +40,8 @@ pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static
 {
-    let max_body_bytes = state.limits.max_body_bytes;
-    request::capture(max_body_bytes)
+    let limits = state.limits;
+    request::capture(limits.max_body_bytes, limits.body_timeout.0)
         .then(move |captured| {
             let state = Arc::clone(&state);
             async move { Ok::<_, Infallible>(router::respond(state, captured).await) }
