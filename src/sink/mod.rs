@@ -977,6 +977,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn client_messages_name_the_container_but_not_the_destination_or_its_words() {
+        let destination = "s3 at http://10.9.8.7:9000";
+        let forbidden = object_store::Error::Generic {
+            store: "S3",
+            source: "Client error with status 403 Forbidden: <Error>secret body</Error> at /srv/x"
+                .into(),
+        };
+        let failures = [
+            SinkError::ContainerMissing {
+                container: "given".to_owned(),
+                destination: destination.to_owned(),
+            },
+            SinkError::from_object_store("given", destination, forbidden),
+            SinkError::storage_failure("given", destination, "S3", "/srv/x is full".to_owned()),
+            SinkError::no_answer_within("given", destination, Duration::from_secs(1)),
+        ];
+        for failure in failures {
+            let shown = failure.client_message();
+            assert!(shown.contains("'given'"), "{shown}");
+            for leaked in ["10.9.8.7", "http://", "secret", "/srv/x"] {
+                assert!(!shown.contains(leaked), "{shown}");
+            }
+            assert!(
+                failure.detail().contains("10.9.8.7"),
+                "{}",
+                failure.detail()
+            );
+            let as_export_error = crate::export::ExportError::from(failure);
+            assert!(!as_export_error.message().contains("10.9.8.7"));
+        }
+    }
+
+    #[test]
     fn container_names_follow_the_strictest_rules() {
         for good in ["abc", "fhirlog-exports", "a1-b2", &"a".repeat(63)] {
             assert!(ContainerName::parse(good).is_ok(), "{good}");
