@@ -642,3 +642,90 @@ proptest! {
         prop_assert_eq!(SERVER_PANICS.load(Ordering::SeqCst), 0);
     }
 }
+
+/// Latencies of `samples` sequential `GET /fhir/metadata` on one keep-alive connection.
+fn metadata_latencies(address: SocketAddr, samples: usize) -> Vec<Duration> {
+    let mut stream = connect(address);
+    let mut latencies: Vec<Duration> = (0..samples)
+        .map(|_| {
+            let started = Instant::now();
+            assert_eq!(exchange(&mut stream, &get("/fhir/metadata")).status, 200);
+            let latency = started.elapsed();
+            std::thread::sleep(Duration::from_millis(10));
+            latency
+        })
+        .collect();
+    latencies.sort();
+    latencies
+}
+
+fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
+    sorted[index]
+}
+
+/// Measurement, not a check: `FHIRLOG_SLOW_CLIENTS` (500) connections trickle one header
+/// byte per second into `fhirlog serve` while a normal client polls `/fhir/metadata`;
+/// prints its median and p99 latency with and without them.
+#[test]
+#[ignore = "measurement: cargo test --test front_door -- --ignored --nocapture slow_clients"]
+fn slow_clients_and_a_normal_clients_latency() {
+    let slow_clients: usize = std::env::var("FHIRLOG_SLOW_CLIENTS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(500);
+    let samples = 300;
+    let workspace = TempDir::new().expect("a workspace");
+    let server = support::ServerProcess::start(&workspace.path().join("data"));
+    let address: SocketAddr = server
+        .base_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/fhir")
+        .parse()
+        .expect("a socket address");
+    metadata_latencies(address, 20);
+    let baseline = metadata_latencies(address, samples);
+
+    let mut trickling: Vec<TcpStream> = (0..slow_clients)
+        .map(|_| {
+            let mut stream = connect(address);
+            stream
+                .write_all(b"GET /fhir/metadata HTTP/1.1\r\nX-Slow: ")
+                .expect("starting a slow request");
+            stream
+        })
+        .collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let still_connected = Arc::new(AtomicUsize::new(slow_clients));
+    let trickler = {
+        let stop = Arc::clone(&stop);
+        let still_connected = Arc::clone(&still_connected);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let alive = trickling
+                    .iter_mut()
+                    .map(|stream| stream.write_all(b"x").is_ok())
+                    .filter(|written| *written)
+                    .count();
+                still_connected.store(alive, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let measured_at = Instant::now();
+    let loaded = metadata_latencies(address, samples);
+    let measured_for = measured_at.elapsed();
+    let connected_at_end = still_connected.load(Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
+    trickler.join().expect("the trickling thread");
+    println!(
+        "metadata latency over {samples} requests: without slow clients median {:?} p99 {:?}; \
+         with {slow_clients} slow clients ({connected_at_end} still trickling after {measured_for:?}) \
+         median {:?} p99 {:?}",
+        percentile(&baseline, 0.5),
+        percentile(&baseline, 0.99),
+        percentile(&loaded, 0.5),
+        percentile(&loaded, 0.99),
+    );
+}
