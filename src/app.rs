@@ -109,6 +109,10 @@ impl App {
     /// Builds the app over an open `store` (`settings.data_dir` is not opened again).
     pub async fn build_on_store(store: Store, settings: AppSettings) -> Result<App, AppError> {
         settings.validate()?;
+        let tls = match settings.front_door.tls.clone() {
+            Some(files) => Some(tokio::task::spawn_blocking(move || tls_acceptor(&files)).await??),
+            None => None,
+        };
         let runtime = tokio::runtime::Handle::current();
         let storage = settings.storage.clone();
         let exports = settings.exports.clone();
@@ -116,10 +120,6 @@ impl App {
             ExportServices::start(store, &storage, exports, runtime)
         })
         .await??;
-        let tls = match settings.front_door.tls.clone() {
-            Some(files) => Some(tokio::task::spawn_blocking(move || tls_acceptor(&files)).await??),
-            None => None,
-        };
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .map_err(|source| AppError::Listen {

@@ -531,5 +531,17 @@ mod tests {
             refusal(&|settings| settings.exports.max_jobs = 0),
             SettingsError::ZeroLimit.to_string()
         );
+        assert_eq!(
+            refusal(&|settings| settings.front_door.max_connections = 0),
+            SettingsError::ZeroLimit.to_string()
+        );
+        assert_eq!(
+            refusal(&|settings| settings.front_door.header_timeout = zero),
+            "--header-timeout must be longer than zero"
+        );
+        assert_eq!(
+            refusal(&|settings| settings.limits.body_timeout = DurationArg(zero)),
+            "--body-timeout must be longer than zero"
+        );
     }
 }

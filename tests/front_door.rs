@@ -729,3 +729,51 @@ fn slow_clients_and_a_normal_clients_latency() {
         percentile(&loaded, 0.99),
     );
 }
+
+#[test]
+fn serve_refuses_unreadable_or_unusable_tls_files_naming_the_flag() {
+    let workspace = TempDir::new().expect("a workspace");
+    let (files, _) = self_signed_certificate(&workspace);
+    let other_folder = TempDir::new().expect("a folder for another certificate");
+    let (other_files, _) = self_signed_certificate(&other_folder);
+    let missing = workspace.path().join("missing.pem");
+    let data_dir = workspace.path().join("data");
+    for (certificate, key, fragment) in [
+        (&missing, &files.private_key, "reading --tls-cert"),
+        (&files.certificate_chain, &missing, "reading --tls-key"),
+        (
+            &files.private_key,
+            &files.private_key,
+            "holds no PEM certificate",
+        ),
+        (
+            &files.certificate_chain,
+            &files.certificate_chain,
+            "reading --tls-key",
+        ),
+        (
+            &files.certificate_chain,
+            &other_files.private_key,
+            "--tls-key does not fit",
+        ),
+    ] {
+        let served = support::run_fhirlog(&[
+            "serve".as_ref(),
+            "--data-dir".as_ref(),
+            data_dir.as_os_str(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--tls-cert".as_ref(),
+            certificate.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+        ]);
+        let stderr = String::from_utf8_lossy(&served.stderr);
+        assert!(!served.status.success(), "{stderr}");
+        let last_line = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last_line.starts_with("fhirlog: ") && last_line.contains(fragment),
+            "'{fragment}' missing: {stderr}"
+        );
+    }
+}
