@@ -31,7 +31,7 @@ pub enum AppError {
     },
     /// The default container could not be opened; the message names the destination,
     /// the container and the cause.
-    #[error(transparent)]
+    #[error("{}", .0.operator_message())]
     ExportStorage(ExportError),
     #[error("starting the export engine")]
     Exports(#[source] ExportError),

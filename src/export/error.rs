@@ -70,6 +70,19 @@ impl ExportError {
         &self.message
     }
 
+    /// The message for the operator, who may see where storage is: a storage failure's
+    /// own line naming the destination and its root cause, else the client message.
+    pub fn operator_message(&self) -> String {
+        match self
+            .cause
+            .as_deref()
+            .and_then(|cause| cause.downcast_ref::<SinkError>())
+        {
+            Some(sink_error) => sink_error.to_string(),
+            None => self.message.clone(),
+        }
+    }
+
     /// The message with the whole chain of causes, for logs.
     pub fn detail(&self) -> String {
         match self

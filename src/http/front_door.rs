@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use warp::http::Request;
+use warp::reply::Response as WarpResponse;
 
 use super::{ApiError, AppState, response};
 use crate::config::{FrontDoorSettings, TlsFiles};
@@ -115,25 +116,6 @@ impl FrontDoor {
     /// lets open requests finish and closes idle connections.
     pub async fn serve(self, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
         let routes = TowerToHyperService::new(warp::service(super::routes(state)));
-        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let routed = match check_head(&request) {
-                Ok(()) => Ok(hyper::service::Service::call(&routes, request)),
-                Err(refusal) => {
-                    tracing::info!(
-                        target: "fhirlog::http",
-                        status = refusal.status().as_u16(),
-                        "refused a request head: {refusal}"
-                    );
-                    Err(response::error(&refusal))
-                }
-            };
-            async move {
-                match routed {
-                    Ok(reply) => reply.await,
-                    Err(refused) => Ok::<_, Infallible>(refused),
-                }
-            }
-        });
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(self.header_timeout)
@@ -161,6 +143,7 @@ impl FrontDoor {
                     }
                 },
             };
+            let service = logged_service(routes.clone(), peer);
             let connection = Connection {
                 peer,
                 slot,
@@ -168,11 +151,71 @@ impl FrontDoor {
                 http: http.clone(),
                 header_timeout: self.header_timeout,
             };
-            tokio::spawn(connection.serve(stream, self.tls.clone(), service.clone()));
+            tokio::spawn(connection.serve(stream, self.tls.clone(), service));
         }
         drop(self.listener);
         graceful.shutdown().await;
     }
+}
+
+/// Longest part of a request path an access-log line quotes.
+const LOGGED_PATH_MAX_CHARS: usize = 256;
+
+/// The routes of one connection from `peer` behind [`check_head`], logging one line per
+/// request (its path without the query).
+fn logged_service<R>(
+    routes: R,
+    peer: SocketAddr,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = WarpResponse,
+    Error = Infallible,
+    Future: Send,
+> + Send
++ 'static
+where
+    R: hyper::service::Service<
+            Request<Incoming>,
+            Response = WarpResponse,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static,
+{
+    hyper::service::service_fn(move |request: Request<Incoming>| {
+        let started = std::time::Instant::now();
+        let method = request.method().clone();
+        let version = request.version();
+        let path: String = request
+            .uri()
+            .path()
+            .chars()
+            .take(LOGGED_PATH_MAX_CHARS)
+            .collect();
+        let routed = match check_head(&request) {
+            Ok(()) => Ok(routes.call(request)),
+            Err(refusal) => {
+                tracing::info!(target: "fhirlog::http", "{peer} refused: {refusal}");
+                Err(response::error(&refusal))
+            }
+        };
+        async move {
+            let reply = match routed {
+                Ok(routed) => match routed.await {
+                    Ok(reply) => reply,
+                    Err(never) => match never {},
+                },
+                Err(refused) => refused,
+            };
+            tracing::info!(
+                target: "fhirlog::http",
+                "{peer} \"{method} {path} {version:?}\" {} {:?}",
+                reply.status().as_u16(),
+                started.elapsed()
+            );
+            Ok::<_, Infallible>(reply)
+        }
+    })
 }
 
 /// One accepted connection and the slot it holds until it closes.
