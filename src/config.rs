@@ -48,7 +48,8 @@ pub struct FrontDoorArgs {
     /// Most connections served at once; more wait until one closes.
     #[arg(long, env = "FHIRLOG_MAX_CONNECTIONS", default_value_t = FrontDoorSettings::default().max_connections)]
     pub max_connections: usize,
-    /// A client must send a request's headers (and finish a TLS handshake) within this long.
+    /// A client must finish a TLS handshake and send each request's headers within this
+    /// long, and is dropped when it stops reading a response for this long.
     #[arg(long, env = "FHIRLOG_HEADER_TIMEOUT", default_value_t = DurationArg(FrontDoorSettings::default().header_timeout))]
     pub header_timeout: DurationArg,
     /// PEM certificate chain: serve HTTPS (TLS 1.2 and 1.3) instead of HTTP.

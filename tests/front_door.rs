@@ -424,6 +424,51 @@ fn connections_over_the_cap_wait_while_the_admitted_ones_are_served() {
 }
 
 #[test]
+fn a_client_that_stops_reading_a_response_loses_its_slot_at_the_header_timeout() {
+    let header_timeout = Duration::from_secs(2);
+    let app = serve(|settings| {
+        settings.front_door.max_connections = 1;
+        settings.front_door.header_timeout = header_timeout;
+    });
+    let address = address_of(&app);
+    let patient = format!(
+        r#"{{"resourceType":"Patient","id":"big","name":[{{"text":"{}"}}]}}"#,
+        "n".repeat(4 * 1024 * 1024)
+    );
+    let mut writer = connect(address);
+    let created = exchange(
+        &mut writer,
+        &format!(
+            "PUT /fhir/Patient/big HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/fhir+json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{patient}",
+            patient.len()
+        ),
+    );
+    assert_eq!(created.status, 201, "{}", created.head);
+    drop(writer);
+
+    let mut not_reading = connect(address);
+    not_reading
+        .write_all(get("/fhir/Patient/big").as_bytes())
+        .expect("asking for the big resource");
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let mut other = connect(address);
+    let answer = exchange(&mut other, &get("/fhir/metadata"));
+    assert_eq!(answer.status, 200, "{}", answer.head);
+    assert!(
+        started.elapsed() < header_timeout * 4,
+        "the only slot was held by a client that stopped reading for {:?}",
+        started.elapsed()
+    );
+    let mut received = Vec::new();
+    let _ = not_reading.read_to_end(&mut received);
+    assert!(
+        received.len() < patient.len(),
+        "the stalled response was delivered whole"
+    );
+}
+
+#[test]
 fn oversized_queries_targets_and_heads_get_operation_outcomes() {
     let app = serve(|_| {});
     let address = address_of(&app);

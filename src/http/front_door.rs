@@ -1,14 +1,18 @@
 //! The front door: our own accept loop on hyper 1 in front of the warp routes. A
 //! connection takes one of `--max-connections` slots (past that, new connections wait in
 //! the listen backlog while the others keep being served), finishes a TLS handshake within
-//! `--header-timeout` when TLS is on, and must send each request head within the same
-//! timeout. Request heads over the limits here get an OperationOutcome before routing.
+//! `--header-timeout` when TLS is on, must send each request head within the same timeout,
+//! and is dropped when a response write makes no progress for that long. Request heads over
+//! the limits here get an OperationOutcome before routing.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -18,6 +22,7 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -238,6 +243,7 @@ impl Connection {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let _ = stream.set_nodelay(true);
+        let stream = StallGuardedStream::new(stream, self.header_timeout);
         match tls {
             None => self.serve_http(TokioIo::new(stream), service).await,
             Some(acceptor) => {
@@ -275,6 +281,95 @@ impl Connection {
             tracing::debug!(%peer, %error, "connection ended with an error");
         }
         drop(slot);
+    }
+}
+
+/// A connection whose writes fail once one has made no progress for `stall_timeout`, so a
+/// client that stops reading a response cannot hold its connection slot.
+struct StallGuardedStream {
+    stream: TcpStream,
+    stall_timeout: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl StallGuardedStream {
+    fn new(stream: TcpStream, stall_timeout: Duration) -> StallGuardedStream {
+        StallGuardedStream {
+            stream,
+            stall_timeout,
+            stalled: None,
+        }
+    }
+
+    /// Passes on a write's outcome; a pending one fails once the stall lasts too long.
+    fn guard<T>(
+        &mut self,
+        context: &mut Context<'_>,
+        outcome: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if outcome.is_ready() {
+            self.stalled = None;
+            return outcome;
+        }
+        let stall_timeout = self.stall_timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall_timeout)));
+        match stalled.as_mut().poll(context) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for StallGuardedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(context, buffer)
+    }
+}
+
+impl AsyncWrite for StallGuardedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let outcome = Pin::new(&mut this.stream).poll_write(context, buffer);
+        this.guard(context, outcome)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffers: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let outcome = Pin::new(&mut this.stream).poll_write_vectored(context, buffers);
+        this.guard(context, outcome)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let outcome = Pin::new(&mut this.stream).poll_flush(context);
+        this.guard(context, outcome)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let outcome = Pin::new(&mut this.stream).poll_shutdown(context);
+        this.guard(context, outcome)
     }
 }
 
