@@ -251,6 +251,12 @@ pub enum SettingsError {
     ZeroLimit,
     #[error("{flag} must be longer than zero")]
     ZeroDuration { flag: &'static str },
+    #[error("{flag} {given} is more than the most allowed, {limit}")]
+    LimitTooLarge {
+        flag: &'static str,
+        given: usize,
+        limit: usize,
+    },
     #[error("{flag} {given} is longer than the most allowed, {limit}")]
     DurationTooLong {
         flag: &'static str,
@@ -261,6 +267,8 @@ pub enum SettingsError {
     Storage(StorageUrlError),
 }
 
+/// Most `--max-connections`: each holds a socket and buffers.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 /// Longest `--retention`: beyond it an expiry instant is no longer meaningful.
 pub const MAX_RETENTION: Duration = Duration::from_secs(10 * 366 * 86_400);
 /// Longest `--signed-urls`: S3 refuses pre-signed URLs valid for more than 7 days.
@@ -350,6 +358,13 @@ impl AppSettings {
             || self.front_door.max_connections == 0
         {
             return Err(SettingsError::ZeroLimit);
+        }
+        if self.front_door.max_connections > MAX_CONNECTIONS_LIMIT {
+            return Err(SettingsError::LimitTooLarge {
+                flag: "--max-connections",
+                given: self.front_door.max_connections,
+                limit: MAX_CONNECTIONS_LIMIT,
+            });
         }
         check_duration("--body-timeout", self.limits.body_timeout.0, Duration::MAX)?;
         check_duration(
@@ -535,6 +550,13 @@ mod tests {
         assert_eq!(
             refusal(&|settings| settings.front_door.max_connections = 0),
             SettingsError::ZeroLimit.to_string()
+        );
+        assert_eq!(
+            refusal(&|settings| settings.front_door.max_connections = usize::MAX),
+            format!(
+                "--max-connections {} is more than the most allowed, 1000000",
+                usize::MAX
+            )
         );
         assert_eq!(
             refusal(&|settings| settings.front_door.header_timeout = zero),
