@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::config::{AppSettings, BaseUrl, SettingsError, StorageSettings};
 use crate::export::{ExportEngine, ExportError, ExportSettings};
 use crate::http::AppState;
+use crate::http::front_door::{FrontDoor, TlsSetupError, tls_acceptor};
 use crate::sink::{ContainerName, StorageUrl};
 use crate::store::{Store, StoreError, StoreOptions};
 
@@ -30,10 +31,12 @@ pub enum AppError {
     },
     /// The default container could not be opened; the message names the destination,
     /// the container and the cause.
-    #[error(transparent)]
+    #[error("{}", .0.operator_message())]
     ExportStorage(ExportError),
     #[error("starting the export engine")]
     Exports(#[source] ExportError),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
     #[error("listening on {address}")]
     Listen {
         address: SocketAddr,
@@ -85,7 +88,7 @@ impl ExportServices {
 /// A built server: the listener is bound, nothing is served until [`App::run_until`].
 pub struct App {
     state: Arc<AppState>,
-    listener: tokio::net::TcpListener,
+    front_door: FrontDoor,
     address: SocketAddr,
 }
 
@@ -106,6 +109,10 @@ impl App {
     /// Builds the app over an open `store` (`settings.data_dir` is not opened again).
     pub async fn build_on_store(store: Store, settings: AppSettings) -> Result<App, AppError> {
         settings.validate()?;
+        let tls = match settings.front_door.tls.clone() {
+            Some(files) => Some(tokio::task::spawn_blocking(move || tls_acceptor(&files)).await??),
+            None => None,
+        };
         let runtime = tokio::runtime::Handle::current();
         let storage = settings.storage.clone();
         let exports = settings.exports.clone();
@@ -128,13 +135,13 @@ impl App {
             exports: services.exports,
             base_url: settings
                 .base_url
-                .unwrap_or_else(|| BaseUrl::for_listen_address(address)),
+                .unwrap_or_else(|| BaseUrl::for_listen_address(address, tls.is_some())),
             limits: settings.limits,
             signed_url_ttl: settings.storage.signed_url_ttl,
         });
         Ok(App {
             state,
-            listener,
+            front_door: FrontDoor::new(listener, &settings.front_door, tls),
             address,
         })
     }
@@ -161,11 +168,7 @@ impl App {
     /// engine on a blocking thread (unless a caller still holds it).
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let exports = Arc::clone(&self.state.exports);
-        warp::serve(crate::http::routes(self.state))
-            .incoming(self.listener)
-            .graceful(shutdown)
-            .run()
-            .await;
+        self.front_door.serve(self.state, shutdown).await;
         let _ = tokio::task::spawn_blocking(move || drop(exports)).await;
     }
 }

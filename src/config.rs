@@ -27,6 +27,9 @@ pub struct RequestLimits {
     /// Deepest accepted JSON nesting in a resource.
     #[arg(long, env = "FHIRLOG_MAX_JSON_DEPTH", default_value_t = RequestLimits::default().max_json_depth)]
     pub max_json_depth: usize,
+    /// A request body must arrive whole within this long; a slower one gets 408.
+    #[arg(long, env = "FHIRLOG_BODY_TIMEOUT", default_value_t = RequestLimits::default().body_timeout)]
+    pub body_timeout: DurationArg,
 }
 
 impl Default for RequestLimits {
@@ -34,6 +37,67 @@ impl Default for RequestLimits {
         RequestLimits {
             max_body_bytes: 16 * 1024 * 1024,
             max_json_depth: DEFAULT_MAX_JSON_DEPTH,
+            body_timeout: DurationArg(Duration::from_secs(120)),
+        }
+    }
+}
+
+/// How the listener admits connections: `serve` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FrontDoorArgs {
+    /// Most connections served at once; more wait until one closes.
+    #[arg(long, env = "FHIRLOG_MAX_CONNECTIONS", default_value_t = FrontDoorSettings::default().max_connections)]
+    pub max_connections: usize,
+    /// A client must finish a TLS handshake and send each request's headers within this
+    /// long, and is dropped when it stops reading a response for this long.
+    #[arg(long, env = "FHIRLOG_HEADER_TIMEOUT", default_value_t = DurationArg(FrontDoorSettings::default().header_timeout))]
+    pub header_timeout: DurationArg,
+    /// PEM certificate chain: serve HTTPS (TLS 1.2 and 1.3) instead of HTTP.
+    #[arg(long, env = "FHIRLOG_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FHIRLOG_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// The certificate chain and private key files HTTPS is served with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub certificate_chain: PathBuf,
+    pub private_key: PathBuf,
+}
+
+/// How the listener admits connections and how long it waits for request heads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontDoorSettings {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    /// `None` serves plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+impl Default for FrontDoorSettings {
+    fn default() -> Self {
+        FrontDoorSettings {
+            max_connections: 1024,
+            header_timeout: Duration::from_secs(30),
+            tls: None,
+        }
+    }
+}
+
+impl FrontDoorArgs {
+    pub fn into_settings(self) -> FrontDoorSettings {
+        FrontDoorSettings {
+            max_connections: self.max_connections,
+            header_timeout: self.header_timeout.0,
+            tls: self
+                .tls_cert
+                .zip(self.tls_key)
+                .map(|(certificate_chain, private_key)| TlsFiles {
+                    certificate_chain,
+                    private_key,
+                }),
         }
     }
 }
@@ -163,6 +227,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub limits: RequestLimits,
     #[command(flatten)]
+    pub front_door: FrontDoorArgs,
+    #[command(flatten)]
     pub export_run: ExportRunArgs,
     #[command(flatten)]
     pub export_jobs: ExportJobArgs,
@@ -185,6 +251,12 @@ pub enum SettingsError {
     ZeroLimit,
     #[error("{flag} must be longer than zero")]
     ZeroDuration { flag: &'static str },
+    #[error("{flag} {given} is more than the most allowed, {limit}")]
+    LimitTooLarge {
+        flag: &'static str,
+        given: usize,
+        limit: usize,
+    },
     #[error("{flag} {given} is longer than the most allowed, {limit}")]
     DurationTooLong {
         flag: &'static str,
@@ -195,6 +267,8 @@ pub enum SettingsError {
     Storage(StorageUrlError),
 }
 
+/// Most `--max-connections`: each holds a socket and buffers.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 /// Longest `--retention`: beyond it an expiry instant is no longer meaningful.
 pub const MAX_RETENTION: Duration = Duration::from_secs(10 * 366 * 86_400);
 /// Longest `--signed-urls`: S3 refuses pre-signed URLs valid for more than 7 days.
@@ -214,8 +288,10 @@ impl BaseUrl {
         Ok(BaseUrl(trimmed.to_owned()))
     }
 
-    pub fn for_listen_address(address: SocketAddr) -> BaseUrl {
-        BaseUrl(format!("http://{address}/fhir"))
+    /// `http://{address}/fhir`, or `https://…` when served over TLS.
+    pub fn for_listen_address(address: SocketAddr, tls: bool) -> BaseUrl {
+        let scheme = if tls { "https" } else { "http" };
+        BaseUrl(format!("{scheme}://{address}/fhir"))
     }
 
     pub fn as_str(&self) -> &str {
@@ -255,6 +331,7 @@ pub struct AppSettings {
     /// `None` means derived from the bound address (so port 0 works).
     pub base_url: Option<BaseUrl>,
     pub limits: RequestLimits,
+    pub front_door: FrontDoorSettings,
     pub exports: ExportSettings,
     pub storage: StorageSettings,
 }
@@ -268,6 +345,7 @@ impl AppSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             base_url: None,
             limits: RequestLimits::default(),
+            front_door: FrontDoorSettings::default(),
             exports: ExportSettings::default(),
             storage: StorageSettings::local_under(data_dir),
         }
@@ -275,9 +353,25 @@ impl AppSettings {
 
     /// Refuses limits of zero, zero durations and durations past their maximum.
     pub fn validate(&self) -> Result<(), SettingsError> {
-        if self.limits.max_body_bytes == 0 || self.limits.max_json_depth == 0 {
+        if self.limits.max_body_bytes == 0
+            || self.limits.max_json_depth == 0
+            || self.front_door.max_connections == 0
+        {
             return Err(SettingsError::ZeroLimit);
         }
+        if self.front_door.max_connections > MAX_CONNECTIONS_LIMIT {
+            return Err(SettingsError::LimitTooLarge {
+                flag: "--max-connections",
+                given: self.front_door.max_connections,
+                limit: MAX_CONNECTIONS_LIMIT,
+            });
+        }
+        check_duration("--body-timeout", self.limits.body_timeout.0, Duration::MAX)?;
+        check_duration(
+            "--header-timeout",
+            self.front_door.header_timeout,
+            Duration::MAX,
+        )?;
         validate_export_settings(&self.exports)?;
         if let Some(ttl) = self.storage.signed_url_ttl {
             check_duration("--signed-urls", ttl, MAX_SIGNED_URL_VALIDITY)?;
@@ -349,6 +443,7 @@ impl ServeArgs {
             listen,
             base_url,
             limits: self.limits,
+            front_door: self.front_door.into_settings(),
             exports: ExportSettings {
                 workers: self
                     .export_run
@@ -451,6 +546,25 @@ mod tests {
         assert_eq!(
             refusal(&|settings| settings.exports.max_jobs = 0),
             SettingsError::ZeroLimit.to_string()
+        );
+        assert_eq!(
+            refusal(&|settings| settings.front_door.max_connections = 0),
+            SettingsError::ZeroLimit.to_string()
+        );
+        assert_eq!(
+            refusal(&|settings| settings.front_door.max_connections = usize::MAX),
+            format!(
+                "--max-connections {} is more than the most allowed, 1000000",
+                usize::MAX
+            )
+        );
+        assert_eq!(
+            refusal(&|settings| settings.front_door.header_timeout = zero),
+            "--header-timeout must be longer than zero"
+        );
+        assert_eq!(
+            refusal(&|settings| settings.limits.body_timeout = DurationArg(zero)),
+            "--body-timeout must be longer than zero"
         );
     }
 }

@@ -20,6 +20,17 @@ fn timed<T>(action: impl FnOnce() -> T) -> (T, Duration) {
     (outcome, started.elapsed())
 }
 
+/// The storage endpoint is for the log only: clients see the container and the kind of
+/// failure.
+fn assert_shows_no_endpoint(text: &str) {
+    for leaked in ["127.0.0.1", "http://", "s3 at"] {
+        assert!(
+            !text.contains(leaked),
+            "a response shows '{leaked}': {text}"
+        );
+    }
+}
+
 #[test]
 fn a_destination_that_dies_keeps_no_client_waiting_and_fails_the_job_within_the_timeout() {
     let destination = SwitchableS3::start();
@@ -109,6 +120,8 @@ fn a_destination_that_dies_keeps_no_client_waiting_and_fails_the_job_within_the_
     assert_eq!(outcome["resourceType"], "OperationOutcome", "{outcome}");
     let diagnostics = outcome.to_string();
     assert!(diagnostics.contains(BUCKET), "{diagnostics}");
+    assert_shows_no_endpoint(&diagnostics);
+    assert_shows_no_endpoint(&unhealthy.text);
 
     let (uncached, uncached_time) =
         timed(|| bulk.send_kick_off(&KickOffRequest::get("/$export?_container=another-bucket")));
@@ -125,6 +138,7 @@ fn a_destination_that_dies_keeps_no_client_waiting_and_fails_the_job_within_the_
         uncached.status,
         uncached.text
     );
+    assert_shows_no_endpoint(&uncached.text);
 
     let second_status_url = bulk.kick_off(&KickOffRequest::get("/$export"));
     let (cancelled, cancel_time) = timed(|| bulk.cancel(&second_status_url));

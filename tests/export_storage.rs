@@ -909,10 +909,13 @@ async fn read_request_head_and_body(connection: &mut TcpStream) -> bool {
 
 /// `fhirlog serve` as a child process with extra arguments and environment; dropping it
 /// kills the child.
+/// The status names the container and the kind of failure; the storage server's own
+/// words (`logged_cause`) and its endpoint are only in the server log.
 fn assert_failed_status_names_container_and_error(
     reply: &Reply,
     container: &str,
     error_fragment: &str,
+    logged_cause: &str,
     server_log: &str,
 ) {
     assert!(
@@ -922,6 +925,17 @@ fn assert_failed_status_names_container_and_error(
         reply.text
     );
     reply.expect_operation_outcome(reply.status, &[container, error_fragment]);
+    for leaked in [logged_cause, "http://", "127.0.0.1"] {
+        assert!(
+            !reply.text.contains(leaked),
+            "the failed status shows '{leaked}': {}",
+            reply.text
+        );
+    }
+    assert!(
+        server_log.contains(logged_cause),
+        "the server log does not have the cause '{logged_cause}':\n{server_log}"
+    );
 }
 
 /// `fhirlog serve` over the small sample, exporting to a fresh default container of
@@ -996,6 +1010,7 @@ fn assert_storage_failures_end_the_export_and_never_leave_it_in_progress(backend
     assert_failed_status_names_container_and_error(
         &refused_reply,
         container,
+        "did not answer",
         "error sending request",
         &behind_proxy.server.log(),
     );
@@ -1013,6 +1028,7 @@ fn assert_storage_failures_end_the_export_and_never_leave_it_in_progress(backend
     assert_failed_status_names_container_and_error(
         &forbidden_reply,
         container,
+        "denied access",
         "403 Forbidden",
         &behind_proxy.server.log(),
     );

@@ -72,6 +72,19 @@ impl ExportError {
         &self.message
     }
 
+    /// The message for the operator, who may see where storage is: a storage failure's
+    /// own line naming the destination and its root cause, else the client message.
+    pub fn operator_message(&self) -> String {
+        match self
+            .cause
+            .as_deref()
+            .and_then(|cause| cause.downcast_ref::<SinkError>())
+        {
+            Some(sink_error) => sink_error.to_string(),
+            None => self.message.clone(),
+        }
+    }
+
     /// The message with the whole chain of causes, for logs.
     pub fn detail(&self) -> String {
         match self
@@ -109,7 +122,7 @@ impl From<StoreError> for ExportError {
             ),
             _ => (
                 ExportErrorKind::Store,
-                format!("reading the store failed: {error}"),
+                "reading the store failed; the server log has the details".to_owned(),
             ),
         };
         ExportError {
@@ -130,7 +143,7 @@ impl From<SinkError> for ExportError {
         };
         ExportError {
             kind,
-            message: error.to_string(),
+            message: error.client_message(),
             cause: Some(Box::new(error)),
         }
     }

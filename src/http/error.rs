@@ -28,6 +28,12 @@ pub enum ApiError {
     RequestTimeout(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The request target is longer than the front door accepts.
+    #[error("{0}")]
+    UriTooLong(String),
+    /// Too many request headers, or too many bytes of them.
+    #[error("{0}")]
+    HeadersTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error(transparent)]
@@ -55,6 +61,8 @@ impl ApiError {
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Store(StoreError::Rejected(WriteRejection::VersionConflict { .. })) => {
@@ -87,7 +95,9 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } | ApiError::UnsupportedMediaType(_) => {
                 IssueKind::NotSupported
             }
-            ApiError::PayloadTooLarge { .. } => IssueKind::TooLong,
+            ApiError::PayloadTooLarge { .. }
+            | ApiError::UriTooLong(_)
+            | ApiError::HeadersTooLarge(_) => IssueKind::TooLong,
             ApiError::RequestTimeout(_) => IssueKind::Timeout,
             ApiError::Store(StoreError::Rejected(_)) => IssueKind::Conflict,
             ApiError::Store(StoreError::OutOfSpace) => IssueKind::TooCostly,
@@ -103,8 +113,25 @@ impl ApiError {
         }
     }
 
+    /// What the client is told: internal failures are named only by their kind (their
+    /// paths, endpoints and causes go to the log through `Display`).
+    pub fn client_message(&self) -> String {
+        match self {
+            ApiError::Store(
+                StoreError::Rejected(_)
+                | StoreError::Closed
+                | StoreError::OutOfSpace
+                | StoreError::Recovering,
+            ) => self.to_string(),
+            ApiError::Store(_) => "the store failed; the server log has the details".to_owned(),
+            ApiError::Internal(_) => "internal error; the server log has the details".to_owned(),
+            ApiError::Destination(error) => error.client_message(),
+            other => other.to_string(),
+        }
+    }
+
     pub fn to_outcome(&self) -> OperationOutcome {
-        OperationOutcome::error(self.issue_kind(), self.to_string())
+        OperationOutcome::error(self.issue_kind(), self.client_message())
     }
 }
 
@@ -175,5 +202,33 @@ mod tests {
             ApiError::Export(ExportError::from(StoreError::Recovering)).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
+        assert_eq!(
+            ApiError::UriTooLong(String::new()).status(),
+            StatusCode::URI_TOO_LONG
+        );
+        assert_eq!(
+            ApiError::HeadersTooLarge(String::new()).status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+    }
+
+    #[test]
+    fn internal_failures_reach_the_client_without_their_cause() {
+        let secret = "/srv/secret/exports at http://10.1.2.3:9000";
+        let failures = [
+            ApiError::Internal(format!("task panicked at src/http/resource.rs: {secret}")),
+            ApiError::Store(StoreError::Corrupt(secret.to_owned())),
+            ApiError::Destination(SinkError::ContainerMissing {
+                container: "given".to_owned(),
+                destination: secret.to_owned(),
+            }),
+            ApiError::Destination(SinkError::Io(std::io::Error::other(secret))),
+        ];
+        for failure in failures {
+            let shown = failure.to_outcome().to_json().to_string();
+            assert!(failure.to_string().contains(secret), "{failure}");
+            assert!(!shown.contains("secret"), "{shown}");
+            assert!(!shown.contains("resource.rs"), "{shown}");
+        }
     }
 }

@@ -9,6 +9,7 @@ use warp::reply::Response as WarpResponse;
 
 use super::AppState;
 use super::response;
+use crate::store::StoreError;
 
 /// One check's verdict as reported.
 fn verdict(outcome: Result<(), String>) -> Value {
@@ -21,19 +22,24 @@ fn verdict(outcome: Result<(), String>) -> Value {
 /// 200 when every check passes, 503 otherwise; the body names each check's verdict.
 pub async fn health(state: Arc<AppState>) -> WarpResponse {
     let probed = tokio::task::spawn_blocking(move || {
-        let store = state
-            .store
-            .probe_writable()
-            .map_err(|error| error.to_string());
-        let destination = state
-            .exports
-            .probe_destination()
-            .map_err(|error| error.to_string());
+        let store = state.store.probe_writable().map_err(|error| {
+            tracing::error!(%error, "health check: the store does not take writes");
+            match error {
+                StoreError::Closed => error.to_string(),
+                _ => "the store does not take durable writes; the server log has the details"
+                    .to_owned(),
+            }
+        });
+        let destination = state.exports.probe_destination().map_err(|error| {
+            tracing::warn!(error = %error.detail(), "health check: the export destination failed");
+            error.to_string()
+        });
         (store, destination)
     })
     .await;
     let (store, destination) = probed.unwrap_or_else(|error| {
-        let message = format!("the health check stopped: {error}");
+        tracing::error!(%error, "the health check stopped");
+        let message = "the health check stopped; the server log has the details".to_owned();
         (Err(message.clone()), Err(message))
     });
     let healthy = store.is_ok() && destination.is_ok();

@@ -7,6 +7,7 @@ mod capability;
 mod download;
 pub mod error;
 mod export;
+pub mod front_door;
 mod health;
 mod request;
 mod resource;
@@ -34,16 +35,14 @@ pub struct AppState {
     pub signed_url_ttl: Option<std::time::Duration>,
 }
 
-/// Every FHIR route over `state`, with request logging; the app root serves it.
+/// Every FHIR route over `state`; the front door serves it and logs each request.
 pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static
 {
-    let max_body_bytes = state.limits.max_body_bytes;
-    request::capture(max_body_bytes)
-        .then(move |captured| {
-            let state = Arc::clone(&state);
-            async move { Ok::<_, Infallible>(router::respond(state, captured).await) }
-        })
-        .with(warp::log("fhirlog::http"))
+    let limits = state.limits;
+    request::capture(limits.max_body_bytes, limits.body_timeout.0).then(move |captured| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(router::respond(state, captured).await) }
+    })
 }

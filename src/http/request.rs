@@ -19,9 +19,11 @@ pub struct CapturedRequest {
 }
 
 /// Captures every request; a body over `max_body_bytes` is not read past the limit and
-/// becomes `ApiError::PayloadTooLarge`.
+/// becomes `ApiError::PayloadTooLarge`, one not read whole within `body_timeout` becomes
+/// `ApiError::RequestTimeout`.
 pub fn capture(
     max_body_bytes: usize,
+    body_timeout: Duration,
 ) -> impl Filter<Extract = (CapturedRequest,), Error = warp::Rejection> + Clone {
     warp::method()
         .and(warp::path::full())
@@ -30,18 +32,19 @@ pub fn capture(
         .and(warp::body::stream())
         .then(
             move |method, path: warp::path::FullPath, query, headers: HeaderMap, body| async move {
+                let deadline = BodyDeadline::after(body_timeout);
                 let declared_too_large = headers
                     .get(warp::http::header::CONTENT_LENGTH)
                     .and_then(|value| value.to_str().ok())
                     .and_then(|value| value.parse::<u64>().ok())
                     .is_some_and(|length| length > max_body_bytes as u64);
                 let body = if declared_too_large {
-                    drain(body).await;
+                    drain(body, deadline).await;
                     Err(ApiError::PayloadTooLarge {
                         limit: max_body_bytes,
                     })
                 } else {
-                    read_bounded(body, max_body_bytes).await
+                    read_bounded(body, max_body_bytes, deadline).await
                 };
                 CapturedRequest {
                     method,
@@ -60,14 +63,38 @@ const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// instead of a broken connection; past this the connection is simply closed.
 const DRAIN_LIMIT_BYTES: usize = 64 * 1024 * 1024;
 
-async fn next_chunk<S, B>(body: &mut std::pin::Pin<&mut S>) -> Result<Option<B>, ApiError>
+/// When the whole body must have arrived.
+#[derive(Clone, Copy)]
+struct BodyDeadline {
+    at: tokio::time::Instant,
+    whole_body: Duration,
+}
+
+impl BodyDeadline {
+    fn after(whole_body: Duration) -> BodyDeadline {
+        BodyDeadline {
+            at: tokio::time::Instant::now() + whole_body,
+            whole_body,
+        }
+    }
+}
+
+async fn next_chunk<S, B>(
+    body: &mut std::pin::Pin<&mut S>,
+    deadline: BodyDeadline,
+) -> Result<Option<B>, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
 {
-    match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.next()).await {
-        Err(_) => Err(ApiError::RequestTimeout(format!(
+    let idle_deadline = tokio::time::Instant::now() + BODY_IDLE_TIMEOUT;
+    match tokio::time::timeout_at(idle_deadline.min(deadline.at), body.next()).await {
+        Err(_) if idle_deadline < deadline.at => Err(ApiError::RequestTimeout(format!(
             "the request body stalled for {}s",
             BODY_IDLE_TIMEOUT.as_secs()
+        ))),
+        Err(_) => Err(ApiError::RequestTimeout(format!(
+            "the request body did not arrive within {}s",
+            deadline.whole_body.as_secs_f64()
         ))),
         Ok(None) => Ok(None),
         Ok(Some(Err(error))) => Err(ApiError::BadRequest(format!(
@@ -77,16 +104,20 @@ where
     }
 }
 
-async fn read_bounded<S, B>(body: S, max_body_bytes: usize) -> Result<Bytes, ApiError>
+async fn read_bounded<S, B>(
+    body: S,
+    max_body_bytes: usize,
+    deadline: BodyDeadline,
+) -> Result<Bytes, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
     let mut body = std::pin::pin!(body);
     let mut collected = BytesMut::new();
-    while let Some(mut chunk) = next_chunk(&mut body).await? {
+    while let Some(mut chunk) = next_chunk(&mut body, deadline).await? {
         if collected.len() + chunk.remaining() > max_body_bytes {
-            drain_rest(&mut body, collected.len() + chunk.remaining()).await;
+            drain_rest(&mut body, collected.len() + chunk.remaining(), deadline).await;
             return Err(ApiError::PayloadTooLarge {
                 limit: max_body_bytes,
             });
@@ -101,22 +132,25 @@ where
     Ok(collected.freeze())
 }
 
-async fn drain<S, B>(body: S)
+async fn drain<S, B>(body: S, deadline: BodyDeadline)
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
     let mut body = std::pin::pin!(body);
-    drain_rest(&mut body, 0).await;
+    drain_rest(&mut body, 0, deadline).await;
 }
 
-async fn drain_rest<S, B>(body: &mut std::pin::Pin<&mut S>, mut drained: usize)
-where
+async fn drain_rest<S, B>(
+    body: &mut std::pin::Pin<&mut S>,
+    mut drained: usize,
+    deadline: BodyDeadline,
+) where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
     while drained < DRAIN_LIMIT_BYTES {
-        match next_chunk(body).await {
+        match next_chunk(body, deadline).await {
             Ok(Some(chunk)) => drained += chunk.remaining(),
             Ok(None) | Err(_) => return,
         }

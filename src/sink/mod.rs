@@ -110,6 +110,24 @@ pub enum SinkError {
 /// Error texts of failures that retrying cannot fix: rejected credentials or
 /// permissions, and missing buckets or containers.
 const PERMANENT_FAILURE_MARKERS: [&str; 14] = [
+    ACCESS_DENIED_MARKERS[0],
+    ACCESS_DENIED_MARKERS[1],
+    ACCESS_DENIED_MARKERS[2],
+    ACCESS_DENIED_MARKERS[3],
+    ACCESS_DENIED_MARKERS[4],
+    ACCESS_DENIED_MARKERS[5],
+    ACCESS_DENIED_MARKERS[6],
+    ACCESS_DENIED_MARKERS[7],
+    ACCESS_DENIED_MARKERS[8],
+    "NoSuchBucket",
+    "ContainerNotFound",
+    "InvalidBucketName",
+    OUT_OF_SPACE_MARKERS[0],
+    OUT_OF_SPACE_MARKERS[1],
+];
+
+/// Error texts of rejected credentials or permissions.
+const ACCESS_DENIED_MARKERS: [&str; 9] = [
     "401 Unauthorized",
     "403 Forbidden",
     "AccessDenied",
@@ -118,12 +136,7 @@ const PERMANENT_FAILURE_MARKERS: [&str; 14] = [
     "AuthenticationFailed",
     "AuthorizationFailure",
     "AuthorizationPermissionMismatch",
-    "NoSuchBucket",
-    "ContainerNotFound",
-    "InvalidBucketName",
     "Permission denied",
-    OUT_OF_SPACE_MARKERS[0],
-    OUT_OF_SPACE_MARKERS[1],
 ];
 
 /// Error texts of a file system or quota that ran out of space.
@@ -166,6 +179,37 @@ impl SinkError {
                 error_chain_mentions(error.as_ref(), &OUT_OF_SPACE_MARKERS)
             }
             _ => false,
+        }
+    }
+
+    /// What a client may be told: the container it named and the kind of failure, never
+    /// the destination's path, endpoint or account, nor the storage server's words.
+    pub fn client_message(&self) -> String {
+        match self {
+            SinkError::ContainerMissing { container, .. } => {
+                format!("container '{container}' does not exist")
+            }
+            SinkError::NotFound(_) => "the requested export file does not exist".to_owned(),
+            SinkError::Unreachable { container, .. } => format!(
+                "the export destination did not answer (container '{container}'); try again later"
+            ),
+            SinkError::Storage { container, .. } if self.is_out_of_space() => {
+                format!("the export destination ran out of space (container '{container}')")
+            }
+            SinkError::Storage {
+                container, error, ..
+            } if is_access_denied(error) => format!(
+                "the export destination denied access (container '{container}'); check the server's credentials"
+            ),
+            SinkError::Storage { container, .. } => format!(
+                "the export destination refused or failed a request (container '{container}'); the server log has the details"
+            ),
+            SinkError::Io(_) if self.is_out_of_space() => {
+                "the export destination ran out of space".to_owned()
+            }
+            SinkError::Io(_) => {
+                "the export destination failed; the server log has the details".to_owned()
+            }
         }
     }
 
@@ -481,6 +525,13 @@ pub(crate) async fn container_exists(
 
 /// Whether any error in the chain displays one of `needles` (object_store keeps the
 /// HTTP status and the service's error code only in the text).
+fn is_access_denied(error: &object_store::Error) -> bool {
+    matches!(
+        error,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
+    ) || error_chain_mentions(error, &ACCESS_DENIED_MARKERS)
+}
+
 fn error_chain_mentions(error: &(dyn std::error::Error + 'static), needles: &[&str]) -> bool {
     let mut current = Some(error);
     while let Some(error) = current {
@@ -965,6 +1016,39 @@ impl ContainerStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_messages_name_the_container_but_not_the_destination_or_its_words() {
+        let destination = "s3 at http://10.9.8.7:9000";
+        let forbidden = object_store::Error::Generic {
+            store: "S3",
+            source: "Client error with status 403 Forbidden: <Error>secret body</Error> at /srv/x"
+                .into(),
+        };
+        let failures = [
+            SinkError::ContainerMissing {
+                container: "given".to_owned(),
+                destination: destination.to_owned(),
+            },
+            SinkError::from_object_store("given", destination, forbidden),
+            SinkError::storage_failure("given", destination, "S3", "/srv/x is full".to_owned()),
+            SinkError::no_answer_within("given", destination, Duration::from_secs(1)),
+        ];
+        for failure in failures {
+            let shown = failure.client_message();
+            assert!(shown.contains("'given'"), "{shown}");
+            for leaked in ["10.9.8.7", "http://", "secret", "/srv/x"] {
+                assert!(!shown.contains(leaked), "{shown}");
+            }
+            assert!(
+                failure.detail().contains("10.9.8.7"),
+                "{}",
+                failure.detail()
+            );
+            let as_export_error = crate::export::ExportError::from(failure);
+            assert!(!as_export_error.message().contains("10.9.8.7"));
+        }
+    }
 
     #[test]
     fn container_names_follow_the_strictest_rules() {

@@ -416,6 +416,11 @@ pub fn fhirlog_command() -> Command {
         "FHIRLOG_BASE_URL",
         "FHIRLOG_MAX_BODY_BYTES",
         "FHIRLOG_MAX_JSON_DEPTH",
+        "FHIRLOG_BODY_TIMEOUT",
+        "FHIRLOG_MAX_CONNECTIONS",
+        "FHIRLOG_HEADER_TIMEOUT",
+        "FHIRLOG_TLS_CERT",
+        "FHIRLOG_TLS_KEY",
         "RUST_LOG",
         "RUST_BACKTRACE",
     ] {
