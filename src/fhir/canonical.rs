@@ -863,6 +863,116 @@ mod tests {
     }
 
     #[test]
+    fn nesting_is_measured_on_the_text_outside_strings_at_any_depth() {
+        assert!(!json_nesting_exceeds(br#"[[["[[[[\"[[["]]]"#, 3));
+        assert!(json_nesting_exceeds(br#"[[["\\"[]]]"#, 3));
+        assert!(json_nesting_exceeds(b"[1,][[[[", 3));
+        let deep = "[".repeat(200_001);
+        assert!(json_nesting_exceeds(deep.as_bytes(), 64));
+        assert_eq!(
+            ParsedResource::parse_bytes(deep.as_bytes(), 64),
+            Err(ResourceBodyError::NestedTooDeep { limit: 64 })
+        );
+        assert!(matches!(
+            ResourceFields::read(deep.as_bytes(), ResourceType::PATIENT, BodyId::Validate, 64),
+            Err(ResourceBodyError::NestedTooDeep { limit: 64 })
+        ));
+    }
+
+    fn read_one_pass(
+        text: &str,
+        expected_type: ResourceType,
+        body_id: BodyId,
+    ) -> Result<ResourceFields, ResourceBodyError> {
+        ResourceFields::read(
+            text.as_bytes(),
+            expected_type,
+            body_id,
+            DEFAULT_MAX_JSON_DEPTH,
+        )
+    }
+
+    #[test]
+    fn one_pass_reading_checks_the_type_last_and_can_ignore_the_body_id() {
+        let observation = ResourceType::parse("Observation").unwrap();
+        assert!(matches!(
+            read_one_pass(
+                r#"{"resourceType":"Observation","id":"a b"}"#,
+                ResourceType::PATIENT,
+                BodyId::Validate
+            ),
+            Err(ResourceBodyError::InvalidId(_))
+        ));
+        assert!(matches!(
+            read_one_pass(
+                r#"{"resourceType":"Observation","id":"o1"}"#,
+                ResourceType::PATIENT,
+                BodyId::Validate
+            ),
+            Err(ResourceBodyError::UnexpectedResourceType { expected, found })
+                if expected == ResourceType::PATIENT && found == observation
+        ));
+        for ignored_id in [r#""a b""#, "7", "[1,{}]"] {
+            let fields = read_one_pass(
+                &format!(r#"{{"id":{ignored_id},"resourceType":"Observation"}}"#),
+                observation,
+                BodyId::Ignore,
+            )
+            .unwrap();
+            assert_eq!(fields.id, None);
+        }
+        assert!(matches!(
+            read_one_pass(
+                r#"{"resourceType":"Observation","id":[1,}"#,
+                observation,
+                BodyId::Ignore
+            ),
+            Err(ResourceBodyError::MalformedJson(_))
+        ));
+    }
+
+    #[test]
+    fn one_pass_reading_writes_the_canonical_body_and_collects_compartment_patients() {
+        let group = read_one_pass(
+            r#"{"member":[{"entity":{"reference":"Patient/early"}}],"type":"person",
+                "member":[{"entity":{"reference":"Patient/m2","display":"x"}},
+                          {"entity":{"reference":"Practitioner/dr"}},
+                          {"entity":{"reference":"Patient/m1","reference":"Patient/m3"}},
+                          {"entity":{"reference":"Patient/m2"}}],
+                "meta":{"versionId":"9","tag":[{"code":"b","system":"a"}],"lastUpdated":"x"},
+                "resourceType":"Group","id":"g","actual":true,"quantity":1.50E+2}"#,
+            ResourceType::GROUP,
+            BodyId::Validate,
+        )
+        .unwrap();
+        let id = group.id.clone().unwrap();
+        let (body, patients) = group.into_prepared(&id);
+        assert_eq!(
+            body.finish(2, Instant::from_micros_since_epoch(0)),
+            concat!(
+                r#"{"resourceType":"Group","id":"g","meta":{"versionId":"2","#,
+                r#""lastUpdated":"1970-01-01T00:00:00.000000Z","tag":[{"code":"b","system":"a"}]},"#,
+                r#""actual":true,"member":[{"entity":{"display":"x","reference":"Patient/m2"}},"#,
+                r#"{"entity":{"reference":"Practitioner/dr"}},{"entity":{"reference":"Patient/m3"}},"#,
+                r#"{"entity":{"reference":"Patient/m2"}}],"quantity":1.50e+2,"type":"person"}"#
+            )
+        );
+        assert_eq!(patients, vec!["m2", "m3"]);
+
+        let patient = read_one_pass(
+            r#"{"resourceType":"Patient","id":"ignored","link":[{"other":{"reference":"Patient/older"}},{"other":{"reference":"Patient/self"}}]}"#,
+            ResourceType::PATIENT,
+            BodyId::Ignore,
+        )
+        .unwrap();
+        let (body, patients) = patient.into_prepared(&ResourceId::parse("self").unwrap());
+        assert!(body.finish(1, Instant::from_micros_since_epoch(0)).starts_with(
+            r#"{"resourceType":"Patient","id":"self","meta":{"versionId":"1","lastUpdated":"1970-01-01T00:00:00.000000Z"},"link":"#
+        ));
+        assert_eq!(patients, vec!["self", "older"]);
+    }
+
+    #[test]
     fn canonical_form_orders_keys_and_inserts_server_metadata() {
         let parsed = parse(
             r#"{"gender":"female","meta":{"versionId":"9","profile":["p"]},"id":"a","resourceType":"Patient","active":true}"#,
