@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::export::ExportSettings;
-use crate::fhir::canonical::DEFAULT_MAX_JSON_DEPTH;
+use crate::fhir::canonical::{DEFAULT_MAX_JSON_DEPTH, MAX_SUPPORTED_JSON_DEPTH};
 use crate::sink::{StorageUrl, StorageUrlError};
 
 /// Where the store lives.
@@ -191,6 +191,8 @@ pub enum SettingsError {
         given: DurationArg,
         limit: DurationArg,
     },
+    #[error("--max-json-depth {given} is deeper than the most supported, {limit}")]
+    JsonDepthTooDeep { given: usize, limit: usize },
     #[error(transparent)]
     Storage(StorageUrlError),
 }
@@ -277,6 +279,12 @@ impl AppSettings {
     pub fn validate(&self) -> Result<(), SettingsError> {
         if self.limits.max_body_bytes == 0 || self.limits.max_json_depth == 0 {
             return Err(SettingsError::ZeroLimit);
+        }
+        if self.limits.max_json_depth > MAX_SUPPORTED_JSON_DEPTH {
+            return Err(SettingsError::JsonDepthTooDeep {
+                given: self.limits.max_json_depth,
+                limit: MAX_SUPPORTED_JSON_DEPTH,
+            });
         }
         validate_export_settings(&self.exports)?;
         if let Some(ttl) = self.storage.signed_url_ttl {
@@ -451,6 +459,10 @@ mod tests {
         assert_eq!(
             refusal(&|settings| settings.exports.max_jobs = 0),
             SettingsError::ZeroLimit.to_string()
+        );
+        assert_eq!(
+            refusal(&|settings| settings.limits.max_json_depth = 128),
+            "--max-json-depth 128 is deeper than the most supported, 127"
         );
     }
 }

@@ -53,6 +53,10 @@ pub struct ParsedResource {
 /// Nesting limit applied when no other is configured.
 pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
 
+/// The deepest nesting limit that can be configured: serde_json refuses a 128th level
+/// itself, as malformed.
+pub const MAX_SUPPORTED_JSON_DEPTH: usize = 127;
+
 impl ParsedResource {
     pub fn parse_bytes(
         bytes: &[u8],
@@ -876,6 +880,34 @@ mod tests {
         assert!(matches!(
             ResourceFields::read(deep.as_bytes(), ResourceType::PATIENT, BodyId::Validate, 64),
             Err(ResourceBodyError::NestedTooDeep { limit: 64 })
+        ));
+    }
+
+    #[test]
+    fn the_deepest_supported_limit_is_within_the_json_readers_reach() {
+        let nested = |levels: usize| {
+            format!(
+                r#"{{"resourceType":"Basic","x":{}1{}}}"#,
+                "[".repeat(levels - 1),
+                "]".repeat(levels - 1)
+            )
+        };
+        let deepest = nested(MAX_SUPPORTED_JSON_DEPTH);
+        let basic = ResourceType::parse("Basic").unwrap();
+        assert!(ParsedResource::parse_bytes(deepest.as_bytes(), MAX_SUPPORTED_JSON_DEPTH).is_ok());
+        assert!(
+            ResourceFields::read(
+                deepest.as_bytes(),
+                basic,
+                BodyId::Validate,
+                MAX_SUPPORTED_JSON_DEPTH
+            )
+            .is_ok()
+        );
+        let one_more = nested(MAX_SUPPORTED_JSON_DEPTH + 1);
+        assert!(matches!(
+            ParsedResource::parse_bytes(one_more.as_bytes(), MAX_SUPPORTED_JSON_DEPTH + 1),
+            Err(ResourceBodyError::MalformedJson(_))
         ));
     }
 
