@@ -1,5 +1,7 @@
-//! Parsing untrusted resource JSON into a [`ParsedResource`], and the canonical form that
-//! the store keeps and exports byte for byte.
+//! Parsing untrusted resource JSON into a [`ParsedResource`] (a JSON tree, for Bundle
+//! entries and the loader) or, in one pass without a tree, into [`ResourceFields`] (single
+//! resources over HTTP, however large), and the canonical form that the store keeps and
+//! exports byte for byte; both give the same canonical bytes.
 //!
 //! Canonical form: minified JSON, `resourceType`, `id` and `meta` first, `meta.versionId`
 //! and `meta.lastUpdated` first inside `meta`, every other object's keys sorted.
