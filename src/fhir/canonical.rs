@@ -913,6 +913,33 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn an_object_that_serde_json_takes_for_a_number_is_read_alike_by_both_paths() {
+        let basic = ResourceType::parse("Basic").unwrap();
+        let id = ResourceId::parse("b").unwrap();
+        for member in [
+            r#"{"$serde_json::private::Number":"1E5"}"#,
+            r#"{"$serde_json::private::Number":"-0.50"}"#,
+        ] {
+            let text = format!(r#"{{"resourceType":"Basic","id":"b","x":{member}}}"#);
+            let tree = parse(&text).unwrap();
+            let from_tree = PreparedBody::new(basic, &id, tree.json);
+            let (one_pass, _) = read_one_pass(&text, basic, BodyId::Validate)
+                .unwrap()
+                .into_prepared(&id);
+            assert_eq!(one_pass, from_tree, "{text}");
+        }
+        let not_a_number = r#"{"resourceType":"Basic","x":{"$serde_json::private::Number":"x"}}"#;
+        assert!(matches!(
+            parse(not_a_number),
+            Err(ResourceBodyError::MalformedJson(_))
+        ));
+        assert!(matches!(
+            read_one_pass(not_a_number, basic, BodyId::Validate),
+            Err(ResourceBodyError::MalformedJson(_))
+        ));
+    }
+
     fn read_one_pass(
         text: &str,
         expected_type: ResourceType,
