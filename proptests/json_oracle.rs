@@ -23,29 +23,6 @@ pub enum JsonTree {
     Object(BTreeMap<String, JsonTree>),
 }
 
-impl JsonTree {
-    /// How many arrays and objects nest in the value: 0 for a scalar, 1 for `[]`.
-    pub fn container_depth(&self) -> usize {
-        match self {
-            JsonTree::Array(items) => {
-                1 + items
-                    .iter()
-                    .map(JsonTree::container_depth)
-                    .max()
-                    .unwrap_or(0)
-            }
-            JsonTree::Object(members) => {
-                1 + members
-                    .values()
-                    .map(JsonTree::container_depth)
-                    .max()
-                    .unwrap_or(0)
-            }
-            _ => 0,
-        }
-    }
-}
-
 /// What reading a byte string as one JSON text found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JsonReading {
@@ -86,6 +63,49 @@ pub fn read_json_text(bytes: &[u8]) -> JsonReading {
         Err(ReadFailure::Malformed) => JsonReading::Malformed,
         Err(ReadFailure::NestedBeyondTheGuard) => JsonReading::NestedBeyondTheGuard,
     }
+}
+
+/// The deepest nesting of arrays and objects in `bytes` as its brackets state it, whether
+/// or not the text is well-formed: a `[` or `{` opens a level and a `]` or `}` closes one
+/// (never below none), except inside a string literal, which runs from a `"` to the next
+/// `"` that an even run of backslashes precedes (or to the end).
+pub fn bracket_nesting(bytes: &[u8]) -> usize {
+    let mut deepest = 0;
+    let mut open = 0_usize;
+    let mut position = 0;
+    while position < bytes.len() {
+        match bytes[position] {
+            b'"' => position = string_literal_end(bytes, position + 1),
+            b'[' | b'{' => {
+                open += 1;
+                deepest = deepest.max(open);
+            }
+            b']' | b'}' => open = open.saturating_sub(1),
+            _ => {}
+        }
+        position += 1;
+    }
+    deepest
+}
+
+/// The index of the `"` closing a string literal whose text starts at `text_start`, or
+/// the end of `bytes`.
+fn string_literal_end(bytes: &[u8], text_start: usize) -> usize {
+    let mut candidate = text_start;
+    while candidate < bytes.len() {
+        if bytes[candidate] == b'"' {
+            let backslashes = bytes[text_start..candidate]
+                .iter()
+                .rev()
+                .take_while(|byte| **byte == b'\\')
+                .count();
+            if backslashes % 2 == 0 {
+                return candidate;
+            }
+        }
+        candidate += 1;
+    }
+    bytes.len()
 }
 
 enum ReadFailure {
@@ -430,4 +450,28 @@ fn the_reader_recognises_exactly_the_json_texts_of_rfc_8259() {
         read_json_text(nested(READER_NESTING_GUARD + 1).as_bytes()),
         JsonReading::NestedBeyondTheGuard
     );
+}
+
+#[test]
+fn bracket_nesting_counts_brackets_outside_strings_in_any_text() {
+    let cases: [(&[u8], usize); 10] = [
+        (b"", 0),
+        (b"1", 0),
+        (b"[]", 1),
+        (b"[{},[[]]]", 3),
+        (b"[\"[[[\"]", 1),
+        (b"[\"\\\"[[\"]", 1),
+        (b"[\"\\\\\"[[]]", 3),
+        (b"]]][[", 2),
+        (b"[1,][[[", 3),
+        (b"{\"a\":[\"unterminated [[[[", 2),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(
+            bracket_nesting(text),
+            expected,
+            "{}",
+            String::from_utf8_lossy(text)
+        );
+    }
 }

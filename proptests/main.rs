@@ -4,6 +4,7 @@
 //! kept in [`regressions`] as a named test.
 
 mod body_parser;
+mod canonical_stream;
 mod export_model;
 mod export_properties;
 mod json_oracle;

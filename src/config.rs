@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::export::ExportSettings;
-use crate::fhir::canonical::DEFAULT_MAX_JSON_DEPTH;
+use crate::fhir::canonical::{DEFAULT_MAX_JSON_DEPTH, MAX_SUPPORTED_JSON_DEPTH};
 use crate::sink::{StorageUrl, StorageUrlError};
 
 /// Where the store lives.
@@ -263,6 +263,8 @@ pub enum SettingsError {
         given: DurationArg,
         limit: DurationArg,
     },
+    #[error("--max-json-depth {given} is deeper than the most supported, {limit}")]
+    JsonDepthTooDeep { given: usize, limit: usize },
     #[error(transparent)]
     Storage(StorageUrlError),
 }
@@ -372,6 +374,12 @@ impl AppSettings {
             self.front_door.header_timeout,
             Duration::MAX,
         )?;
+        if self.limits.max_json_depth > MAX_SUPPORTED_JSON_DEPTH {
+            return Err(SettingsError::JsonDepthTooDeep {
+                given: self.limits.max_json_depth,
+                limit: MAX_SUPPORTED_JSON_DEPTH,
+            });
+        }
         validate_export_settings(&self.exports)?;
         if let Some(ttl) = self.storage.signed_url_ttl {
             check_duration("--signed-urls", ttl, MAX_SIGNED_URL_VALIDITY)?;
@@ -565,6 +573,10 @@ mod tests {
         assert_eq!(
             refusal(&|settings| settings.limits.body_timeout = DurationArg(zero)),
             "--body-timeout must be longer than zero"
+        );
+        assert_eq!(
+            refusal(&|settings| settings.limits.max_json_depth = 128),
+            "--max-json-depth 128 is deeper than the most supported, 127"
         );
     }
 }

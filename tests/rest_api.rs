@@ -966,6 +966,69 @@ fn json_nested_deeper_than_the_limit_is_400_and_extreme_nesting_does_not_crash()
         .expect_json(StatusCode::CREATED);
 }
 
+/// Depths around the limit, serde_json's own recursion guard (128) and far past both:
+/// each is refused as nested too deep, never as malformed and never by a crash, for a
+/// create, an update and a batch, even when the text is also cut short.
+#[test]
+fn json_nested_at_any_depth_past_the_limit_is_refused_as_nested_too_deep() {
+    let app = spawn_app();
+    put_sentinel_patient(&app);
+    let high_water_seq_before = app.high_water_seq();
+    let limit = RequestLimits::default().max_json_depth;
+    let nested_objects =
+        |depth: usize| format!("{}1{}", r#"{"a":"#.repeat(depth), "}".repeat(depth));
+    for total_depth in [limit + 1, 127, 128, 129, 200, 200_001] {
+        let below_the_root = total_depth - 1;
+        for (shape, nested) in [
+            ("arrays", nested_arrays(below_the_root)),
+            ("objects", nested_objects(below_the_root)),
+        ] {
+            let update =
+                format!(r#"{{"resourceType":"Patient","id":"sentinel","extension":{nested}}}"#);
+            let create = format!(r#"{{"resourceType":"Patient","extension":{nested}}}"#);
+            let cut_short = update[..update.len() - 2].to_owned();
+            let batch = format!(
+                r#"{{"resourceType":"Bundle","type":"batch","entry":[{{"request":{{"method":"POST","url":"Patient"}},"resource":{create}}}]}}"#
+            );
+            for (method, path, body) in [
+                (Method::PUT, "/Patient/sentinel", update),
+                (Method::PUT, "/Patient/sentinel", cut_short),
+                (Method::POST, "/Patient", create),
+                (Method::POST, "", batch),
+            ] {
+                let reply = app
+                    .client
+                    .send_bytes(method.clone(), path, &[], body.into_bytes());
+                let text = reply.text.clone();
+                reply.expect_operation_outcome(
+                    StatusCode::BAD_REQUEST,
+                    &["nested deeper than", &limit.to_string()],
+                );
+                assert!(
+                    !text.contains("not valid JSON"),
+                    "{method} {path} with {total_depth} levels of {shape}: {text}"
+                );
+            }
+        }
+    }
+    assert_store_unchanged(&app, high_water_seq_before, "nested past the limit");
+    assert!(app.client.is_serving());
+
+    let brackets_in_a_string = format!(
+        r#"{{"resourceType":"Patient","id":"brackets","name":[{{"text":"{}\"{}"}}]}}"#,
+        "[{".repeat(100_000),
+        "]".repeat(10)
+    );
+    app.client
+        .send_bytes(
+            Method::PUT,
+            "/Patient/brackets",
+            &[],
+            brackets_in_a_string.into_bytes(),
+        )
+        .expect_json(StatusCode::CREATED);
+}
+
 #[test]
 fn unknown_routes_are_404_operation_outcomes() {
     let app = spawn_app();

@@ -127,6 +127,16 @@ impl PatientCompartment {
         patient_ids
     }
 
+    /// A collector for a resource of `resource_type` read member by member.
+    pub fn patient_id_collector(&self, resource_type: ResourceType) -> PatientIdCollector<'_> {
+        PatientIdCollector {
+            membership: self.membership(resource_type),
+            cursors: Vec::new(),
+            found: Vec::new(),
+            found_id_text: String::new(),
+        }
+    }
+
     fn membership(&self, resource_type: ResourceType) -> Option<&TypeMembership> {
         self.membership_by_type_code
             .get(usize::from(resource_type.code()))
@@ -516,6 +526,181 @@ fn collect_patient_ids(value: &Value, property_names: &[Box<str>], patient_ids: 
         .map(str::to_owned)
         .collect();
     patient_ids.extend(new_ids);
+}
+
+/// Finds, while a resource's JSON is read member by member (no tree is built), the
+/// patients [`PatientCompartment::patient_ids`] would find in the tree: the reader reports
+/// where it is as a [`PathPosition`] and hands over each `reference` string at the end of
+/// a reference path. Members a later member of the same name replaced are forgotten with
+/// [`PatientIdCollector::forget_found`], as a tree keeps only the last of them.
+#[derive(Debug)]
+pub struct PatientIdCollector<'compartment> {
+    membership: Option<&'compartment TypeMembership>,
+    /// Stack of the paths the values being read sit on; a [`PathPosition`] is a range of it.
+    cursors: Vec<PathCursor>,
+    /// References to Patients, in the order read.
+    found: Vec<FoundPatient>,
+    /// The ids of `found`, back to back.
+    found_id_text: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PathCursor {
+    path_index: usize,
+    steps_taken: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FoundPatient {
+    path_index: usize,
+    id_start: usize,
+    id_end: usize,
+}
+
+/// The reference paths a JSON value sits on, and how far along each it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathPosition {
+    start: usize,
+    end: usize,
+}
+
+impl PathPosition {
+    /// On no path.
+    pub const NOWHERE: PathPosition = PathPosition { start: 0, end: 0 };
+
+    fn is_nowhere(self) -> bool {
+        self.start == self.end
+    }
+}
+
+impl PatientIdCollector<'_> {
+    /// The position of the resource itself: at the start of every path.
+    pub fn root(&mut self) -> PathPosition {
+        let start = self.cursors.len();
+        if let Some(membership) = self.membership {
+            self.cursors
+                .extend(
+                    (0..membership.reference_paths.len()).map(|path_index| PathCursor {
+                        path_index,
+                        steps_taken: 0,
+                    }),
+                );
+        }
+        PathPosition {
+            start,
+            end: self.cursors.len(),
+        }
+    }
+
+    /// The position of member `name` of an object at `parent` (array items share their
+    /// array's position); hand it back to [`PatientIdCollector::leave`] once the member is read.
+    pub fn enter_member(&mut self, parent: PathPosition, name: &str) -> PathPosition {
+        let start = self.cursors.len();
+        if let Some(membership) = self.membership {
+            for index in parent.start..parent.end {
+                let cursor = self.cursors[index];
+                let property_names = &membership.reference_paths[cursor.path_index].property_names;
+                if property_names
+                    .get(cursor.steps_taken)
+                    .is_some_and(|property_name| **property_name == *name)
+                {
+                    self.cursors.push(PathCursor {
+                        path_index: cursor.path_index,
+                        steps_taken: cursor.steps_taken + 1,
+                    });
+                }
+            }
+        }
+        PathPosition {
+            start,
+            end: self.cursors.len(),
+        }
+    }
+
+    pub fn leave(&mut self, position: PathPosition) {
+        if !position.is_nowhere() {
+            self.cursors.truncate(position.start);
+        }
+    }
+
+    /// Whether an object at `position` is at the end of a path, so that its `reference`
+    /// member names a compartment.
+    pub fn ends_a_path(&self, position: PathPosition) -> bool {
+        self.completed_paths(position).next().is_some()
+    }
+
+    /// Notes the `reference` of an object at `position`.
+    pub fn reference_found(&mut self, position: PathPosition, reference: &str) {
+        let Some(literal_reference) = LiteralReference::parse(reference) else {
+            return;
+        };
+        if literal_reference.resource_type_name != ResourceType::PATIENT.as_str() {
+            return;
+        }
+        let id_start = self.found_id_text.len();
+        self.found_id_text.push_str(literal_reference.id);
+        let id_end = self.found_id_text.len();
+        for index in position.start..position.end {
+            let cursor = self.cursors[index];
+            if self.is_complete(cursor) {
+                self.found.push(FoundPatient {
+                    path_index: cursor.path_index,
+                    id_start,
+                    id_end,
+                });
+            }
+        }
+    }
+
+    /// How many references were noted so far: members read between two counts found those
+    /// between them.
+    pub fn found_count(&self) -> usize {
+        self.found.len()
+    }
+
+    /// Forgets the references noted in `range` of counts; later ones move down.
+    pub fn forget_found(&mut self, range: std::ops::Range<usize>) {
+        self.found.drain(range);
+    }
+
+    /// The ids [`PatientCompartment::patient_ids`] gives for the resource read, whose id
+    /// is `own_id`.
+    pub fn into_patient_ids(self, own_id: &str) -> Vec<String> {
+        let Some(membership) = self.membership else {
+            return Vec::new();
+        };
+        let mut found = self.found;
+        found.sort_by_key(|patient| patient.path_index);
+        let mut known: std::collections::HashSet<&str> =
+            std::collections::HashSet::with_capacity(found.len() + 1);
+        let mut patient_ids = Vec::with_capacity(found.len() + 1);
+        if membership.includes_own_id && is_valid_id(own_id) && known.insert(own_id) {
+            patient_ids.push(own_id.to_owned());
+        }
+        for patient in found {
+            let id = &self.found_id_text[patient.id_start..patient.id_end];
+            if known.insert(id) {
+                patient_ids.push(id.to_owned());
+            }
+        }
+        patient_ids
+    }
+
+    fn completed_paths(&self, position: PathPosition) -> impl Iterator<Item = PathCursor> + '_ {
+        self.cursors[position.start..position.end]
+            .iter()
+            .copied()
+            .filter(|cursor| self.is_complete(*cursor))
+    }
+
+    fn is_complete(&self, cursor: PathCursor) -> bool {
+        self.membership.is_some_and(|membership| {
+            membership.reference_paths[cursor.path_index]
+                .property_names
+                .len()
+                == cursor.steps_taken
+        })
+    }
 }
 
 /// A literal reference to a resource by type and id: relative (`Type/id`) or absolute

@@ -10,7 +10,7 @@ use warp::reply::Response as WarpResponse;
 use super::response::{self, version_etag, with_version_headers};
 use super::{ApiError, AppState};
 use crate::config::RequestLimits;
-use crate::fhir::canonical::ParsedResource;
+use crate::fhir::canonical::{BodyId, ParsedResource, ResourceBodyError, ResourceFields};
 use crate::fhir::outcome::{IssueKind, IssueSeverity, OperationOutcome};
 use crate::fhir::{ResourceId, ResourceType};
 use crate::store::{
@@ -34,20 +34,27 @@ pub enum IdRule<'a> {
     MustEqual(&'a ResourceId),
 }
 
-/// Parses a body as a resource of `resource_type` and prepares it for the store.
+/// Reads a body as a resource of `resource_type` and prepares it for the store, in one
+/// pass over the body without a JSON tree.
 pub fn prepare_resource(
     body: &[u8],
     limits: &RequestLimits,
     resource_type: ResourceType,
     id_rule: IdRule<'_>,
 ) -> Result<PreparedResource, ApiError> {
-    let parsed = match id_rule {
-        IdRule::ServerAssigned => {
-            ParsedResource::parse_bytes_ignoring_id(body, limits.max_json_depth)?
-        }
-        IdRule::MustEqual(_) => ParsedResource::parse_bytes(body, limits.max_json_depth)?,
+    let body_id = match id_rule {
+        IdRule::ServerAssigned => BodyId::Ignore,
+        IdRule::MustEqual(_) => BodyId::Validate,
     };
-    prepare_parsed(parsed, resource_type, id_rule)
+    let fields = ResourceFields::read(body, resource_type, body_id, limits.max_json_depth)
+        .map_err(|error| match error {
+            ResourceBodyError::UnexpectedResourceType { .. } => {
+                ApiError::BadRequest(error.to_string())
+            }
+            other => other.into(),
+        })?;
+    let id = resolve_id(fields.id.as_ref(), id_rule)?;
+    Ok(PreparedResource::from_fields(fields, id))
 }
 
 pub fn prepare_parsed(
@@ -56,28 +63,32 @@ pub fn prepare_parsed(
     id_rule: IdRule<'_>,
 ) -> Result<PreparedResource, ApiError> {
     if parsed.resource_type != resource_type {
-        return Err(ApiError::BadRequest(format!(
-            "body resourceType '{}' does not match the URL type '{resource_type}'",
-            parsed.resource_type
-        )));
+        return Err(ApiError::BadRequest(
+            ResourceBodyError::UnexpectedResourceType {
+                expected: resource_type,
+                found: parsed.resource_type,
+            }
+            .to_string(),
+        ));
     }
-    let id = match id_rule {
-        IdRule::ServerAssigned => ResourceId::new_server_assigned(),
-        IdRule::MustEqual(url_id) => match &parsed.id {
-            Some(body_id) if body_id == url_id => url_id.clone(),
-            Some(body_id) => {
-                return Err(ApiError::BadRequest(format!(
-                    "body id '{body_id}' does not match the URL id '{url_id}'"
-                )));
-            }
-            None => {
-                return Err(ApiError::BadRequest(format!(
-                    "an update needs the resource id in the body; expected id '{url_id}'"
-                )));
-            }
-        },
-    };
+    let id = resolve_id(parsed.id.as_ref(), id_rule)?;
     Ok(PreparedResource::new(resource_type, id, parsed.json))
+}
+
+/// The id a prepared resource gets, given the id in its body.
+fn resolve_id(body_id: Option<&ResourceId>, id_rule: IdRule<'_>) -> Result<ResourceId, ApiError> {
+    match id_rule {
+        IdRule::ServerAssigned => Ok(ResourceId::new_server_assigned()),
+        IdRule::MustEqual(url_id) => match body_id {
+            Some(body_id) if body_id == url_id => Ok(url_id.clone()),
+            Some(body_id) => Err(ApiError::BadRequest(format!(
+                "body id '{body_id}' does not match the URL id '{url_id}'"
+            ))),
+            None => Err(ApiError::BadRequest(format!(
+                "an update needs the resource id in the body; expected id '{url_id}'"
+            ))),
+        },
+    }
 }
 
 pub async fn create(

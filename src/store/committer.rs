@@ -71,6 +71,35 @@ struct PlannedEvent<'request> {
     previous: Option<CurrentEntry>,
 }
 
+impl<'request> PlannedEvent<'request> {
+    fn record(&self, instant: Instant, body: &'request [u8]) -> EventRecord<'request> {
+        EventRecord {
+            seq: self.seq,
+            instant_micros: instant.micros_since_epoch(),
+            resource_type_code: self.resource_type.code(),
+            id: self.id.as_str(),
+            version: self.version,
+            operation: if self.put.is_some() {
+                EventOperation::Put
+            } else {
+                EventOperation::Delete
+            },
+            digest: self.put.map(|resource| resource.digest).unwrap_or_default(),
+            compartment_patients: self
+                .put
+                .map(|resource| {
+                    resource
+                        .compartment_patients
+                        .iter()
+                        .map(String::as_str)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            body,
+        }
+    }
+}
+
 struct PlannedRequest<'request> {
     instant: Instant,
     events: Vec<PlannedEvent<'request>>,
@@ -367,38 +396,16 @@ impl Committer {
         let last_seq = last_event.seq;
         let mut request_overlay = CurrentOverlay::new();
         for event in &planned.events {
-            let body = event
-                .put
-                .map(|resource| resource.body.finish(event.version, planned.instant))
-                .unwrap_or_default();
-            let record = EventRecord {
-                seq: event.seq,
-                instant_micros: planned.instant.micros_since_epoch(),
-                resource_type_code: event.resource_type.code(),
-                id: event.id.as_str(),
-                version: event.version,
-                operation: if event.put.is_some() {
-                    EventOperation::Put
-                } else {
-                    EventOperation::Delete
-                },
-                digest: event
+            let encoded = {
+                let body = event
                     .put
-                    .map(|resource| resource.digest)
-                    .unwrap_or_default(),
-                compartment_patients: event
-                    .put
-                    .map(|resource| {
-                        resource
-                            .compartment_patients
-                            .iter()
-                            .map(String::as_str)
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                body: body.as_bytes(),
+                    .map(|resource| resource.body.finish(event.version, planned.instant))
+                    .unwrap_or_default();
+                record::encode(&event.record(planned.instant, body.as_bytes()))
             };
-            let encoded = record::encode(&record);
+            // The projections never read the body: its copy is freed before they stage a key
+            // per compartment patient (a large Group's peak).
+            let record = event.record(planned.instant, &[]);
             self.event_bytes_since_rotation += encoded.len() as u64;
             self.index_bytes_since_rotation += approximate_index_bytes(&record);
             batch.insert(

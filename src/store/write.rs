@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::fhir::canonical::PreparedBody;
+use crate::fhir::canonical::{PreparedBody, ResourceFields};
 use crate::fhir::compartment::PatientCompartment;
 use crate::fhir::{Instant, ResourceId, ResourceType};
 
@@ -35,6 +35,21 @@ impl PreparedResource {
             unreachable!("built as an object above")
         };
         let body = PreparedBody::new(resource_type, &id, json);
+        let digest = body.content_digest();
+        PreparedResource {
+            resource_type,
+            id,
+            body,
+            digest,
+            compartment_patients,
+        }
+    }
+
+    /// Prepares a body read by [`ResourceFields::read`] as resource `id`; the same as
+    /// [`PreparedResource::new`] gives for the body's tree, without building one.
+    pub fn from_fields(fields: ResourceFields, id: ResourceId) -> PreparedResource {
+        let resource_type = fields.resource_type;
+        let (body, compartment_patients) = fields.into_prepared(&id);
         let digest = body.content_digest();
         PreparedResource {
             resource_type,
