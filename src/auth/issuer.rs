@@ -131,13 +131,13 @@ impl TokenIssuer {
     pub fn issue(&self, form: &[u8], now: SystemTime) -> Result<IssuedToken, TokenRequestError> {
         let mut fields: [Option<String>; 4] = Default::default();
         for (name, value) in form_urlencoded::parse(form) {
-            if let Some(index) = REQUIRED_FIELDS.iter().position(|field| *field == name) {
-                if fields[index].replace(value.into_owned()).is_some() {
-                    return Err(TokenRequestError::new(
-                        OAuthErrorCode::InvalidRequest,
-                        format!("{name} is given more than once"),
-                    ));
-                }
+            if let Some(index) = REQUIRED_FIELDS.iter().position(|field| *field == name)
+                && fields[index].replace(value.into_owned()).is_some()
+            {
+                return Err(TokenRequestError::new(
+                    OAuthErrorCode::InvalidRequest,
+                    format!("{name} is given more than once"),
+                ));
             }
         }
         let [grant_type, assertion_type, assertion, scope] = fields;

@@ -2,13 +2,13 @@
 //! ([`Caller`]). Three modes: none (loopback), static bearer tokens, and SMART Backend
 //! Services with a token endpoint of our own.
 //!
-//! - [`settings`]: the `--auth` flags and the files they load.
-//! - [`scopes`]: SMART v1 and v2 `system/` scopes.
-//! - [`tokens_file`]: `--tokens`.
-//! - [`clients`]: `--clients`, the registered clients and their keys.
-//! - [`assertion`]: checking a client's signed assertion.
-//! - [`issuer`]: the token endpoint and the tokens it issued.
-//! - [`expiring`]: the map of things remembered until they lapse.
+//! - [`settings`] holds the `--auth` flags and loads the files they name.
+//! - [`scopes`] parses SMART v1 and v2 `system/` scopes.
+//! - [`tokens_file`] reads `--tokens`.
+//! - [`clients`] reads `--clients`: the registered clients and their keys.
+//! - [`assertion`] checks a client's signed assertion.
+//! - [`issuer`] is the token endpoint and remembers the tokens it issued.
+//! - [`expiring`] is the map of things remembered until they lapse.
 
 pub mod assertion;
 pub mod clients;

@@ -416,6 +416,11 @@ pub fn fhirlog_command() -> Command {
         "FHIRLOG_BASE_URL",
         "FHIRLOG_MAX_BODY_BYTES",
         "FHIRLOG_MAX_JSON_DEPTH",
+        "FHIRLOG_AUTH",
+        "FHIRLOG_INSECURE",
+        "FHIRLOG_TOKENS",
+        "FHIRLOG_CLIENTS",
+        "FHIRLOG_CONTAINERS",
         "RUST_LOG",
         "RUST_BACKTRACE",
     ] {
