@@ -449,8 +449,12 @@ mod tests {
     use crate::store::{SeqWindow, StoreOptions};
 
     fn exporting_job(store: &Store) -> JobHandle {
+        exporting_job_with_id(store, "0123456789abcdef0123456789abcdef")
+    }
+
+    fn exporting_job_with_id(store: &Store, id: &str) -> JobHandle {
         let record = JobRecord {
-            id: "0123456789abcdef0123456789abcdef".to_owned(),
+            id: id.to_owned(),
             request: ExportRequest::everything_at(ExportLevel::System),
             request_url: "http://test/fhir/$export".to_owned(),
             container: ContainerName::default_container(),
@@ -515,6 +519,45 @@ mod tests {
             persisted_states(&store).as_slice(),
             [JobState::Completed { .. }]
         ));
+    }
+
+    #[test]
+    fn a_client_at_its_running_limit_is_refused_while_others_are_not() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+        let registry = JobRegistry::default();
+        let limits_of = |owner| OwnerLimits {
+            owner,
+            max_unfinished: 2,
+            max_retained: 10,
+        };
+        for index in 0..2 {
+            let job = exporting_job_with_id(&store, &format!("{index:032x}"))
+                .with_owner(Some("busy".to_owned()));
+            registry
+                .insert_within_limit(Arc::new(job), 16, Some(limits_of("busy")))
+                .unwrap();
+        }
+        let refused = registry
+            .check_room(16, 100, None, Some(limits_of("busy")))
+            .unwrap_err();
+        assert_eq!(refused.kind(), ExportErrorKind::TooManyJobs);
+        assert!(refused.message().contains("this client"), "{refused:?}");
+        let third = exporting_job_with_id(&store, &format!("{:032x}", 2))
+            .with_owner(Some("busy".to_owned()));
+        let refused = registry
+            .insert_within_limit(Arc::new(third), 16, Some(limits_of("busy")))
+            .unwrap_err();
+        assert_eq!(refused.kind(), ExportErrorKind::TooManyJobs);
+        registry
+            .check_room(16, 100, None, Some(limits_of("idle")))
+            .unwrap();
+        registry.check_room(16, 100, None, None).unwrap();
+        let other = exporting_job_with_id(&store, &format!("{:032x}", 3))
+            .with_owner(Some("idle".to_owned()));
+        registry
+            .insert_within_limit(Arc::new(other), 16, Some(limits_of("idle")))
+            .unwrap();
     }
 
     #[test]
