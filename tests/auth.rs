@@ -992,3 +992,44 @@ fn auth_none_is_refused_off_loopback_unless_insecure_which_warns() {
         "{log}"
     );
 }
+
+/// The Inferno bulk-data test kit's server checks, re-implemented in
+/// `inferno_like_checks.py`, against a `--auth token` server over the sample data.
+#[test]
+#[cfg_attr(
+    not(fhirlog_test_inferno),
+    ignore = "set FHIRLOG_TEST_INFERNO_CHECKS to inferno_like_checks.py (.ci/run does when ../shared/tools has it)"
+)]
+fn the_inferno_like_checks_pass_with_a_static_token() {
+    let script = std::env::var("FHIRLOG_TEST_INFERNO_CHECKS").unwrap();
+    let directory = TempDir::new().unwrap();
+    let tokens_path = directory.path().join("tokens");
+    let token = "inferno-checks-token-0123456789";
+    std::fs::write(&tokens_path, format!("{token} system/*.read\n")).unwrap();
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample");
+    let tokens_argument = tokens_path.to_str().unwrap();
+    let server = support::ServerProcess::start_with_arguments(
+        &directory.path().join("store"),
+        &[
+            "--auth",
+            "token",
+            "--tokens",
+            tokens_argument,
+            "--load",
+            sample,
+        ],
+    );
+    let output = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&server.base_url)
+        .args(["--token", token])
+        .output()
+        .expect("running python3");
+    let report = String::from_utf8_lossy(&output.stdout);
+    let summary = report.lines().last().unwrap_or_default();
+    assert!(
+        output.status.success() && summary.ends_with(" 0 failed, 0 skipped"),
+        "{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
