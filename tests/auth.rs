@@ -1033,3 +1033,195 @@ fn the_inferno_like_checks_pass_with_a_static_token() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// Sends every form from `threads` threads at once; returns the replies' statuses and
+/// the seconds the whole run took.
+fn post_forms_concurrently(
+    url: &str,
+    forms: Vec<Vec<(String, String)>>,
+    threads: usize,
+) -> (Vec<StatusCode>, f64) {
+    let chunk_size = forms.len().div_ceil(threads);
+    let chunks: Vec<Vec<Vec<(String, String)>>> =
+        forms.chunks(chunk_size).map(<[_]>::to_vec).collect();
+    let started = Instant::now();
+    let statuses = std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                scope.spawn(move || {
+                    let http = Http::new();
+                    chunk
+                        .iter()
+                        .map(|form| {
+                            let fields: Vec<(&str, &str)> = form
+                                .iter()
+                                .map(|(name, value)| (name.as_str(), value.as_str()))
+                                .collect();
+                            http.post_form(url, &fields).status
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| handle.join().unwrap())
+            .collect()
+    });
+    (statuses, started.elapsed().as_secs_f64())
+}
+
+/// Tokens issued per second over HTTP, assertions signed beforehand:
+/// `cargo test --release --test auth -- --ignored --nocapture token_issue_rate`.
+#[test]
+#[ignore = "a measurement: run in release with --ignored --nocapture"]
+fn token_issue_rate() {
+    const ASSERTIONS: usize = 3000;
+    const THREADS: usize = 4;
+    let rsa = SigningClient::rsa("rsa-client", "r1");
+    let ec = SigningClient::p384("ec-client", "e1");
+    let server = spawn_smart(
+        vec![
+            rsa.registration("system/*.read"),
+            ec.registration("system/*.read"),
+        ],
+        ExportSettings::default(),
+        None,
+    );
+    for client in [&ec, &rsa] {
+        let forms: Vec<Vec<(String, String)>> = (0..ASSERTIONS)
+            .map(|_| {
+                vec![
+                    ("grant_type".to_owned(), "client_credentials".to_owned()),
+                    ("client_assertion_type".to_owned(), JWT_BEARER.to_owned()),
+                    (
+                        "client_assertion".to_owned(),
+                        client.assertion(&server.token_endpoint),
+                    ),
+                    ("scope".to_owned(), "system/*.read".to_owned()),
+                ]
+            })
+            .collect();
+        let (statuses, seconds) = post_forms_concurrently(&server.token_endpoint, forms, THREADS);
+        assert!(statuses.iter().all(|status| *status == StatusCode::OK));
+        println!(
+            "{:?}: {ASSERTIONS} tokens in {seconds:.2} s over {THREADS} connections = {:.0} tokens/s",
+            client.algorithm,
+            ASSERTIONS as f64 / seconds
+        );
+    }
+}
+
+/// Downloads every file of the manifest on `threads` threads; returns the seconds taken
+/// and the bytes read.
+fn download_all(urls: &[String], token: Option<&str>, threads: usize) -> (f64, usize) {
+    let chunk_size = urls.len().div_ceil(threads);
+    let started = Instant::now();
+    let bytes = std::thread::scope(|scope| {
+        let handles: Vec<_> = urls
+            .chunks(chunk_size)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    let http = Http::new();
+                    chunk
+                        .iter()
+                        .map(|url| {
+                            let reply = http.get(url, token);
+                            assert_eq!(reply.status, StatusCode::OK);
+                            reply.text.len()
+                        })
+                        .sum::<usize>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().unwrap())
+            .sum()
+    });
+    (started.elapsed().as_secs_f64(), bytes)
+}
+
+/// The cost of the token check on downloads: the same 1,000 files from a `--auth none`
+/// and a `--auth token` server over the sample, alternating, in one run:
+/// `cargo test --release --test auth -- --ignored --nocapture download_overhead`.
+#[test]
+#[ignore = "a measurement: run in release with --ignored --nocapture"]
+fn download_overhead_of_the_token_check() {
+    const FILES: usize = 1000;
+    const ROUNDS: usize = 5;
+    const THREADS: usize = 4;
+    let directory = TempDir::new().unwrap();
+    let token = "download-measure-token-0123456789";
+    let tokens_path = directory.path().join("tokens");
+    std::fs::write(&tokens_path, format!("{token} system/*.read\n")).unwrap();
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample");
+    let files_arguments = ["--max-resources-per-file", "40", "--load", sample];
+    let open = support::ServerProcess::start_with_arguments(
+        &directory.path().join("open"),
+        &files_arguments,
+    );
+    let mut token_arguments = files_arguments.to_vec();
+    token_arguments.extend(["--auth", "token", "--tokens", tokens_path.to_str().unwrap()]);
+    let guarded = support::ServerProcess::start_with_arguments(
+        &directory.path().join("guarded"),
+        &token_arguments,
+    );
+    let http = Http::new();
+    let file_urls = |base_url: &str, token: Option<&str>| -> Vec<String> {
+        let kicked_off = http.kick_off(&format!("{base_url}/$export"), token);
+        assert_eq!(
+            kicked_off.status,
+            StatusCode::ACCEPTED,
+            "{}",
+            kicked_off.text
+        );
+        let status_url = kicked_off.required_header("content-location");
+        let deadline = Instant::now() + EXPORT_TIMEOUT;
+        let manifest = loop {
+            let reply = http.get(status_url, token);
+            if reply.status != StatusCode::ACCEPTED {
+                break reply.json();
+            }
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let urls: Vec<String> = manifest["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| item["url"].as_str().unwrap().to_owned())
+            .take(FILES)
+            .collect();
+        assert_eq!(
+            urls.len(),
+            FILES,
+            "the export has fewer files than measured"
+        );
+        urls
+    };
+    let open_urls = file_urls(&open.base_url, None);
+    let guarded_urls = file_urls(&guarded.base_url, Some(token));
+    let (mut open_seconds, mut guarded_seconds) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let (seconds, open_bytes) = download_all(&open_urls, None, THREADS);
+        open_seconds.push(seconds);
+        let (seconds, guarded_bytes) = download_all(&guarded_urls, Some(token), THREADS);
+        guarded_seconds.push(seconds);
+        assert_eq!(open_bytes, guarded_bytes);
+    }
+    let median = |seconds: &mut Vec<f64>| {
+        seconds.sort_by(f64::total_cmp);
+        seconds[seconds.len() / 2]
+    };
+    let (open_median, guarded_median) = (median(&mut open_seconds), median(&mut guarded_seconds));
+    println!(
+        "{FILES} files x {ROUNDS} rounds on {THREADS} connections: --auth none median {:.3} s ({:.0} files/s), --auth token median {:.3} s ({:.0} files/s), overhead {:+.1}%",
+        open_median,
+        FILES as f64 / open_median,
+        guarded_median,
+        FILES as f64 / guarded_median,
+        (guarded_median / open_median - 1.0) * 100.0
+    );
+}
