@@ -424,6 +424,27 @@ mod tests {
     }
 
     #[test]
+    fn the_token_endpoint_sits_beside_the_fhir_base() {
+        let endpoint = |base: &str| BaseUrl::parse(base).unwrap().token_endpoint();
+        assert_eq!(
+            endpoint("http://127.0.0.1:8080/fhir"),
+            "http://127.0.0.1:8080/auth/token"
+        );
+        assert_eq!(
+            endpoint("https://example.org/r4/fhir/"),
+            "https://example.org/r4/auth/token"
+        );
+        assert_eq!(
+            endpoint("https://example.org/r4"),
+            "https://example.org/auth/token"
+        );
+        assert_eq!(
+            endpoint("https://example.org"),
+            "https://example.org/auth/token"
+        );
+    }
+
+    #[test]
     fn durations_take_units() {
         let parse = |text: &str| {
             text.parse::<DurationArg>()

@@ -145,6 +145,11 @@ impl Caller {
         let Some(readable) = scopes.types_permitting(Access::Read) else {
             return Ok(());
         };
+        if readable.is_empty() {
+            return Err(AccessError::InsufficientScope(
+                "an export needs a read scope".to_owned(),
+            ));
+        }
         match &request.types {
             Some(requested) => {
                 let refused: Vec<&str> = requested

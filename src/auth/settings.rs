@@ -206,3 +206,72 @@ fn read(flag: &'static str, path: &std::path::Path) -> Result<String, AuthSettin
         message: error.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arguments(auth: AuthMode) -> AuthArgs {
+        AuthArgs {
+            auth,
+            insecure: false,
+            tokens: None,
+            clients: None,
+            containers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_mode_needs_its_file_and_no_other() {
+        assert_eq!(
+            arguments(AuthMode::Token).into_settings().unwrap_err(),
+            AuthSettingsError::MissingFile {
+                mode: "token",
+                flag: "--tokens"
+            }
+        );
+        assert_eq!(
+            arguments(AuthMode::Smart).into_settings().unwrap_err(),
+            AuthSettingsError::MissingFile {
+                mode: "smart",
+                flag: "--clients"
+            }
+        );
+        let mut open_with_tokens = arguments(AuthMode::None);
+        open_with_tokens.tokens = Some(PathBuf::from("tokens"));
+        assert!(matches!(
+            open_with_tokens.into_settings(),
+            Err(AuthSettingsError::UnusedFile { .. })
+        ));
+        let mut missing_file = arguments(AuthMode::Token);
+        missing_file.tokens = Some(PathBuf::from("/nonexistent/tokens"));
+        assert!(matches!(
+            missing_file.into_settings(),
+            Err(AuthSettingsError::Unreadable { .. })
+        ));
+        let mut bad_container = arguments(AuthMode::None);
+        bad_container.containers = vec!["Not_A_Bucket".to_owned()];
+        assert!(matches!(
+            bad_container.into_settings(),
+            Err(AuthSettingsError::Container(_))
+        ));
+    }
+
+    #[test]
+    fn no_access_control_only_on_loopback_unless_insecure() {
+        let loopback: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let ipv6_loopback: SocketAddr = "[::1]:8080".parse().unwrap();
+        let network: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let open = arguments(AuthMode::None).into_settings().unwrap();
+        assert_eq!(open.check_exposure(loopback), Ok(false));
+        assert_eq!(open.check_exposure(ipv6_loopback), Ok(false));
+        assert_eq!(
+            open.check_exposure(network),
+            Err(AuthSettingsError::OpenOnNetwork)
+        );
+        let mut insecure = arguments(AuthMode::None);
+        insecure.insecure = true;
+        let insecure = insecure.into_settings().unwrap();
+        assert_eq!(insecure.check_exposure(network), Ok(true));
+    }
+}
