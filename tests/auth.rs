@@ -516,6 +516,9 @@ fn discovery_and_metadata_are_public_and_everything_else_needs_a_token() {
     );
 }
 
+/// A token request's name, its form fields, and the status and error it must get.
+type FormCase<'a> = (&'a str, Vec<(&'a str, String)>, StatusCode, &'a str);
+
 #[test]
 fn every_bad_token_request_gets_its_rfc_6749_error() {
     let rsa = SigningClient::rsa("rsa-client", "r1");
@@ -601,7 +604,7 @@ fn every_bad_token_request_gets_its_rfc_6749_error() {
         );
 
         let fresh = || client.assertion(&endpoint);
-        let form_cases: [(&str, Vec<(&str, String)>, StatusCode, &str); 6] = [
+        let form_cases: [FormCase; 6] = [
             (
                 "bad grant_type",
                 vec![
