@@ -481,9 +481,13 @@ fn discovery_and_metadata_are_public_and_everything_else_needs_a_token() {
     );
     assert!(configuration["scopes_supported"].is_array());
     assert!(configuration["capabilities"].is_array());
+    let metadata = server.http.get(&server.url("/metadata"), None);
+    assert_eq!(metadata.status, StatusCode::OK);
+    let security = &metadata.json()["rest"][0]["security"];
+    assert_eq!(security["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
     assert_eq!(
-        server.http.get(&server.url("/metadata"), None).status,
-        StatusCode::OK
+        security["extension"][0]["extension"][0]["valueUri"],
+        server.token_endpoint.as_str()
     );
 
     let healthz = server.app.base_url.replace("/fhir", "/healthz");
