@@ -275,3 +275,88 @@ fn bearer_token(header: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && tokens_file::is_bearer_token_text(token))
         .then_some(token)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::ExportLevel;
+
+    fn export_to(container: Option<&str>) -> ExportRequest {
+        let mut request = ExportRequest::everything_at(ExportLevel::System);
+        request.container = container.map(|name| ContainerName::parse(name).unwrap());
+        request
+    }
+
+    fn client(scopes: &str, containers: Option<&[&str]>) -> Caller {
+        Caller::Client {
+            client_id: "c".to_owned(),
+            scopes: ScopeSet::parse_all(scopes).unwrap(),
+            containers: containers.map(|names| {
+                names
+                    .iter()
+                    .map(|name| ContainerName::parse(name).unwrap())
+                    .collect()
+            }),
+        }
+    }
+
+    #[test]
+    fn containers_outside_the_allow_list_are_refused() {
+        let anyone = Caller::Anyone { containers: None };
+        assert!(
+            anyone
+                .authorize_export(&mut export_to(Some("any-bucket")))
+                .is_ok()
+        );
+        let listed = Caller::Anyone {
+            containers: Some(vec![ContainerName::parse("listed").unwrap()]),
+        };
+        assert!(
+            listed
+                .authorize_export(&mut export_to(Some("listed")))
+                .is_ok()
+        );
+        assert_eq!(
+            listed.authorize_export(&mut export_to(Some("other"))),
+            Err(AccessError::ContainerNotAllowed("other".to_owned()))
+        );
+        let unlisted_client = client("system/*.read", None);
+        assert!(
+            unlisted_client
+                .authorize_export(&mut export_to(None))
+                .is_ok()
+        );
+        assert!(
+            unlisted_client
+                .authorize_export(&mut export_to(Some("any-bucket")))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn exports_are_narrowed_to_readable_types_and_need_one() {
+        let mut request = export_to(None);
+        client("system/Patient.rs system/*.cud", None)
+            .authorize_export(&mut request)
+            .unwrap();
+        assert_eq!(request.types, Some(BTreeSet::from([ResourceType::PATIENT])));
+        let mut everything = export_to(None);
+        client("system/*.read", None)
+            .authorize_export(&mut everything)
+            .unwrap();
+        assert_eq!(everything.types, None);
+        assert!(matches!(
+            client("system/*.cud", None).authorize_export(&mut export_to(None)),
+            Err(AccessError::InsufficientScope(_))
+        ));
+    }
+
+    #[test]
+    fn bearer_values_need_the_scheme_and_token_characters() {
+        assert_eq!(bearer_token("Bearer abc-123"), Some("abc-123"));
+        assert_eq!(bearer_token("bearer  abc=="), Some("abc=="));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer a b"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+    }
+}
