@@ -2,7 +2,9 @@
 //! as ignored (not passed) when it is absent: `fhirlog_test_s3` when moto's endpoint and
 //! credentials are set, `fhirlog_test_azurite` when Azurite's URL is set (`.ci/run` sets
 //! both); and `fhirlog_test_root` when the build runs as root on Linux, so tests that
-//! mount a small file system or trace the server with strace run (CI runs as root).
+//! mount a small file system or trace the server with strace run (CI runs as root); and
+//! `fhirlog_test_inferno` when `FHIRLOG_TEST_INFERNO_CHECKS` names the Inferno-like
+//! bulk-data checks script (`.ci/run` sets it when `../shared/tools` has it).
 
 const S3_VARIABLES: [&str; 3] = [
     "FHIRLOG_TEST_S3_ENDPOINT",
@@ -10,6 +12,7 @@ const S3_VARIABLES: [&str; 3] = [
     "AWS_SECRET_ACCESS_KEY",
 ];
 const AZURITE_VARIABLE: &str = "AZURITE_BLOB_STORAGE_URL";
+const INFERNO_CHECKS_VARIABLE: &str = "FHIRLOG_TEST_INFERNO_CHECKS";
 
 fn is_set(variable: &str) -> bool {
     println!("cargo::rerun-if-env-changed={variable}");
@@ -40,5 +43,9 @@ fn main() {
     }
     if is_set(AZURITE_VARIABLE) {
         println!("cargo::rustc-cfg=fhirlog_test_azurite");
+    }
+    println!("cargo::rustc-check-cfg=cfg(fhirlog_test_inferno)");
+    if is_set(INFERNO_CHECKS_VARIABLE) {
+        println!("cargo::rustc-cfg=fhirlog_test_inferno");
     }
 }

@@ -98,6 +98,8 @@ impl EngineChoice {
             destination_timeout: Duration::from_secs(120),
             max_retained_exports: usize::MAX,
             max_export_bytes: None,
+            max_jobs_per_client: 64,
+            max_retained_exports_per_client: usize::MAX,
         }
     }
 }

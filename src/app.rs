@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::auth::Authorizer;
 use crate::config::{AppSettings, BaseUrl, SettingsError, StorageSettings};
 use crate::export::{ExportEngine, ExportError, ExportSettings};
 use crate::http::AppState;
@@ -130,14 +131,24 @@ impl App {
             address: settings.listen,
             source,
         })?;
+        if settings
+            .auth
+            .check_exposure(address)
+            .map_err(SettingsError::from)?
+        {
+            tracing::warn!(%address, "--insecure: serving without access control on a non-loopback address; anyone who can reach it can read and export every record");
+        }
+        let base_url = settings
+            .base_url
+            .unwrap_or_else(|| BaseUrl::for_listen_address(address, tls.is_some()));
+        let auth = Authorizer::new(settings.auth, base_url.token_endpoint());
         let state = Arc::new(AppState {
             store: services.store,
             exports: services.exports,
-            base_url: settings
-                .base_url
-                .unwrap_or_else(|| BaseUrl::for_listen_address(address, tls.is_some())),
+            base_url,
             limits: settings.limits,
             signed_url_ttl: settings.storage.signed_url_ttl,
+            auth,
         });
         Ok(App {
             state,

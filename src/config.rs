@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::auth::{AuthArgs, AuthSettings, AuthSettingsError};
 use crate::export::ExportSettings;
 use crate::fhir::canonical::{DEFAULT_MAX_JSON_DEPTH, MAX_SUPPORTED_JSON_DEPTH};
 use crate::sink::{StorageUrl, StorageUrlError};
@@ -175,6 +176,12 @@ pub struct ExportJobArgs {
     /// kick-offs get 507 until an export is deleted or expires.
     #[arg(long, env = "FHIRLOG_MAX_EXPORT_BYTES")]
     pub max_export_bytes: Option<u64>,
+    /// Most queued or running exports of one client (--auth token or smart).
+    #[arg(long, env = "FHIRLOG_MAX_JOBS_PER_CLIENT", default_value_t = ExportSettings::default().max_jobs_per_client)]
+    pub max_jobs_per_client: usize,
+    /// Most completed exports of one client kept at once.
+    #[arg(long, env = "FHIRLOG_MAX_RETAINED_EXPORTS_PER_CLIENT", default_value_t = ExportSettings::default().max_retained_exports_per_client)]
+    pub max_retained_exports_per_client: usize,
 }
 
 /// Where export files go.
@@ -234,6 +241,8 @@ pub struct ServeArgs {
     pub export_jobs: ExportJobArgs,
     #[command(flatten)]
     pub storage: StorageArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 /// A base URL such as `http://127.0.0.1:8080/fhir`, without a trailing slash.
@@ -267,6 +276,8 @@ pub enum SettingsError {
     JsonDepthTooDeep { given: usize, limit: usize },
     #[error(transparent)]
     Storage(StorageUrlError),
+    #[error(transparent)]
+    Auth(#[from] AuthSettingsError),
 }
 
 /// Most `--max-connections`: each holds a socket and buffers.
@@ -298,6 +309,18 @@ impl BaseUrl {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The token endpoint `/auth/token` beside the FHIR base: the base without its
+    /// `/fhir` path, or the origin when the base ends otherwise.
+    pub fn token_endpoint(&self) -> String {
+        let root = self.0.strip_suffix("/fhir").unwrap_or_else(|| {
+            let after_scheme = self.0.find("://").map_or(0, |index| index + 3);
+            self.0[after_scheme..]
+                .find('/')
+                .map_or(&self.0[..], |slash| &self.0[..after_scheme + slash])
+        });
+        format!("{root}/auth/token")
     }
 }
 
@@ -336,6 +359,7 @@ pub struct AppSettings {
     pub front_door: FrontDoorSettings,
     pub exports: ExportSettings,
     pub storage: StorageSettings,
+    pub auth: AuthSettings,
 }
 
 impl AppSettings {
@@ -350,6 +374,7 @@ impl AppSettings {
             front_door: FrontDoorSettings::default(),
             exports: ExportSettings::default(),
             storage: StorageSettings::local_under(data_dir),
+            auth: AuthSettings::open(),
         }
     }
 
@@ -381,6 +406,7 @@ impl AppSettings {
             });
         }
         validate_export_settings(&self.exports)?;
+        self.auth.check_exposure(self.listen)?;
         if let Some(ttl) = self.storage.signed_url_ttl {
             check_duration("--signed-urls", ttl, MAX_SIGNED_URL_VALIDITY)?;
         }
@@ -396,6 +422,8 @@ pub fn validate_export_settings(settings: &ExportSettings) -> Result<(), Setting
         || settings.max_jobs == 0
         || settings.max_retained_exports == 0
         || settings.max_export_bytes == Some(0)
+        || settings.max_jobs_per_client == 0
+        || settings.max_retained_exports_per_client == 0
     {
         return Err(SettingsError::ZeroLimit);
     }
@@ -464,12 +492,15 @@ impl ServeArgs {
                 destination_timeout: self.storage.destination_timeout.0,
                 max_retained_exports: self.export_jobs.max_retained_exports,
                 max_export_bytes: self.export_jobs.max_export_bytes,
+                max_jobs_per_client: self.export_jobs.max_jobs_per_client,
+                max_retained_exports_per_client: self.export_jobs.max_retained_exports_per_client,
             },
             storage: StorageSettings {
                 url,
                 create_containers: self.storage.create_containers,
                 signed_url_ttl: self.storage.signed_urls.map(|ttl| ttl.0),
             },
+            auth: self.auth.into_settings()?,
             data_dir,
         };
         app.validate()?;
@@ -493,6 +524,27 @@ mod tests {
         assert!(BaseUrl::parse("example.org/fhir").is_err());
         assert!(BaseUrl::parse("http://").is_err());
         assert!(BaseUrl::parse("ftp://example.org").is_err());
+    }
+
+    #[test]
+    fn the_token_endpoint_sits_beside_the_fhir_base() {
+        let endpoint = |base: &str| BaseUrl::parse(base).unwrap().token_endpoint();
+        assert_eq!(
+            endpoint("http://127.0.0.1:8080/fhir"),
+            "http://127.0.0.1:8080/auth/token"
+        );
+        assert_eq!(
+            endpoint("https://example.org/r4/fhir/"),
+            "https://example.org/r4/auth/token"
+        );
+        assert_eq!(
+            endpoint("https://example.org/r4"),
+            "https://example.org/auth/token"
+        );
+        assert_eq!(
+            endpoint("https://example.org"),
+            "https://example.org/auth/token"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! Layout, one line per module (DESIGN.md §7):
 //! - [`app`]: the composition root — store, destination, export engine, routes, listener.
+//! - [`auth`]: access control — static tokens, SMART Backend Services, scopes, job owners.
 //! - [`config`]: settings from flags and `FHIRLOG_*` variables, validated at start-up.
 //! - [`fhir`]: domain values parsed at the edge — resource types, ids, instants, canonical bodies, OperationOutcome, the Patient compartment.
 //! - [`store`]: the event log in fjall and its projections; the only code that touches fjall.
@@ -13,6 +14,7 @@
 //! - [`serve`]: `fhirlog serve` — open, load, listen, shut down gracefully.
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod export;
 pub mod fhir;

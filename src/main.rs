@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the FHIR REST API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load ndjson files and FHIR Bundles into the store.
     Load {
         /// Files or directories (.ndjson, .ndjson.gz, .json).
@@ -107,7 +107,7 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(arguments) => fhirlog::serve::run(arguments.into_settings()?),
+        Command::Serve(arguments) => fhirlog::serve::run((*arguments).into_settings()?),
         Command::Load {
             paths,
             data_dir,

@@ -14,9 +14,9 @@ use crossbeam_channel::{Receiver, Sender};
 use super::error::{ExportError, ExportErrorKind};
 use super::files;
 use super::finalizer::{self, RecordAfterCleanup};
-use super::job::{JobRecord, JobState, save_members};
+use super::job::{JobRecord, JobState, load_owner, save_members, save_owner};
 use super::planner;
-use super::registry::{JobHandle, JobProgress, JobRegistry, lock};
+use super::registry::{JobHandle, JobProgress, JobRegistry, OwnerLimits, lock};
 use super::request::ExportRequest;
 use super::scheduler::{
     SCHEDULER_CHANNEL_CAPACITY, SchedulerMessage, WORK_CHANNEL_CAPACITY_PER_WORKER, WorkItem,
@@ -117,7 +117,9 @@ impl ExportEngine {
             watchdog_shared.watch_until_stopped();
         })?;
         for record in JobRecord::load_all(&shared.store)? {
-            let job = Arc::new(JobHandle::new(record, Arc::clone(&shared.stopping)));
+            let owner = load_owner(&shared.store, &record.id)?;
+            let job =
+                Arc::new(JobHandle::new(record, Arc::clone(&shared.stopping)).with_owner(owner));
             shared.attach_container(&job);
             shared.registry.insert(Arc::clone(&job));
             if !job.record().is_finished() {
@@ -155,11 +157,28 @@ impl ExportEngine {
         request: ExportRequest,
         request_url: String,
     ) -> Result<String, ExportError> {
+        self.submit_for(request, request_url, None)
+    }
+
+    /// [`ExportEngine::submit`] on behalf of `owner`, who alone sees the job afterwards
+    /// and whose share of the server (`max_*_per_client`) it counts against.
+    pub fn submit_for(
+        &self,
+        request: ExportRequest,
+        request_url: String,
+        owner: Option<String>,
+    ) -> Result<String, ExportError> {
         let shared = &self.shared;
+        let owner_limits = owner.as_deref().map(|owner| OwnerLimits {
+            owner,
+            max_unfinished: shared.settings.max_jobs_per_client,
+            max_retained: shared.settings.max_retained_exports_per_client,
+        });
         shared.registry.check_room(
             shared.settings.max_jobs,
             shared.settings.max_retained_exports,
             shared.settings.max_export_bytes,
+            owner_limits,
         )?;
         let container_name = request
             .container
@@ -186,13 +205,19 @@ impl ExportEngine {
         if let Some(members) = &plan.members {
             save_members(&shared.store, &id, members)?;
         }
+        if let Some(owner) = &owner {
+            save_owner(&shared.store, &id, owner)?;
+        }
         record.save(&shared.store)?;
-        let job = Arc::new(JobHandle::new(record, Arc::clone(&shared.stopping)));
+        let job = Arc::new(
+            JobHandle::new(record, Arc::clone(&shared.stopping)).with_owner(owner.clone()),
+        );
         job.set_container(container);
-        if let Err(error) = shared
-            .registry
-            .insert_within_limit(Arc::clone(&job), shared.settings.max_jobs)
-        {
+        if let Err(error) = shared.registry.insert_within_limit(
+            Arc::clone(&job),
+            shared.settings.max_jobs,
+            owner_limits,
+        ) {
             JobRecord::delete(&shared.store, &id)?;
             return Err(error);
         }
@@ -216,6 +241,18 @@ impl ExportEngine {
             .destination
             .open_container(&name, &self.shared.runtime)?;
         Ok(())
+    }
+
+    /// Refuses, as if the job did not exist, a `viewer` other than the client that
+    /// started it; `None` (no access control) sees every job.
+    pub fn check_owner(&self, job_id: &str, viewer: Option<&str>) -> Result<(), ExportError> {
+        let job = self.shared.registry.get(job_id)?;
+        match viewer {
+            Some(viewer) if job.owner() != Some(viewer) => {
+                Err(ExportError::not_found(format!("no export job '{job_id}'")))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The job's state as held in memory: never waits on storage.

@@ -116,6 +116,23 @@ fn members_key(job_id: &str) -> String {
     format!("members/{job_id}")
 }
 
+/// Kept apart from the record so that records written before owners existed still load.
+fn owner_key(job_id: &str) -> String {
+    format!("owner/{job_id}")
+}
+
+/// Saves the client that started the job (fsynced); save it before the record.
+pub fn save_owner(store: &Store, job_id: &str, owner: &str) -> Result<(), StoreError> {
+    store.job_put(&owner_key(job_id), owner.as_bytes())
+}
+
+/// The client that started the job; `None` for a job started without access control.
+pub fn load_owner(store: &Store, job_id: &str) -> Result<Option<String>, StoreError> {
+    Ok(store
+        .job_get(&owner_key(job_id))?
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+}
+
 /// Saves the sorted member patient ids of a Group or `patient=` export (fsynced).
 pub fn save_members(store: &Store, job_id: &str, members: &[String]) -> Result<(), StoreError> {
     store.job_put(&members_key(job_id), &encode_record(&members))
@@ -152,7 +169,8 @@ impl JobRecord {
     pub fn delete(store: &Store, job_id: &str) -> Result<(), StoreError> {
         delete_checkpoints(store, job_id)?;
         store.job_delete_prefix(&members_key(job_id))?;
-        store.job_delete_prefix(&job_key(job_id))
+        store.job_delete_prefix(&job_key(job_id))?;
+        store.job_delete_prefix(&owner_key(job_id))
     }
 
     pub fn is_finished(&self) -> bool {

@@ -82,6 +82,8 @@ fn group_thousands(value: u64) -> String {
 /// One job: its persisted record, its container once opened, and its control.
 pub struct JobHandle {
     id: String,
+    /// The client that started the job; `None` without access control.
+    owner: Option<String>,
     record: Mutex<JobRecord>,
     /// Held while the record is written or deleted: decisions about the job's end.
     persistence: Mutex<()>,
@@ -103,6 +105,7 @@ impl JobHandle {
     pub fn new(record: JobRecord, engine_stopping: Arc<AtomicBool>) -> JobHandle {
         JobHandle {
             id: record.id.clone(),
+            owner: None,
             record: Mutex::new(record),
             persistence: Mutex::new(()),
             container: OnceLock::new(),
@@ -120,6 +123,15 @@ impl JobHandle {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    pub fn with_owner(mut self, owner: Option<String>) -> JobHandle {
+        self.owner = owner;
+        self
+    }
+
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
     }
 
     /// The record as last persisted; hold the guard briefly and do no I/O under it.
@@ -303,6 +315,14 @@ impl JobHandle {
     }
 }
 
+/// The share of the server one client may use.
+#[derive(Debug, Clone, Copy)]
+pub struct OwnerLimits<'a> {
+    pub owner: &'a str,
+    pub max_unfinished: usize,
+    pub max_retained: usize,
+}
+
 /// Every job the engine knows, by id.
 #[derive(Default)]
 pub struct JobRegistry {
@@ -322,19 +342,30 @@ impl JobRegistry {
         lock(&self.jobs).insert(job.id().to_owned(), job);
     }
 
-    /// Adds a new job unless `max_unfinished` jobs are already queued or running.
+    /// Adds a new job unless `max_unfinished` jobs, or the owner's limit of them, are
+    /// already queued or running.
     pub fn insert_within_limit(
         &self,
         job: Arc<JobHandle>,
         max_unfinished: usize,
+        owner_limits: Option<OwnerLimits<'_>>,
     ) -> Result<(), ExportError> {
         let mut jobs = lock(&self.jobs);
-        let unfinished = jobs
+        let unfinished: Vec<&Arc<JobHandle>> = jobs
             .values()
             .filter(|existing| !existing.record().is_finished())
-            .count();
-        if unfinished >= max_unfinished {
-            return Err(too_many_jobs(unfinished, max_unfinished));
+            .collect();
+        if unfinished.len() >= max_unfinished {
+            return Err(too_many_jobs(unfinished.len(), max_unfinished));
+        }
+        if let Some(limits) = owner_limits {
+            let owned = unfinished
+                .iter()
+                .filter(|existing| existing.owner() == Some(limits.owner))
+                .count();
+            if owned >= limits.max_unfinished {
+                return Err(too_many_owned_jobs(owned, limits.max_unfinished));
+            }
         }
         jobs.insert(job.id().to_owned(), job);
         Ok(())
@@ -347,21 +378,42 @@ impl JobRegistry {
         max_unfinished: usize,
         max_retained: usize,
         max_retained_bytes: Option<u64>,
+        owner_limits: Option<OwnerLimits<'_>>,
     ) -> Result<(), ExportError> {
         let (mut unfinished, mut retained, mut retained_bytes) = (0usize, 0usize, 0u64);
+        let (mut owned_unfinished, mut owned_retained) = (0usize, 0usize);
         for existing in lock(&self.jobs).values() {
+            let owned = owner_limits.is_some_and(|limits| existing.owner() == Some(limits.owner));
             let record = existing.record();
             match record.state {
                 JobState::Completed { .. } => {
                     retained += 1;
+                    owned_retained += usize::from(owned);
                     retained_bytes += record.files.iter().map(|file| file.bytes).sum::<u64>();
                 }
                 JobState::Failed { .. } => {}
-                JobState::Collecting { .. } | JobState::Exporting => unfinished += 1,
+                JobState::Collecting { .. } | JobState::Exporting => {
+                    unfinished += 1;
+                    owned_unfinished += usize::from(owned);
+                }
             }
         }
         if unfinished >= max_unfinished {
             return Err(too_many_jobs(unfinished, max_unfinished));
+        }
+        if let Some(limits) = owner_limits {
+            if owned_unfinished >= limits.max_unfinished {
+                return Err(too_many_owned_jobs(owned_unfinished, limits.max_unfinished));
+            }
+            if owned_retained >= limits.max_retained {
+                return Err(ExportError::new(
+                    ExportErrorKind::TooManyJobs,
+                    format!(
+                        "{owned_retained} completed exports of this client are kept (the limit is {}); delete one with DELETE on its status URL or retry after one expires",
+                        limits.max_retained
+                    ),
+                ));
+            }
         }
         if retained >= max_retained {
             return Err(ExportError::new(
@@ -397,6 +449,15 @@ impl JobRegistry {
     }
 }
 
+fn too_many_owned_jobs(unfinished: usize, limit: usize) -> ExportError {
+    ExportError::new(
+        ExportErrorKind::TooManyJobs,
+        format!(
+            "{unfinished} exports of this client are queued or running (the limit is {limit}); retry later"
+        ),
+    )
+}
+
 fn too_many_jobs(unfinished: usize, limit: usize) -> ExportError {
     ExportError::new(
         ExportErrorKind::TooManyJobs,
@@ -413,8 +474,12 @@ mod tests {
     use crate::store::{SeqWindow, StoreError, StoreOptions};
 
     fn exporting_job(store: &Store) -> JobHandle {
+        exporting_job_with_id(store, "0123456789abcdef0123456789abcdef")
+    }
+
+    fn exporting_job_with_id(store: &Store, id: &str) -> JobHandle {
         let record = JobRecord {
-            id: "0123456789abcdef0123456789abcdef".to_owned(),
+            id: id.to_owned(),
             request: ExportRequest::everything_at(ExportLevel::System),
             request_url: "http://test/fhir/$export".to_owned(),
             container: ContainerName::default_container(),
@@ -496,6 +561,45 @@ mod tests {
             persisted_states(&store).as_slice(),
             [JobState::Completed { .. }]
         ));
+    }
+
+    #[test]
+    fn a_client_at_its_running_limit_is_refused_while_others_are_not() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+        let registry = JobRegistry::default();
+        let limits_of = |owner| OwnerLimits {
+            owner,
+            max_unfinished: 2,
+            max_retained: 10,
+        };
+        for index in 0..2 {
+            let job = exporting_job_with_id(&store, &format!("{index:032x}"))
+                .with_owner(Some("busy".to_owned()));
+            registry
+                .insert_within_limit(Arc::new(job), 16, Some(limits_of("busy")))
+                .unwrap();
+        }
+        let refused = registry
+            .check_room(16, 100, None, Some(limits_of("busy")))
+            .unwrap_err();
+        assert_eq!(refused.kind(), ExportErrorKind::TooManyJobs);
+        assert!(refused.message().contains("this client"), "{refused:?}");
+        let third = exporting_job_with_id(&store, &format!("{:032x}", 2))
+            .with_owner(Some("busy".to_owned()));
+        let refused = registry
+            .insert_within_limit(Arc::new(third), 16, Some(limits_of("busy")))
+            .unwrap_err();
+        assert_eq!(refused.kind(), ExportErrorKind::TooManyJobs);
+        registry
+            .check_room(16, 100, None, Some(limits_of("idle")))
+            .unwrap();
+        registry.check_room(16, 100, None, None).unwrap();
+        let other = exporting_job_with_id(&store, &format!("{:032x}", 3))
+            .with_owner(Some("idle".to_owned()));
+        registry
+            .insert_within_limit(Arc::new(other), 16, Some(limits_of("idle")))
+            .unwrap();
     }
 
     #[test]

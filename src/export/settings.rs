@@ -18,6 +18,10 @@ pub struct ExportSettings {
     /// Most bytes of completed exports kept at once (`None`: no limit); more kick-offs
     /// get 507 until an export is deleted or expires.
     pub max_export_bytes: Option<u64>,
+    /// Most queued or running exports of one client (under `--auth token` or `smart`).
+    pub max_jobs_per_client: usize,
+    /// Most completed exports of one client kept at once.
+    pub max_retained_exports_per_client: usize,
 }
 
 impl Default for ExportSettings {
@@ -31,6 +35,8 @@ impl Default for ExportSettings {
             destination_timeout: Duration::from_secs(120),
             max_retained_exports: 100,
             max_export_bytes: None,
+            max_jobs_per_client: 4,
+            max_retained_exports_per_client: 25,
         }
     }
 }

@@ -30,6 +30,8 @@ pub enum IssueKind {
     Transient,
     TooCostly,
     Informational,
+    Login,
+    Forbidden,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +76,8 @@ impl IssueKind {
             IssueKind::Transient => "transient",
             IssueKind::TooCostly => "too-costly",
             IssueKind::Informational => "informational",
+            IssueKind::Login => "login",
+            IssueKind::Forbidden => "forbidden",
         }
     }
 }

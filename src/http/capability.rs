@@ -44,7 +44,7 @@ pub fn capability_statement(state: &AppState) -> WarpResponse {
             resource
         })
         .collect();
-    let statement = json!({
+    let mut statement = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": Instant::now().to_fhir_string(),
@@ -62,5 +62,17 @@ pub fn capability_statement(state: &AppState) -> WarpResponse {
             "operation": [{"name": "export", "definition": EXPORT_DEFINITION}],
         }],
     });
+    if let Some(issuer) = state.auth.issuer() {
+        statement["rest"][0]["security"] = json!({
+            "service": [{"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                "code": "SMART-on-FHIR"
+            }]}],
+            "extension": [{
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [{"url": "token", "valueUri": issuer.token_endpoint()}]
+            }]
+        });
+    }
     response::fhir_json(StatusCode::OK, &statement)
 }

@@ -3,6 +3,7 @@
 
 use warp::http::StatusCode;
 
+use crate::auth::{AccessError, OAuthErrorCode, TokenRequestError};
 use crate::export::{ExportError, ExportErrorKind};
 use crate::fhir::canonical::ResourceBodyError;
 use crate::fhir::outcome::{IssueKind, OperationOutcome};
@@ -51,6 +52,11 @@ pub enum ApiError {
     Destination(#[from] SinkError),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    /// A refused token request, answered as OAuth JSON rather than an OperationOutcome.
+    #[error(transparent)]
+    TokenRequest(#[from] TokenRequestError),
 }
 
 impl ApiError {
@@ -83,6 +89,18 @@ impl ApiError {
             }
             ApiError::Destination(SinkError::Unreachable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Destination(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Access(AccessError::MissingToken | AccessError::InvalidToken) => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::Access(
+                AccessError::InsufficientScope(_) | AccessError::ContainerNotAllowed(_),
+            ) => StatusCode::FORBIDDEN,
+            ApiError::TokenRequest(error) => match error.code {
+                OAuthErrorCode::InvalidClient => StatusCode::UNAUTHORIZED,
+                OAuthErrorCode::InvalidRequest
+                | OAuthErrorCode::UnsupportedGrantType
+                | OAuthErrorCode::InvalidScope => StatusCode::BAD_REQUEST,
+            },
         }
     }
 
@@ -110,6 +128,9 @@ impl ApiError {
             }
             ApiError::Destination(SinkError::Unreachable { .. }) => IssueKind::Timeout,
             ApiError::Destination(_) => IssueKind::Exception,
+            ApiError::Access(AccessError::MissingToken | AccessError::InvalidToken)
+            | ApiError::TokenRequest(_) => IssueKind::Login,
+            ApiError::Access(_) => IssueKind::Forbidden,
         }
     }
 

@@ -12,6 +12,7 @@ use warp::reply::Response as WarpResponse;
 use super::resource::run_blocking;
 use super::response;
 use super::{ApiError, AppState};
+use crate::auth::Caller;
 use crate::export::manifest::{FileUrls, manifest};
 use crate::export::{ExportLevel, ExportRequest, JobStatus, KickOff};
 use crate::fhir::Instant;
@@ -33,6 +34,7 @@ pub struct KickOffRequest<'a> {
 pub async fn kick_off(
     state: Arc<AppState>,
     kick_off: KickOffRequest<'_>,
+    caller: Option<Caller>,
 ) -> Result<WarpResponse, ApiError> {
     let header_text = |name| {
         kick_off
@@ -46,7 +48,7 @@ pub async fn kick_off(
         .iter()
         .filter_map(|value| value.to_str().ok())
         .collect();
-    let request = ExportRequest::parse(&KickOff {
+    let mut request = ExportRequest::parse(&KickOff {
         level: kick_off.level,
         is_post: kick_off.method == Method::POST,
         query: kick_off.query,
@@ -56,6 +58,10 @@ pub async fn kick_off(
         now: Instant::now(),
     })
     .map_err(|error| ApiError::BadRequest(error.0))?;
+    if let Some(caller) = &caller {
+        caller.authorize_export(&mut request)?;
+    }
+    let owner = caller.as_ref().and_then(Caller::owner).map(str::to_owned);
     let relative = kick_off.path.strip_prefix("/fhir").unwrap_or(kick_off.path);
     let request_url = if kick_off.query.is_empty() {
         format!("{}{relative}", state.base_url.as_str())
@@ -63,7 +69,7 @@ pub async fn kick_off(
         format!("{}{relative}?{}", state.base_url.as_str(), kick_off.query)
     };
     let engine = Arc::clone(&state.exports);
-    let job_id = run_blocking(move || Ok(engine.submit(request, request_url)?)).await?;
+    let job_id = run_blocking(move || Ok(engine.submit_for(request, request_url, owner)?)).await?;
     let status_url = format!("{}/$export-status/{job_id}", state.base_url.as_str());
     let mut reply = response::outcome(
         StatusCode::ACCEPTED,
@@ -103,7 +109,8 @@ pub async fn status(state: &AppState, job_id: &str) -> Result<WarpResponse, ApiE
                 Some(signed) => FileUrls::Signed(signed),
                 None => FileUrls::UnderPrefix(&file_url_prefix),
             };
-            let body = manifest(&record, urls, false).to_string();
+            let requires_access_token = state.auth.requires_token() && signed.is_none();
+            let body = manifest(&record, urls, requires_access_token).to_string();
             let mut reply = WarpResponse::new(body.into());
             let headers = reply.headers_mut();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

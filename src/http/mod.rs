@@ -13,12 +13,14 @@ mod request;
 mod resource;
 mod response;
 mod router;
+mod token;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use warp::Filter;
 
+use crate::auth::Authorizer;
 use crate::config::{BaseUrl, RequestLimits};
 use crate::export::ExportEngine;
 use crate::store::Store;
@@ -33,6 +35,7 @@ pub struct AppState {
     pub limits: RequestLimits,
     /// When set, manifests carry pre-signed storage URLs valid this long.
     pub signed_url_ttl: Option<std::time::Duration>,
+    pub auth: Authorizer,
 }
 
 /// Every FHIR route over `state`; the front door serves it and logs each request.

@@ -35,7 +35,16 @@ pub const THROTTLED_RETRY_AFTER_SECONDS: u64 = 10;
 pub const UNAVAILABLE_RETRY_AFTER_SECONDS: u64 = 5;
 
 pub fn error(error: &ApiError) -> WarpResponse {
+    if let ApiError::TokenRequest(refused) = error {
+        return oauth_json(error.status(), &refused.to_json());
+    }
     let mut reply = outcome(error.status(), &error.to_outcome());
+    if let ApiError::Access(refused) = error {
+        reply.headers_mut().insert(
+            warp::http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(refused.challenge()),
+        );
+    }
     if let ApiError::MethodNotAllowed { allow, .. } = error {
         reply
             .headers_mut()
@@ -52,6 +61,23 @@ pub fn error(error: &ApiError) -> WarpResponse {
             .insert(warp::http::header::RETRY_AFTER, HeaderValue::from(seconds));
     }
     reply
+}
+
+/// A token endpoint answer (RFC 6749 §5.1): JSON that no cache may keep.
+pub fn oauth_json(status: StatusCode, body: &Value) -> WarpResponse {
+    let mut response = Response::new(body.to_string().into());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        warp::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    headers.insert(
+        warp::http::header::PRAGMA,
+        HeaderValue::from_static("no-cache"),
+    );
+    response
 }
 
 /// `W/"n"`, the weak ETag FHIR uses for versions.

@@ -8,7 +8,11 @@ use warp::reply::Response as WarpResponse;
 
 use super::export::KickOffRequest;
 use super::request::CapturedRequest;
-use super::{ApiError, AppState, bundle, capability, download, export, health, resource, response};
+use super::{
+    ApiError, AppState, bundle, capability, download, export, health, resource, response, token,
+};
+use crate::auth::Caller;
+use crate::auth::scopes::Access;
 use crate::export::ExportLevel;
 use crate::fhir::{ResourceId, ResourceType};
 
@@ -16,6 +20,8 @@ use crate::fhir::{ResourceId, ResourceType};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Interaction {
     Capabilities,
+    SmartConfiguration,
+    TokenRequest,
     Health,
     BatchOrTransaction,
     Create {
@@ -60,6 +66,8 @@ pub enum Interaction {
 const BASE_PATH: &str = "/fhir";
 /// The operators' health check, outside the FHIR base.
 const HEALTH_PATH: &str = "/healthz";
+/// The SMART token endpoint, outside the FHIR base.
+const TOKEN_PATH: &str = "/auth/token";
 
 pub async fn respond(state: Arc<AppState>, request: CapturedRequest) -> WarpResponse {
     match dispatch(state, request).await {
@@ -78,6 +86,12 @@ async fn dispatch(
     request: CapturedRequest,
 ) -> Result<WarpResponse, ApiError> {
     let interaction = parse_interaction(&request.method, &request.path)?;
+    let caller = match interaction {
+        Interaction::Capabilities | Interaction::SmartConfiguration | Interaction::TokenRequest => {
+            None
+        }
+        _ => Some(authorize(&state, &request.headers, &interaction)?),
+    };
     let needs_body = match &interaction {
         Interaction::BatchOrTransaction
         | Interaction::Create { .. }
@@ -94,6 +108,8 @@ async fn dispatch(
     let body = request.body?;
     match interaction {
         Interaction::Capabilities => Ok(capability::capability_statement(&state)),
+        Interaction::SmartConfiguration => token::smart_configuration(&state),
+        Interaction::TokenRequest => token::issue(state, body).await,
         Interaction::Health => Ok(health::health(state).await),
         Interaction::BatchOrTransaction => bundle::batch_or_transaction(state, body).await,
         Interaction::Create { resource_type } => resource::create(state, resource_type, body).await,
@@ -123,19 +139,83 @@ async fn dispatch(
                 headers: &request.headers,
                 body,
             };
-            export::kick_off(state, kick_off).await
+            export::kick_off(state, kick_off, caller).await
         }
-        Interaction::ExportStatus { job_id } => export::status(&state, &job_id).await,
-        Interaction::ExportCancel { job_id } => export::cancel(&state, job_id).await,
+        Interaction::ExportStatus { job_id } => {
+            state.exports.check_owner(&job_id, owner(&caller))?;
+            export::status(&state, &job_id).await
+        }
+        Interaction::ExportCancel { job_id } => {
+            state.exports.check_owner(&job_id, owner(&caller))?;
+            export::cancel(&state, job_id).await
+        }
         Interaction::ExportFile { job_id, file_name } => {
+            state.exports.check_owner(&job_id, owner(&caller))?;
             download::file(Arc::clone(&state), &job_id, &file_name, &request.headers).await
         }
     }
 }
 
+fn owner(caller: &Option<Caller>) -> Option<&str> {
+    caller.as_ref().and_then(Caller::owner)
+}
+
+/// The caller behind the request's bearer token, checked against what the interaction
+/// touches; exports are checked further once their parameters are parsed.
+fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    interaction: &Interaction,
+) -> Result<Caller, ApiError> {
+    let authorization = headers
+        .get(warp::http::header::AUTHORIZATION)
+        .map(|value| value.as_bytes());
+    let caller = state
+        .auth
+        .authenticate(authorization, std::time::SystemTime::now())?;
+    match interaction {
+        Interaction::Read { resource_type, .. }
+        | Interaction::History { resource_type, .. }
+        | Interaction::VersionRead { resource_type, .. } => {
+            caller.require(*resource_type, Access::Read)?
+        }
+        Interaction::Create { resource_type } => caller.require(*resource_type, Access::Create)?,
+        Interaction::Update { resource_type, .. } => {
+            caller.require(*resource_type, Access::Update)?
+        }
+        Interaction::Delete { resource_type, .. } => {
+            caller.require(*resource_type, Access::Delete)?
+        }
+        Interaction::BatchOrTransaction => caller.require_on_every_type(&[
+            Access::Create,
+            Access::Read,
+            Access::Update,
+            Access::Delete,
+        ])?,
+        Interaction::Capabilities
+        | Interaction::SmartConfiguration
+        | Interaction::TokenRequest
+        | Interaction::Health
+        | Interaction::ExportKickOff { .. }
+        | Interaction::ExportStatus { .. }
+        | Interaction::ExportCancel { .. }
+        | Interaction::ExportFile { .. } => {}
+    }
+    Ok(caller)
+}
+
 pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, ApiError> {
     let no_route =
         || ApiError::NotFound(format!("no FHIR endpoint at {} {}", method, truncate(path)));
+    if path == TOKEN_PATH {
+        return match *method {
+            Method::POST => Ok(Interaction::TokenRequest),
+            _ => Err(ApiError::MethodNotAllowed {
+                message: format!("{method} is not supported on {TOKEN_PATH}; use POST"),
+                allow: "POST",
+            }),
+        };
+    }
     if path == HEALTH_PATH {
         return match *method {
             Method::GET => Ok(Interaction::Health),
@@ -203,6 +283,10 @@ pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, Api
         },
         ["metadata"] => match *method {
             Method::GET => Ok(Interaction::Capabilities),
+            _ => Err(not_allowed("GET")),
+        },
+        [".well-known", "smart-configuration"] => match *method {
+            Method::GET => Ok(Interaction::SmartConfiguration),
             _ => Err(not_allowed("GET")),
         },
         [type_name] => {

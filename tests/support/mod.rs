@@ -421,6 +421,11 @@ pub fn fhirlog_command() -> Command {
         "FHIRLOG_HEADER_TIMEOUT",
         "FHIRLOG_TLS_CERT",
         "FHIRLOG_TLS_KEY",
+        "FHIRLOG_AUTH",
+        "FHIRLOG_INSECURE",
+        "FHIRLOG_TOKENS",
+        "FHIRLOG_CLIENTS",
+        "FHIRLOG_CONTAINERS",
         "RUST_LOG",
         "RUST_BACKTRACE",
     ] {
