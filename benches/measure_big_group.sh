@@ -47,27 +47,8 @@ read -r status seconds < <(curl -s -o /dev/null -w '%{http_code} %{time_total}\n
     "http://127.0.0.1:$port/fhir/Group/big")
 echo "PUT Group/big: $status in ${seconds}s, server peak RSS $(peak_megabytes) MB"
 
-python3 - "http://127.0.0.1:$port/fhir" <<'EOF'
-import json
-import sys
-import time
-import urllib.request
-started = time.monotonic()
-request = urllib.request.Request(
-    sys.argv[1] + "/Group/big/$export",
-    headers={"Accept": "application/fhir+json", "Prefer": "respond-async"},
-)
-with urllib.request.urlopen(request) as reply:
-    status_url = reply.headers["Content-Location"]
-while True:
-    with urllib.request.urlopen(status_url) as reply:
-        if reply.status == 200:
-            manifest = json.load(reply)
-            break
-    time.sleep(0.05)
-count = sum(item["count"] for item in manifest["output"])
-print(f"Group export: kick-off to manifest {time.monotonic() - started:.2f}s, {count} resources")
-EOF
+python3 benches/http_export.py "http://127.0.0.1:$port/fhir" 'Group/big/$export' |
+    awk '{ print "Group export: kick-off to manifest " $1 "s, " $2 " resources" }'
 echo "after the export: server peak RSS $(peak_megabytes) MB"
 kill -TERM "$server_pid"
 wait "$server_pid" || true

@@ -25,7 +25,9 @@ pub async fn health(state: Arc<AppState>) -> WarpResponse {
         let store = state.store.probe_writable().map_err(|error| {
             tracing::error!(%error, "health check: the store does not take writes");
             match error {
-                StoreError::Closed => error.to_string(),
+                StoreError::Closed | StoreError::OutOfSpace | StoreError::Recovering => {
+                    error.to_string()
+                }
                 _ => "the store does not take durable writes; the server log has the details"
                     .to_owned(),
             }

@@ -35,14 +35,7 @@ impl PreparedResource {
             unreachable!("built as an object above")
         };
         let body = PreparedBody::new(resource_type, &id, json);
-        let digest = body.content_digest();
-        PreparedResource {
-            resource_type,
-            id,
-            body,
-            digest,
-            compartment_patients,
-        }
+        PreparedResource::with_digest(resource_type, id, body, compartment_patients)
     }
 
     /// Prepares a body read by [`ResourceFields::read`] as resource `id`; the same as
@@ -50,12 +43,20 @@ impl PreparedResource {
     pub fn from_fields(fields: ResourceFields, id: ResourceId) -> PreparedResource {
         let resource_type = fields.resource_type;
         let (body, compartment_patients) = fields.into_prepared(&id);
-        let digest = body.content_digest();
+        PreparedResource::with_digest(resource_type, id, body, compartment_patients)
+    }
+
+    fn with_digest(
+        resource_type: ResourceType,
+        id: ResourceId,
+        body: PreparedBody,
+        compartment_patients: Vec<String>,
+    ) -> PreparedResource {
         PreparedResource {
+            digest: body.content_digest(),
             resource_type,
             id,
             body,
-            digest,
             compartment_patients,
         }
     }
