@@ -6,15 +6,13 @@
 set -euo pipefail
 repository_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repository_root"
+# shellcheck source=benches/bench_common.sh
+source benches/bench_common.sh
 cargo build --release --bin fhirlog
 binary="$repository_root/target/release/fhirlog"
 scratch="$(mktemp -d "${SCRATCH_PARENT:-/tmp}/fhirlog-measure-export.XXXXXX")"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$scratch"' EXIT
 
-field() { awk -F': ' -v name="$2" '$1 ~ name { print $2 }' "$1"; }
-seconds() { field "$1" 'Elapsed' | awk -F: '{ s = 0; for (i = 1; i <= NF; i++) s = s * 60 + $i; print s }'; }
-peak_megabytes() { echo $(( $(field "$1" 'Maximum resident') / 1024 )); }
-rate() { awk -v count="$1" -v seconds="$2" 'BEGIN { printf "%.0f", count / seconds }'; }
 
 "$binary" gen --from data/sample --copies 50 --out "$scratch/ndjson" | tail -n 1
 "$binary" load "$scratch/ndjson" --data-dir "$scratch/store" | tail -n 1
@@ -53,15 +51,9 @@ rm -rf "$scratch/since"
 
 http_export() {
     local label="$1"; shift
-    local port
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    /usr/bin/time -v -o "$scratch/$label.time" "$binary" serve --data-dir "$scratch/store" --listen "127.0.0.1:$port" "$@" \
-        >"$scratch/$label.log" 2>&1 &
-    for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$port/fhir/metadata" && break; sleep 0.2; done
-    read -r elapsed count < <(python3 benches/http_export.py "http://127.0.0.1:$port/fhir")
+    serve_and_http_export "$scratch/store" "$scratch/$label" '$export' "$@" >"$scratch/$label.result"
+    read -r elapsed count <"$scratch/$label.result"
     echo "HTTP $label: kick-off to manifest ${elapsed}s for $count resources = $(rate "$count" "$elapsed") resources/s"
-    pkill -TERM -f "^$binary serve .*127.0.0.1:$port"
-    wait || true
     echo "HTTP $label: server peak RSS $(peak_megabytes "$scratch/$label.time") MB"
 }
 http_export local

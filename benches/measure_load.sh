@@ -29,6 +29,8 @@ if [[ ! -x /usr/bin/time ]]; then
 fi
 
 cd "$repository_root"
+# shellcheck source=benches/bench_common.sh
+source benches/bench_common.sh
 cargo build --release --bin fhirlog
 target_directory="$(cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
@@ -55,18 +57,6 @@ wall_seconds_and_peak_rss_kilobytes() {
     ' "$1"
 }
 
-# CPU seconds the whole machine has been busy since boot (from /proc/stat).
-machine_busy_seconds() {
-    awk -v ticks_per_second="$(getconf CLK_TCK)" '/^cpu / {
-        printf "%.2f\n", ($2 + $3 + $4 + $7 + $8 + $9) / ticks_per_second }' /proc/stat
-}
-
-# CPU seconds (user + system) of the measured process, from a `/usr/bin/time -v` report.
-process_cpu_seconds() {
-    awk -F': ' '/User time \(seconds\)|System time \(seconds\)/ { total += $2 }
-        END { printf "%.2f\n", total }' "$1"
-}
-
 # Runs `fhirlog load` on $1 into data directory $2 under /usr/bin/time -v, with reports
 # named after $3; prints "<resources> <loader seconds> <wall seconds> <peak RSS kB>
 # <CPU seconds of the load> <CPU seconds of everything else on the machine meanwhile>".
@@ -79,7 +69,7 @@ timed_load() {
         "$fhirlog_binary" load "$input_path" --data-dir "$data_directory" \
         >"$scratch_directory/$report_name.summary" 2>"$scratch_directory/$report_name.log"
     busy_after="$(machine_busy_seconds)"
-    load_cpu="$(process_cpu_seconds "$scratch_directory/$report_name.time")"
+    load_cpu="$(cpu_seconds "$scratch_directory/$report_name.time")"
     # "N resources in X.Ys (R resources/s), ..."; X is rounded to 0.1 s, R is not.
     local summary_line resources loader_seconds
     summary_line="$(grep -E '^[0-9]+ resources in ' "$scratch_directory/$report_name.summary")"
@@ -87,8 +77,7 @@ timed_load() {
     loader_seconds="$(awk '{ rate = $5; sub(/^\(/, "", rate); printf "%.3f\n", $1 / rate }' \
         <<<"$summary_line")"
     echo "$resources $loader_seconds $(wall_seconds_and_peak_rss_kilobytes "$scratch_directory/$report_name.time")" \
-        "$load_cpu $(awk -v before="$busy_before" -v after="$busy_after" -v own="$load_cpu" \
-            'BEGIN { other = after - before - own; printf "%.1f\n", other < 0 ? 0 : other }')"
+        "$load_cpu $(other_cpu_seconds "$busy_before" "$busy_after" "$load_cpu")"
 }
 
 echo "== fhirlog gen --from data/sample --copies $copies --out $generated_directory"
@@ -110,17 +99,7 @@ rm -rf "$scratch_directory/data-whole"
 
 echo
 echo "== splitting every type's lines into four quarters"
-for quarter in 1 2 3 4; do
-    mkdir -p "$scratch_directory/quarter-$quarter"
-done
-for type_file in "$generated_directory"/*.ndjson; do
-    line_count="$(wc -l <"$type_file")"
-    awk -v line_count="$line_count" -v output_prefix="$scratch_directory/quarter-" \
-        -v file_name="$(basename "$type_file")" '
-        { quarter = int((NR - 1) * 4 / line_count) + 1
-          print > (output_prefix quarter "/" file_name) }
-    ' "$type_file"
-done
+split_into_quarters "$generated_directory" "$scratch_directory/quarter"
 rm -rf "$generated_directory"
 
 declare -A quarter_results
