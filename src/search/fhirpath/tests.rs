@@ -292,6 +292,10 @@ fn the_parser_keeps_fhirpath_precedence_comments_and_escapes() {
         UnsupportedFhirPath::Syntax { .. }
     ));
     assert!(matches!(
+        refusal("@2015-02-04T14:34:28.123.is(DateTime)", "Patient"),
+        UnsupportedFhirPath::UnsupportedConstruct { .. }
+    ));
+    assert!(matches!(
         refusal("%resource.name", "Patient"),
         UnsupportedFhirPath::UnsupportedConstruct { construct } if construct.contains("%resource")
     ));
