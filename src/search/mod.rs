@@ -1,0 +1,3 @@
+//! FHIR search: the FHIRPath subset that search parameter expressions are written in.
+
+pub mod fhirpath;
