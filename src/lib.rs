@@ -21,6 +21,7 @@ pub mod fhir;
 pub mod generate;
 pub mod http;
 pub mod load;
+pub mod search;
 pub mod serve;
 pub mod sink;
 pub mod store;

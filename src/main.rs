@@ -78,6 +78,10 @@ enum Command {
         /// The store as it was at this FHIR instant.
         #[arg(long, alias = "till", value_parser = parse_instant)]
         until: Option<Instant>,
+        /// Keep only these top-level elements (`code` for every type that has it,
+        /// `Observation.code` for one type), comma-separated or repeated.
+        #[arg(long = "elements")]
+        elements: Vec<String>,
         #[command(flatten)]
         run: ExportRunArgs,
     },
@@ -159,6 +163,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             types,
             since,
             until,
+            elements,
             run,
         } => {
             let settings = run.one_shot_settings();
@@ -166,6 +171,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut parameters = ExportParameters::new(level);
             parameters.since = since;
             parameters.until = until;
+            for value in &elements {
+                parameters.elements.add_value(value)?;
+            }
             if !types.is_empty() {
                 parameters.types = Some(types.into_iter().collect());
             }

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::fhir::compartment::{LiteralReference, PatientCompartment};
 use crate::fhir::{Instant, ResourceId, ResourceType};
+use crate::search::elements::ElementsSelection;
 use crate::sink::ContainerName;
 
 /// What an export covers.
@@ -30,6 +31,9 @@ pub struct ExportRequest {
     /// `patient=`: narrows a Patient or Group export to these patients.
     pub patients: Vec<ResourceId>,
     pub container: Option<ContainerName>,
+    /// `_elements`: which top-level elements output resources keep (empty: all).
+    #[serde(default)]
+    pub elements: ElementsSelection,
     /// Parameters ignored under `Prefer: handling=lenient`, reported in the `error` files.
     pub ignored_under_lenient: Vec<String>,
 }
@@ -51,12 +55,8 @@ pub struct KickOff<'a> {
 }
 
 const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
-const UNSUPPORTED_PARAMETERS: [&str; 4] = [
-    "_typeFilter",
-    "_elements",
-    "includeAssociatedData",
-    "organizeOutputBy",
-];
+const UNSUPPORTED_PARAMETERS: [&str; 3] =
+    ["_typeFilter", "includeAssociatedData", "organizeOutputBy"];
 
 fn invalid(message: impl Into<String>) -> InvalidExportRequest {
     InvalidExportRequest(message.into())
@@ -73,6 +73,7 @@ pub struct ExportParameters {
     pub types: Option<BTreeSet<ResourceType>>,
     pub patients: Vec<ResourceId>,
     pub container: Option<ContainerName>,
+    pub elements: ElementsSelection,
     /// Parameters this server does not honour, each with the reason; refused unless
     /// `lenient`.
     pub unsupported: Vec<String>,
@@ -90,6 +91,7 @@ impl ExportParameters {
             types: None,
             patients: Vec::new(),
             container: None,
+            elements: ElementsSelection::default(),
             unsupported: Vec::new(),
             lenient: false,
         }
@@ -106,6 +108,7 @@ impl ExportRequest {
             types: None,
             patients: Vec::new(),
             container: None,
+            elements: ElementsSelection::default(),
             ignored_under_lenient: Vec::new(),
         }
     }
@@ -124,6 +127,7 @@ impl ExportRequest {
             types,
             mut patients,
             container,
+            elements,
             unsupported,
             lenient,
         } = parameters;
@@ -168,6 +172,7 @@ impl ExportRequest {
             types,
             patients,
             container,
+            elements,
             ignored_under_lenient,
         })
     }
@@ -218,6 +223,17 @@ impl ExportRequest {
                 "_container" => {
                     let container = ContainerName::parse(&value).map_err(|error| invalid(format!("_container: {error}")))?;
                     set_once(&mut typed.container, container, "_container")?;
+                }
+                "_elements" => {
+                    let mut names: Vec<&str> = value.split(',').filter(|name| !name.trim().is_empty()).collect();
+                    if names.is_empty() {
+                        names.push(&value);
+                    }
+                    for name in names {
+                        if let Err(error) = typed.elements.add_value(name) {
+                            typed.unsupported.push(error.to_string());
+                        }
+                    }
                 }
                 "allowPartialManifests" => {
                     if value != "true" && value != "false" {
@@ -400,7 +416,8 @@ mod tests {
             ("_type=Patient,Nope", "Nope"),
             ("_container=../etc", "container"),
             ("_typeFilter=Observation%3Fstatus%3Dfinal", "_typeFilter"),
-            ("_elements=id", "_elements"),
+            ("_elements=code,nonsense", "nonsense"),
+            ("_elements=Observation.gender", "Observation.gender"),
             (
                 "includeAssociatedData=LatestProvenanceResources",
                 "includeAssociatedData",
@@ -464,11 +481,30 @@ mod tests {
     #[test]
     fn lenient_handling_ignores_and_reports() {
         let request = ExportRequest::parse(&kick_off(
-            "_elements=id&zzz=1",
+            "_elements=code,Observation.bogus&zzz=1",
             vec!["respond-async, handling=lenient"],
         ))
         .unwrap();
         assert_eq!(request.ignored_under_lenient.len(), 2);
+        assert!(request.ignored_under_lenient[0].contains("Observation.bogus"));
+        let observation = ResourceType::parse("Observation").unwrap();
+        assert!(request.elements.applies_to(observation));
+    }
+
+    #[test]
+    fn elements_parse_from_the_query_and_from_a_parameters_body() {
+        let observation = ResourceType::parse("Observation").unwrap();
+        let from_query = parse("_elements=Observation.code&_elements=subject").unwrap();
+        assert!(from_query.elements.applies_to(observation));
+        assert!(from_query.elements.applies_to(ResourceType::PATIENT));
+        let body = br#"{"resourceType":"Parameters","parameter":[
+            {"name":"_elements","valueString":"Observation.code,Observation.subject"}]}"#;
+        let mut post = kick_off("", vec!["respond-async"]);
+        post.is_post = true;
+        post.body = body;
+        let from_body = ExportRequest::parse(&post).unwrap();
+        assert!(from_body.elements.applies_to(observation));
+        assert!(!from_body.elements.applies_to(ResourceType::PATIENT));
     }
 
     #[test]

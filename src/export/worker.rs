@@ -170,6 +170,13 @@ pub fn run_unit(
         after_seq: resume_after,
         through_seq: unit.seqs.through_seq,
     };
+    let elements = {
+        let record = job.record();
+        let elements = &record.request.elements;
+        elements
+            .applies_to(unit.resource_type)
+            .then(|| elements.clone())
+    };
     let mut failure: Option<ExportError> = None;
     let mut visited = 0u64;
     let mut handle_event = |view: &EventView<'_>| -> ScanControl {
@@ -190,6 +197,13 @@ pub fn run_unit(
                     return Ok(());
                 }
                 deleted.push(&run, view.seq, deleted_bundle_line(view).as_bytes())?
+            } else if let Some(elements) = &elements {
+                let subset = elements
+                    .apply_to_body(view.resource_type, view.body)
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!("event {} holds no JSON object", view.seq))
+                    })?;
+                output.push(&run, view.seq, &subset)?
             } else {
                 output.push(&run, view.seq, view.body)?
             };

@@ -1,0 +1,3 @@
+//! FHIR search: `_elements` subsetting.
+
+pub mod elements;
