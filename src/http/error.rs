@@ -3,6 +3,7 @@
 
 use warp::http::StatusCode;
 
+use super::paging::PagingError;
 use crate::auth::{AccessError, OAuthErrorCode, TokenRequestError};
 use crate::export::{ExportError, ExportErrorKind};
 use crate::fhir::canonical::ResourceBodyError;
@@ -37,6 +38,9 @@ pub enum ApiError {
     HeadersTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// Bad paging, `_summary` or history parameters.
+    #[error(transparent)]
+    Paging(#[from] PagingError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -62,7 +66,9 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) | ApiError::InvalidBody(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::InvalidBody(_) | ApiError::Paging(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -106,7 +112,7 @@ impl ApiError {
 
     pub fn issue_kind(&self) -> IssueKind {
         match self {
-            ApiError::BadRequest(_) => IssueKind::Invalid,
+            ApiError::BadRequest(_) | ApiError::Paging(_) => IssueKind::Invalid,
             ApiError::InvalidBody(_) => IssueKind::Structure,
             ApiError::NotFound(_) => IssueKind::NotFound,
             ApiError::Gone(_) => IssueKind::Deleted,

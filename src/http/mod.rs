@@ -9,6 +9,8 @@ pub mod error;
 mod export;
 pub mod front_door;
 mod health;
+mod history;
+mod paging;
 mod request;
 mod resource;
 mod response;

@@ -7,9 +7,11 @@ use warp::http::{HeaderMap, Method};
 use warp::reply::Response as WarpResponse;
 
 use super::export::KickOffRequest;
+use super::history::HistoryTarget;
 use super::request::CapturedRequest;
 use super::{
-    ApiError, AppState, bundle, capability, download, export, health, resource, response, token,
+    ApiError, AppState, bundle, capability, download, export, health, history, resource, response,
+    token,
 };
 use crate::auth::Caller;
 use crate::auth::scopes::Access;
@@ -43,6 +45,10 @@ pub enum Interaction {
         resource_type: ResourceType,
         id: ResourceId,
     },
+    TypeHistory {
+        resource_type: ResourceType,
+    },
+    SystemHistory,
     VersionRead {
         resource_type: ResourceType,
         id: ResourceId,
@@ -123,7 +129,14 @@ async fn dispatch(
             resource::delete(state, resource_type, id, expected_version).await
         }
         Interaction::History { resource_type, id } => {
-            resource::history(state, resource_type, id).await
+            let target = HistoryTarget::Instance(resource_type, id);
+            history::history(state, target, request.query).await
+        }
+        Interaction::TypeHistory { resource_type } => {
+            history::history(state, HistoryTarget::Type(resource_type), request.query).await
+        }
+        Interaction::SystemHistory => {
+            history::history(state, HistoryTarget::System, request.query).await
         }
         Interaction::VersionRead {
             resource_type,
@@ -176,9 +189,11 @@ fn authorize(
     match interaction {
         Interaction::Read { resource_type, .. }
         | Interaction::History { resource_type, .. }
+        | Interaction::TypeHistory { resource_type }
         | Interaction::VersionRead { resource_type, .. } => {
             caller.require(*resource_type, Access::Read)?
         }
+        Interaction::SystemHistory => caller.require_on_every_type(&[Access::Read])?,
         Interaction::Create { resource_type } => caller.require(*resource_type, Access::Create)?,
         Interaction::Update { resource_type, .. } => {
             caller.require(*resource_type, Access::Update)?
@@ -285,6 +300,10 @@ pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, Api
             Method::GET => Ok(Interaction::Capabilities),
             _ => Err(not_allowed("GET")),
         },
+        ["_history"] => match *method {
+            Method::GET => Ok(Interaction::SystemHistory),
+            _ => Err(not_allowed("GET")),
+        },
         [".well-known", "smart-configuration"] => match *method {
             Method::GET => Ok(Interaction::SmartConfiguration),
             _ => Err(not_allowed("GET")),
@@ -294,6 +313,13 @@ pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, Api
             match *method {
                 Method::POST => Ok(Interaction::Create { resource_type }),
                 _ => Err(not_allowed("POST")),
+            }
+        }
+        [type_name, "_history"] => {
+            let resource_type = parse_type(type_name)?;
+            match *method {
+                Method::GET => Ok(Interaction::TypeHistory { resource_type }),
+                _ => Err(not_allowed("GET")),
             }
         }
         [type_name, id] => {
