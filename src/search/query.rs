@@ -250,11 +250,6 @@ fn parse_clause(
             });
         }
     };
-    let expression = parameter.compiled().map_err(|problem| {
-        unsupported(&format!(
-            "its expression is outside the supported FHIRPath subset ({problem})"
-        ))
-    })?;
     let modifier = modifier_text
         .map(|text| parse_modifier(parameter, name, text))
         .transpose()?;
@@ -268,6 +263,11 @@ fn parse_clause(
         return Err(malformed(empty, "a non-empty value"));
     }
     let criterion = typed_criterion(parameter, modifier.as_ref(), &values, &malformed)?;
+    let expression = parameter.compiled().map_err(|problem| {
+        unsupported(&format!(
+            "its expression is outside the supported FHIRPath subset ({problem})"
+        ))
+    })?;
     Ok(SearchClause {
         parameter,
         expression,
