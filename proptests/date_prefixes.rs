@@ -4,9 +4,9 @@
 //! is left to the unit tests.
 
 use fhirlog::fhir::Instant;
+use fhirlog::search::fhirpath::TypedNode;
 use fhirlog::search::matching::Criterion;
 use fhirlog::search::matching::date::{DateRange, DateSearchValue};
-use fhirlog::search::matching::nodes::TypedNode;
 use fhirlog::search::matching::prefix::Prefix;
 use proptest::prelude::*;
 use serde_json::{Value, json};

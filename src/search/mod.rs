@@ -1,5 +1,7 @@
-//! FHIR R4 search: the search parameter registry, typed queries and their matching.
+//! FHIR R4 search: the FHIRPath subset of the parameter expressions, the search parameter
+//! registry, typed queries and their matching.
 
+pub mod fhirpath;
 pub mod matching;
 pub mod query;
 pub mod registry;

@@ -5,9 +5,9 @@
 use percent_encoding::percent_decode_str;
 use serde_json::Value;
 
+use super::fhirpath::CompiledFhirPath;
 use super::matching::Criterion;
 use super::matching::date::{DateRange, DateSearchValue};
-use super::matching::nodes::CompiledFhirPath;
 use super::matching::prefix::Prefix;
 use super::matching::quantity::{NumberSearchValue, QuantitySearchValue};
 use super::matching::reference::ReferenceSearchValue;

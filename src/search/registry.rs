@@ -8,7 +8,7 @@ use std::fmt;
 use std::sync::OnceLock;
 
 use crate::fhir::ResourceType;
-use crate::search::matching::nodes::{CompiledFhirPath, UnsupportedFhirPath};
+use crate::search::fhirpath::{CompiledFhirPath, UnsupportedFhirPath};
 
 const SEARCH_PARAMETERS_TSV: &str = include_str!("../../data/r4/search-parameters.tsv");
 

@@ -5,9 +5,9 @@
 use serde_json::Value;
 use time::{Date, Month, PrimitiveDateTime, Time, UtcOffset};
 
-use super::nodes::TypedNode;
 use super::prefix::Prefix;
 use crate::fhir::Instant;
+use crate::search::fhirpath::TypedNode;
 
 /// The moments `[start, end)`; an open bound is `i64::MIN` or `i64::MAX`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -2,7 +2,6 @@
 //! criterion holds one parameter's OR-list of values, parsed and folded once per query.
 
 pub mod date;
-pub mod nodes;
 pub mod prefix;
 pub mod quantity;
 pub mod reference;
@@ -11,8 +10,8 @@ pub mod text;
 pub mod token;
 pub mod uri;
 
+use crate::search::fhirpath::TypedNode;
 use date::{DateRange, DateSearchValue};
-use nodes::TypedNode;
 use quantity::{NumberSearchValue, QuantitySearchValue};
 use reference::ReferenceSearchValue;
 use string::StringSearchValue;

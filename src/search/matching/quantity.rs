@@ -3,8 +3,8 @@
 
 use serde_json::Value;
 
-use super::nodes::TypedNode;
 use super::prefix::Prefix;
+use crate::search::fhirpath::TypedNode;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("expected a decimal number such as 100, -0.5 or 1.5e3, optionally after a prefix")]

@@ -4,8 +4,8 @@
 
 use serde_json::Value;
 
-use super::nodes::TypedNode;
 use crate::fhir::ResourceType;
+use crate::search::fhirpath::TypedNode;
 
 /// One reference search value.
 #[derive(Clone, Debug, PartialEq, Eq)]

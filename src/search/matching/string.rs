@@ -2,8 +2,8 @@
 
 use serde_json::Value;
 
-use super::nodes::TypedNode;
 use super::text::{fold, folded_contains, folded_starts_with};
+use crate::search::fhirpath::TypedNode;
 
 /// How a string value compares: the default starts-with, `:exact` or `:contains`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

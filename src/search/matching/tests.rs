@@ -4,7 +4,6 @@
 use serde_json::{Value, json};
 
 use super::date::{DateRange, DateSearchValue};
-use super::nodes::TypedNode;
 use super::prefix::Prefix;
 use super::quantity::{NumberSearchValue, QuantitySearchValue};
 use super::reference::ReferenceSearchValue;
@@ -14,6 +13,7 @@ use super::token::TokenSearchValue;
 use super::uri::{UriMatch, UriSearchValue};
 use super::*;
 use crate::fhir::ResourceType;
+use crate::search::fhirpath::TypedNode;
 
 fn now() -> Instant {
     Instant::parse("2025-06-01T00:00:00Z").unwrap()

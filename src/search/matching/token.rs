@@ -4,8 +4,8 @@
 
 use serde_json::Value;
 
-use super::nodes::TypedNode;
 use super::text::folded_starts_with;
+use crate::search::fhirpath::TypedNode;
 
 /// Which system a token value asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]

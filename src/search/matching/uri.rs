@@ -1,7 +1,7 @@
 //! Uri search: exact by default; `:below` matches URIs that start with the value, `:above`
 //! URIs the value starts with.
 
-use super::nodes::TypedNode;
+use crate::search::fhirpath::TypedNode;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UriMatch {
