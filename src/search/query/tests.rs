@@ -132,3 +132,118 @@ fn names_the_parameter_and_value_of_malformed_values() {
         );
     }
 }
+
+fn patient_resource() -> Value {
+    serde_json::json!({
+        "resourceType": "Patient",
+        "id": "p1",
+        "meta": {"lastUpdated": "2024-05-01T10:00:00Z", "tag": [{"system": "urn:tags", "code": "synthetic"}],
+                 "profile": ["http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient"]},
+        "identifier": [{"system": "urn:mrn", "value": "MRN-7"}],
+        "active": true,
+        "name": [{"family": "Müller", "given": ["Zoë"]}],
+        "telecom": [{"system": "phone", "value": "555-0100"}],
+        "gender": "female",
+        "birthDate": "1980-07-14",
+        "address": [{"city": "Saint-Étienne", "postalCode": "42000"}],
+        "generalPractitioner": [{"reference": "Practitioner/dr1"}]
+    })
+}
+
+fn observation_resource() -> Value {
+    serde_json::json!({
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8302-2", "display": "Body height"}], "text": "Height"},
+        "subject": {"reference": "Patient/p1"},
+        "effectiveDateTime": "2020-03-15T10:30:00Z",
+        "valueQuantity": {"value": 172.5, "unit": "cm", "system": "http://unitsofmeasure.org", "code": "cm"}
+    })
+}
+
+fn assert_query(resource_type: &str, resource: &Value, raw: &str, expected: bool) {
+    let resource_type = ResourceType::parse(resource_type).unwrap();
+    let query =
+        SearchQuery::parse(resource_type, raw).unwrap_or_else(|error| panic!("{raw}: {error}"));
+    assert_eq!(query.matches(resource), expected, "{raw}");
+}
+
+#[test]
+fn queries_match_whole_resources_per_parameter_type_and_modifier() {
+    let patient = patient_resource();
+    for (raw, expected) in [
+        ("family=mul", true),
+        ("family=MUELLER", false),
+        ("family:exact=Müller", true),
+        ("family:exact=muller", false),
+        ("name:contains=LLE", true),
+        ("given=zoe", true),
+        ("address-city=saint-e", true),
+        ("address=42000", true),
+        ("address=lyon", false),
+        ("identifier=urn:mrn|MRN-7", true),
+        ("identifier=urn:other|MRN-7", false),
+        ("active=true", true),
+        ("active=false", false),
+        ("gender=female", true),
+        ("gender:not=female", false),
+        ("gender:not=male", true),
+        ("phone=555-0100", true),
+        ("birthdate=1980", true),
+        ("birthdate=gt1980-07-14", false),
+        ("birthdate=ge1980-07-14", true),
+        ("birthdate=lt1981", true),
+        ("general-practitioner=Practitioner/dr1", true),
+        ("general-practitioner=dr1", true),
+        ("general-practitioner:Practitioner=dr1", true),
+        ("general-practitioner:Organization=dr1", false),
+        ("general-practitioner:missing=false", true),
+        ("death-date:missing=true", true),
+        ("deceased=false", true),
+        ("deceased=true", false),
+        ("email:missing=false", false),
+        ("_id=p1", true),
+        ("_id=p2,p1", true),
+        ("_id=p2", false),
+        ("_lastUpdated=ge2024-05-01", true),
+        ("_lastUpdated=lt2024-05-01", false),
+        ("_tag=urn:tags|synthetic", true),
+        ("_tag=synthetic&_tag=other", false),
+        (
+            "_profile=http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient",
+            true,
+        ),
+        ("_profile:below=http://hl7.org/fhir/us/core", true),
+        ("_profile=http://hl7.org/fhir/us/core", false),
+        ("family=mul&gender=male", false),
+        ("family=xyz,mul&gender=female", true),
+    ] {
+        assert_query("Patient", &patient, raw, expected);
+    }
+    let observation = observation_resource();
+    for (raw, expected) in [
+        ("code=http://loinc.org|8302-2", true),
+        ("code=http%3A%2F%2Floinc.org%7C8302-2", true),
+        ("code=http://snomed.info/sct|8302-2", false),
+        ("code:text=heig", true),
+        ("category=laboratory%2Cvital-signs", true),
+        ("category=laboratory", false),
+        ("status=final,amended", true),
+        ("subject=Patient/p1", true),
+        ("patient=p1", true),
+        ("patient=Patient/p2", false),
+        ("subject:Patient=p1", true),
+        ("date=2020-03", true),
+        ("date=ge2020-03-15T10:30", true),
+        ("date=sa2020-03-15", false),
+        ("date=eb2020-03-16", true),
+        ("value-quantity=172.5", true),
+        ("value-quantity=gt170|http://unitsofmeasure.org|cm", true),
+        ("value-quantity=lt170||cm", false),
+        ("value-quantity=172.5||mm", false),
+    ] {
+        assert_query("Observation", &observation, raw, expected);
+    }
+}
