@@ -72,6 +72,10 @@ enum Command {
         /// Resource types, comma-separated or repeated.
         #[arg(long = "type", value_delimiter = ',', value_parser = parse_resource_type)]
         types: Vec<ResourceType>,
+        /// A `_typeFilter` query such as `Observation?category=laboratory`; repeat for more
+        /// (queries for one type are ORed; types without one are exported whole).
+        #[arg(long = "type-filter")]
+        type_filters: Vec<String>,
         /// Only resources changed after this FHIR instant.
         #[arg(long, value_parser = parse_instant)]
         since: Option<Instant>,
@@ -161,6 +165,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             force,
             level,
             types,
+            type_filters,
             since,
             until,
             elements,
@@ -171,6 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut parameters = ExportParameters::new(level);
             parameters.since = since;
             parameters.until = until;
+            parameters.type_filters = type_filters;
             for value in &elements {
                 parameters.elements.add_value(value)?;
             }

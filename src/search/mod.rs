@@ -1,3 +1,8 @@
-//! FHIR search: `_elements` subsetting.
+//! FHIR R4 search: the FHIRPath subset of the parameter expressions, the search parameter
+//! registry, typed queries and their matching, and `_elements` subsetting.
 
 pub mod elements;
+pub mod fhirpath;
+pub mod matching;
+pub mod query;
+pub mod registry;
