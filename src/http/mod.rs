@@ -15,6 +15,7 @@ mod request;
 mod resource;
 mod response;
 mod router;
+mod search;
 mod token;
 
 use std::convert::Infallible;

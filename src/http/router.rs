@@ -9,9 +9,10 @@ use warp::reply::Response as WarpResponse;
 use super::export::KickOffRequest;
 use super::history::HistoryTarget;
 use super::request::CapturedRequest;
+use super::search::SearchInput;
 use super::{
     ApiError, AppState, bundle, capability, download, export, health, history, resource, response,
-    token,
+    search, token,
 };
 use crate::auth::Caller;
 use crate::auth::scopes::Access;
@@ -46,6 +47,10 @@ pub enum Interaction {
         id: ResourceId,
     },
     TypeHistory {
+        resource_type: ResourceType,
+    },
+    /// `GET /fhir/{type}?…` or `POST /fhir/{type}/_search`.
+    Search {
         resource_type: ResourceType,
     },
     SystemHistory,
@@ -138,6 +143,20 @@ async fn dispatch(
         Interaction::SystemHistory => {
             history::history(state, HistoryTarget::System, request.query).await
         }
+        Interaction::Search { resource_type } => {
+            let form_body = if request.method == Method::POST && !body.is_empty() {
+                require_form_content_type(&request.headers)?;
+                Some(body)
+            } else {
+                None
+            };
+            let input = SearchInput {
+                resource_type,
+                query: request.query,
+                form_body,
+            };
+            search::search(state, input).await
+        }
         Interaction::VersionRead {
             resource_type,
             id,
@@ -190,6 +209,7 @@ fn authorize(
         Interaction::Read { resource_type, .. }
         | Interaction::History { resource_type, .. }
         | Interaction::TypeHistory { resource_type }
+        | Interaction::Search { resource_type }
         | Interaction::VersionRead { resource_type, .. } => {
             caller.require(*resource_type, Access::Read)?
         }
@@ -312,6 +332,14 @@ pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, Api
             let resource_type = parse_type(type_name)?;
             match *method {
                 Method::POST => Ok(Interaction::Create { resource_type }),
+                Method::GET => Ok(Interaction::Search { resource_type }),
+                _ => Err(not_allowed("GET, POST")),
+            }
+        }
+        [type_name, "_search"] => {
+            let resource_type = parse_type(type_name)?;
+            match *method {
+                Method::POST => Ok(Interaction::Search { resource_type }),
                 _ => Err(not_allowed("POST")),
             }
         }
@@ -406,6 +434,23 @@ fn require_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
             "Content-Type '{}' is not supported; send application/fhir+json",
             truncate(content_type)
         ))),
+    }
+}
+
+/// A `_search` body must be a form.
+fn require_form_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .map(|value| value.to_str().unwrap_or("(not text)"))
+        .unwrap_or("(none)");
+    let media_type = content_type.split(';').next().unwrap_or_default().trim();
+    if media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type '{}' is not supported for _search; send application/x-www-form-urlencoded",
+            truncate(content_type)
+        )))
     }
 }
 

@@ -2,6 +2,7 @@
 //! registry, typed queries and their matching, and `_elements` subsetting.
 
 pub mod elements;
+pub mod execute;
 pub mod fhirpath;
 pub mod matching;
 pub mod query;
