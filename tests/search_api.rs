@@ -439,10 +439,7 @@ fn ids_of(resources: &[Value]) -> BTreeSet<String> {
 }
 
 fn search_ids(app: &TestApp, path: &str) -> BTreeSet<String> {
-    all_pages(app, path)
-        .iter()
-        .flat_map(|page| entry_ids(page))
-        .collect()
+    all_pages(app, path).iter().flat_map(entry_ids).collect()
 }
 
 #[test]

@@ -39,7 +39,9 @@ pub fn capability_statement(state: &AppState) -> WarpResponse {
         "update",
         "delete",
         "history-instance",
+        "history-type",
         "create",
+        "search-type",
     ];
     let resources: Vec<Value> = ResourceType::all()
         .map(|resource_type| {
@@ -76,7 +78,7 @@ pub fn capability_statement(state: &AppState) -> WarpResponse {
         "rest": [{
             "mode": "server",
             "resource": resources,
-            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
             "operation": [{"name": "export", "definition": EXPORT_DEFINITION, "documentation": EXPORT_DOCUMENTATION}],
         }],
     });
