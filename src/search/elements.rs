@@ -155,12 +155,30 @@ impl ElementsSelection {
         add_subsetted_tag(resource);
     }
 
-    /// [`ElementsSelection::apply`] on one stored JSON body; `None` if the body is not a
-    /// JSON object.
+    /// [`ElementsSelection::apply`] on one stored JSON body, written like a stored body
+    /// (`resourceType`, `id`, `meta` first, then the other keys sorted); `None` if the body
+    /// is not a JSON object.
     pub fn apply_to_body(&self, resource_type: ResourceType, body: &[u8]) -> Option<Vec<u8>> {
         let mut resource: Map<String, Value> = serde_json::from_slice(body).ok()?;
         self.apply(resource_type, &mut resource);
-        serde_json::to_vec(&resource).ok()
+        let leading = ALWAYS_KEPT
+            .iter()
+            .filter_map(|key| Some((*key, resource.get(*key)?)));
+        let rest = resource
+            .iter()
+            .filter(|(key, _)| !ALWAYS_KEPT.contains(&key.as_str()))
+            .map(|(key, value)| (key.as_str(), value));
+        let mut written = vec![b'{'];
+        for (index, (key, value)) in leading.chain(rest).enumerate() {
+            if index > 0 {
+                written.push(b',');
+            }
+            serde_json::to_writer(&mut written, key).ok()?;
+            written.push(b':');
+            serde_json::to_writer(&mut written, value).ok()?;
+        }
+        written.push(b'}');
+        Some(written)
     }
 }
 
@@ -340,6 +358,21 @@ mod tests {
             .add_value_for_type("Observation.code", ResourceType::PATIENT)
             .unwrap_err();
         assert!(matches!(other_type, ElementsError::OtherType { .. }));
+    }
+
+    #[test]
+    fn a_subsetted_body_leads_with_resource_type_id_and_meta() {
+        let observation_type = ResourceType::parse("Observation").unwrap();
+        let body = serde_json::to_vec(&Value::Object(observation())).unwrap();
+        let subset = selection("code")
+            .apply_to_body(observation_type, &body)
+            .unwrap();
+        let text = String::from_utf8(subset).unwrap();
+        assert!(
+            text.starts_with(r#"{"resourceType":"Observation","id":"o1","meta":{"#),
+            "{text}"
+        );
+        assert!(text.ends_with(r#","code":{"text":"weight"}}"#), "{text}");
     }
 
     #[test]
