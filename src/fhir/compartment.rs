@@ -2,12 +2,9 @@
 //! which reference elements put a resource there. Built once from the official
 //! CompartmentDefinition and SearchParameters shipped in `data/r4`.
 //!
-//! Each compartment parameter names a search parameter whose FHIRPath expression is reduced to
-//! plain element paths ending at a Reference: unions (`|`) are split, `.where(...)` filters are
-//! dropped (the only one used, `resolve() is Patient`, is exactly the Patient check every
-//! reference gets), `[n]` indexes widen to every repetition, and type casts (`as T`, `.as(T)`,
-//! `.ofType(T)`) select the JSON name of a choice element (`value` as `Reference` is
-//! `valueReference`).
+//! Each compartment parameter names a search parameter whose FHIRPath expression is compiled by
+//! the search FHIRPath subset ([`crate::search::fhirpath`]) and reduced to the JSON member paths
+//! it selects, which end at a Reference (see `collect_reference_paths`).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -15,6 +12,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 use super::{ResourceType, UnknownResourceType};
+use crate::search::fhirpath::{CompiledFhirPath, UnsupportedFhirPath};
 
 const PATIENT_COMPARTMENT_DEFINITION_JSON: &str =
     include_str!("../../data/r4/compartmentdefinition-patient.json");
@@ -77,9 +75,10 @@ enum CompartmentDefinitionError {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("'{fragment}' is not a path to a reference element")]
+#[error("'{expression}' is not a path to a reference element: {reason}")]
 struct UnsupportedExpression {
-    fragment: String,
+    expression: String,
+    reason: String,
 }
 
 impl PatientCompartment {
@@ -308,178 +307,41 @@ impl<'bundle> SearchParameterIndex<'bundle> {
     }
 }
 
-/// Appends the paths of the union members of `expression` that start at `resource_type_name`.
+/// Appends the reference paths of `expression` for `resource_type_name`, compiled by the
+/// search FHIRPath subset: union branches of other types are dropped, `where(…)` filters are
+/// dropped (the only one used, `resolve() is Patient`, is exactly the Patient check every
+/// reference gets), `[n]` indexes widen to every repetition, and type casts select the JSON
+/// name of a choice element (`Encounter.reasonReference`). A name that is no resource type has
+/// no paths.
 fn collect_reference_paths(
     expression: &str,
     resource_type_name: &str,
     reference_paths: &mut Vec<ReferencePath>,
 ) -> Result<(), UnsupportedExpression> {
-    let expression = expression.trim();
-    let union_members = split_top_level(expression, "|");
-    if union_members.len() > 1 {
-        for union_member in union_members {
-            collect_reference_paths(union_member, resource_type_name, reference_paths)?;
-        }
-        return Ok(());
-    }
-    if let Some(enclosed) = strip_enclosing_parentheses(expression) {
-        return collect_reference_paths(enclosed, resource_type_name, reference_paths);
-    }
-    let (path_expression, cast_type_name) = match split_top_level(expression, " as ").as_slice() {
-        [path_expression, cast_type_name] => (*path_expression, Some(cast_type_name.trim())),
-        _ => (expression, None),
-    };
-    let Some(mut property_names) = property_names_from(path_expression.trim(), resource_type_name)?
-    else {
+    let Ok(resource_type) = ResourceType::parse(resource_type_name) else {
         return Ok(());
     };
-    if let Some(cast_type_name) = cast_type_name {
-        apply_type_cast(&mut property_names, cast_type_name, expression)?;
-    }
-    if property_names.is_empty() {
-        return Err(unsupported(expression));
-    }
-    reference_paths.push(ReferencePath {
-        property_names: property_names
-            .into_iter()
-            .map(String::into_boxed_str)
-            .collect(),
-    });
-    Ok(())
-}
-
-/// The property names of a dotted path rooted at `resource_type_name`, or `None` when the path
-/// is rooted at another type.
-fn property_names_from(
-    path_expression: &str,
-    resource_type_name: &str,
-) -> Result<Option<Vec<String>>, UnsupportedExpression> {
-    let steps = split_top_level(path_expression, ".");
-    let Some((root, steps)) = steps.split_first() else {
-        return Err(unsupported(path_expression));
+    let unsupported = |reason: String| UnsupportedExpression {
+        expression: expression.to_owned(),
+        reason,
     };
-    if *root != resource_type_name {
-        return Ok(None);
-    }
-    let mut property_names: Vec<String> = Vec::new();
-    for step in steps {
-        if let Some(arguments) = function_arguments(step, "where") {
-            if arguments.trim().is_empty() {
-                return Err(unsupported(step));
-            }
-        } else if let Some(type_name) =
-            function_arguments(step, "ofType").or_else(|| function_arguments(step, "as"))
-        {
-            apply_type_cast(&mut property_names, type_name.trim(), step)?;
-        } else {
-            let property_name = match step.split_once('[') {
-                Some((property_name, index)) if is_index_suffix(index) => property_name,
-                Some(_) => return Err(unsupported(step)),
-                None => step,
-            };
-            if !is_identifier(property_name) {
-                return Err(unsupported(step));
-            }
-            property_names.push(property_name.to_owned());
-        }
-    }
-    Ok(Some(property_names))
-}
-
-/// Renames the last property to the JSON name of the choice element of that type.
-fn apply_type_cast(
-    property_names: &mut [String],
-    type_name: &str,
-    fragment: &str,
-) -> Result<(), UnsupportedExpression> {
-    let (Some(last_property_name), Some(first_character)) =
-        (property_names.last_mut(), type_name.chars().next())
-    else {
-        return Err(unsupported(fragment));
+    let compiled = match CompiledFhirPath::compile(expression, resource_type) {
+        Ok(compiled) => compiled,
+        Err(UnsupportedFhirPath::NoBranchForType { .. }) => return Ok(()),
+        Err(refused) => return Err(unsupported(refused.to_string())),
     };
-    if !is_identifier(type_name) {
-        return Err(unsupported(fragment));
+    let member_paths = compiled
+        .member_paths()
+        .ok_or_else(|| unsupported("it is a condition, not a path".to_owned()))?;
+    for property_names in member_paths {
+        if property_names.is_empty() {
+            return Err(unsupported("it selects the resource itself".to_owned()));
+        }
+        reference_paths.push(ReferencePath {
+            property_names: property_names.into_iter().map(Box::from).collect(),
+        });
     }
-    last_property_name.extend(first_character.to_uppercase());
-    last_property_name.push_str(&type_name[first_character.len_utf8()..]);
     Ok(())
-}
-
-/// The argument text of `step` when it is a call of `function_name`.
-fn function_arguments<'step>(step: &'step str, function_name: &str) -> Option<&'step str> {
-    step.strip_prefix(function_name)?
-        .strip_prefix('(')?
-        .strip_suffix(')')
-}
-
-fn is_index_suffix(suffix: &str) -> bool {
-    suffix.strip_suffix(']').is_some_and(|digits| {
-        !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit())
-    })
-}
-
-fn is_identifier(candidate: &str) -> bool {
-    candidate.starts_with(|character: char| character.is_ascii_alphabetic())
-        && candidate
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
-}
-
-/// The inside of `expression` when one pair of parentheses encloses all of it.
-fn strip_enclosing_parentheses(expression: &str) -> Option<&str> {
-    let inner = expression.strip_prefix('(')?.strip_suffix(')')?;
-    let mut depth = 0_i32;
-    let mut in_string = false;
-    for byte in inner.bytes() {
-        match byte {
-            b'\'' => in_string = !in_string,
-            b'(' if !in_string => depth += 1,
-            b')' if !in_string => {
-                depth -= 1;
-                if depth < 0 {
-                    return None;
-                }
-            }
-            _ => {}
-        }
-    }
-    (depth == 0).then_some(inner)
-}
-
-/// Splits at occurrences of `separator` outside parentheses, brackets and string literals.
-fn split_top_level<'expression>(
-    expression: &'expression str,
-    separator: &str,
-) -> Vec<&'expression str> {
-    let mut pieces = Vec::new();
-    let mut depth = 0_i32;
-    let mut in_string = false;
-    let mut piece_start = 0;
-    let bytes = expression.as_bytes();
-    let mut index = 0;
-    while index < bytes.len() {
-        match bytes[index] {
-            b'\'' => in_string = !in_string,
-            b'(' | b'[' if !in_string => depth += 1,
-            b')' | b']' if !in_string => depth -= 1,
-            _ if !in_string && depth == 0 && bytes[index..].starts_with(separator.as_bytes()) => {
-                pieces.push(&expression[piece_start..index]);
-                index += separator.len();
-                piece_start = index;
-                continue;
-            }
-            _ => {}
-        }
-        index += 1;
-    }
-    pieces.push(&expression[piece_start..]);
-    pieces
-}
-
-fn unsupported(fragment: &str) -> UnsupportedExpression {
-    UnsupportedExpression {
-        fragment: fragment.to_owned(),
-    }
 }
 
 /// Follows `property_names` from `value`, stepping through arrays at every level, and appends
@@ -877,12 +739,21 @@ mod tests {
             Ok(vec![vec!["codeReference".to_owned()]])
         );
         assert_eq!(
+            paths_in(
+                "(MedicationRequest.medication as Reference)",
+                "MedicationRequest"
+            ),
+            Ok(vec![vec!["medicationReference".to_owned()]])
+        );
+        assert_eq!(
             paths_in("(Observation.value as Reference)", "Observation"),
-            Ok(vec![vec!["valueReference".to_owned()]])
+            Ok(vec![]),
+            "Observation.value has no Reference choice"
         );
         assert_eq!(
             paths_in("Observation.focus.as(Reference)", "Observation"),
-            Ok(vec![vec!["focusReference".to_owned()]])
+            Ok(vec![vec!["focus".to_owned()]]),
+            "Observation.focus is a Reference, not a choice element"
         );
         assert_eq!(
             paths_in("Bundle.entry[0].resource", "Bundle"),
@@ -903,11 +774,16 @@ mod tests {
             Ok(vec![])
         );
         assert!(paths_in("Observation.subject.resolve()", "Observation").is_err());
-        assert!(paths_in("Observation.`subject`", "Observation").is_err());
         assert_eq!(
-            paths_in("Observation.where(code='x').subject", "Observation"),
+            paths_in("Observation.`subject`", "Observation"),
             Ok(vec![vec!["subject".to_owned()]])
         );
+        assert!(paths_in("Observation.subjectt", "Observation").is_err());
+        assert_eq!(
+            paths_in("Observation.where(status='final').subject", "Observation"),
+            Ok(vec![vec!["subject".to_owned()]])
+        );
+        assert!(paths_in("Observation.where(code='x').subject", "Observation").is_err());
         assert!(paths_in("Observation.subject.where()", "Observation").is_err());
         assert!(paths_in("Observation", "Observation").is_err());
     }
@@ -996,7 +872,7 @@ mod tests {
             PatientCompartment::from_definitions(&definition, &odd_search_parameters).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "unsupported fhirpath in search parameter 'subject': 'resolve()' is not a path to a reference element"
+            "unsupported fhirpath in search parameter 'subject': 'Encounter.subject.resolve()' is not a path to a reference element: resolve() other than in 'resolve() is T' is not in the supported fhirpath subset"
         );
         assert!(matches!(
             PatientCompartment::from_definitions("{", SEARCH_PARAMETERS_JSON),

@@ -247,11 +247,12 @@ impl Compiler {
         let mut output_types = Vec::new();
         for &type_id in types {
             let input = match self.model.kind(type_id) {
-                TypeKind::Primitive { .. } => {
+                TypeKind::Primitive { .. } if name == "extension" || name == "id" => {
                     return Err(unsupported(format!(
                         "'{name}' of a primitive value (primitive extensions and ids)"
                     )));
                 }
+                TypeKind::Primitive { .. } => continue,
                 TypeKind::AbstractResource => InputType::DerivedFrom(type_id),
                 TypeKind::Resource(_) | TypeKind::Complex => InputType::Exactly(type_id),
             };

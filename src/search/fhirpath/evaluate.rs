@@ -307,24 +307,13 @@ impl<'r> Evaluation<'r> {
         }
     }
 
-    /// Whether `type_id` is a FHIR primitive and `accepted` holds another FHIR primitive of
-    /// the same system type: FHIRPath engines and the official tests disagree on whether
-    /// `code` is a `string` there (`is(string)` holds, `ofType(string)` does not).
+    /// Whether `type_id` is a FHIR primitive that specialises a primitive in `accepted`:
+    /// FHIRPath engines and the official tests disagree on whether a `code` is a `string`
+    /// (`is(string)` holds there, `ofType(string)` does not).
     fn is_related_primitive(&self, type_id: TypeId, accepted: &[TypeId]) -> bool {
-        let TypeKind::Primitive {
-            kind,
-            is_system_type: false,
-        } = self.model.kind(type_id)
-        else {
-            return false;
-        };
-        accepted.iter().any(|other| {
-            self.model.kind(*other)
-                == TypeKind::Primitive {
-                    kind,
-                    is_system_type: false,
-                }
-        })
+        self.model
+            .specialised_primitive(type_id)
+            .is_some_and(|base| accepted.binary_search(&base).is_ok())
     }
 
     fn singleton(&self, count: usize, outcome: Option<bool>, reason: &'static str) -> Option<bool> {

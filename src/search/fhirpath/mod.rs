@@ -195,3 +195,79 @@ fn fhirpath_value<'r>(
         PrimitiveKind::Time => FhirPathValue::Time(item.value.as_str().ok_or_else(mismatch)?),
     })
 }
+
+impl CompiledFhirPath {
+    /// The JSON member names, from the resource root, of every element the expression selects,
+    /// with `where(…)` filters dropped and `[n]`/`first()` widened to every repetition (choice
+    /// elements narrowed by `ofType`/`as` give their typed names: `valueReference`). `None`
+    /// when the expression is a condition rather than a path. The Patient compartment reads
+    /// its reference elements this way.
+    pub fn member_paths(&self) -> Option<Vec<Vec<&'static str>>> {
+        let model = TypeModel::r4();
+        let root = (Vec::new(), model.resource_type_id(self.resource_type));
+        let mut paths: Vec<Vec<&'static str>> = Vec::new();
+        for (path, _) in typed_member_paths(model, &self.plan, root)? {
+            if !paths.contains(&path) {
+                paths.push(path);
+            }
+        }
+        Some(paths)
+    }
+}
+
+type TypedMemberPath = (Vec<&'static str>, model::TypeId);
+
+fn typed_member_paths(
+    model: &'static TypeModel,
+    plan: &Plan,
+    focus: TypedMemberPath,
+) -> Option<Vec<TypedMemberPath>> {
+    Some(match plan {
+        Plan::Focus => vec![focus],
+        Plan::Members { source, accesses } => {
+            let mut paths = Vec::new();
+            for (path, type_id) in typed_member_paths(model, source, focus)? {
+                for access in accesses.iter() {
+                    let accepts = match access.input {
+                        compile::InputType::Exactly(input) => input == type_id,
+                        compile::InputType::DerivedFrom(ancestor) => model.is_a(type_id, ancestor),
+                    };
+                    if !accepts {
+                        continue;
+                    }
+                    let mut extend = |json_name: &'static str, member_type| {
+                        let mut member_path = path.clone();
+                        member_path.push(json_name);
+                        paths.push((member_path, member_type));
+                    };
+                    match access.shape {
+                        model::ElementShape::Single { json_name, type_id } => {
+                            extend(json_name, *type_id)
+                        }
+                        model::ElementShape::Choice(options) => {
+                            for option in options.iter() {
+                                extend(&option.json_name, option.type_id);
+                            }
+                        }
+                    }
+                }
+            }
+            paths
+        }
+        Plan::Union(left, right) => {
+            let mut paths = typed_member_paths(model, left, focus.clone())?;
+            paths.extend(typed_member_paths(model, right, focus)?);
+            paths
+        }
+        Plan::OfType { source, accepted } | Plan::As { source, accepted } => {
+            typed_member_paths(model, source, focus)?
+                .into_iter()
+                .filter(|(_, type_id)| accepted.binary_search(type_id).is_ok())
+                .collect()
+        }
+        Plan::Where { source, .. } | Plan::Index { source, .. } => {
+            typed_member_paths(model, source, focus)?
+        }
+        Plan::Condition(_) => return None,
+    })
+}

@@ -22,6 +22,19 @@ const QUANTITY_SPECIALISATIONS: [&str; 6] = [
     "SimpleQuantity",
 ];
 
+/// The R4 primitives that specialise another primitive, with the one they specialise.
+const PRIMITIVE_SPECIALISATIONS: [(&str, &str); 9] = [
+    ("code", "string"),
+    ("id", "string"),
+    ("markdown", "string"),
+    ("url", "uri"),
+    ("canonical", "uri"),
+    ("oid", "uri"),
+    ("uuid", "uri"),
+    ("positiveInt", "integer"),
+    ("unsignedInt", "integer"),
+];
+
 /// An index into the model's types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) struct TypeId(u16);
@@ -211,6 +224,16 @@ impl TypeModel {
 
     pub(super) fn system_boolean(&self) -> TypeId {
         self.system_boolean
+    }
+
+    /// The primitive a FHIR primitive specialises (`string` for `code`), if any. Kept apart
+    /// from [`TypeModel::is_a`]: `ofType(string)` does not select `code` values.
+    pub(super) fn specialised_primitive(&self, type_id: TypeId) -> Option<TypeId> {
+        let key = self.key(type_id);
+        PRIMITIVE_SPECIALISATIONS
+            .iter()
+            .find(|(specialisation, _)| *specialisation == key)
+            .and_then(|(_, base)| self.by_key.get(base).copied())
     }
 
     /// Whether `candidate` is `ancestor` or derives from it.

@@ -259,9 +259,18 @@ fn tokenize(text: &str) -> Result<Vec<Spanned>, UnsupportedFhirPath> {
                 Token::Number(text[start..position].to_owned())
             }
             b'@' => {
-                position = scan_while(bytes, position + 1, |byte| {
-                    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b':' | b'+' | b'.')
-                });
+                position += 1;
+                while let Some(&byte) = bytes.get(position) {
+                    let fraction =
+                        byte == b'.' && bytes.get(position + 1).is_some_and(u8::is_ascii_digit);
+                    if !(byte.is_ascii_alphanumeric()
+                        || matches!(byte, b'-' | b':' | b'+')
+                        || fraction)
+                    {
+                        break;
+                    }
+                    position += 1;
+                }
                 Token::Temporal(text[start..position].to_owned())
             }
             b'$' | b'%' => {
