@@ -5,6 +5,7 @@
 
 mod body_parser;
 mod canonical_stream;
+mod date_prefixes;
 mod export_model;
 mod export_properties;
 mod json_oracle;

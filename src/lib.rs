@@ -11,7 +11,7 @@
 //! - [`load`]: the ndjson and Bundle loader behind `fhirlog load` and `serve --load`.
 //! - [`generate`]: the scale-data generator behind `fhirlog gen`.
 //! - [`sink`]: export destinations — the `Destination` trait over object_store (local, memory, S3, Azure), durability, ranged reads.
-//! - [`search`]: FHIR search — the FHIRPath subset of the R4 search parameter expressions.
+//! - [`search`]: FHIR search — the FHIRPath subset, the R4 parameter registry, typed queries and matching.
 //! - [`serve`]: `fhirlog serve` — open, load, listen, shut down gracefully.
 
 pub mod app;

@@ -72,12 +72,20 @@ enum Command {
         /// Resource types, comma-separated or repeated.
         #[arg(long = "type", value_delimiter = ',', value_parser = parse_resource_type)]
         types: Vec<ResourceType>,
+        /// A `_typeFilter` query such as `Observation?category=laboratory`; repeat for more
+        /// (queries for one type are ORed; types without one are exported whole).
+        #[arg(long = "type-filter")]
+        type_filters: Vec<String>,
         /// Only resources changed after this FHIR instant.
         #[arg(long, value_parser = parse_instant)]
         since: Option<Instant>,
         /// The store as it was at this FHIR instant.
         #[arg(long, alias = "till", value_parser = parse_instant)]
         until: Option<Instant>,
+        /// Keep only these top-level elements (`code` for every type that has it,
+        /// `Observation.code` for one type), comma-separated or repeated.
+        #[arg(long = "elements")]
+        elements: Vec<String>,
         #[command(flatten)]
         run: ExportRunArgs,
     },
@@ -157,8 +165,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             force,
             level,
             types,
+            type_filters,
             since,
             until,
+            elements,
             run,
         } => {
             let settings = run.one_shot_settings();
@@ -166,6 +176,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut parameters = ExportParameters::new(level);
             parameters.since = since;
             parameters.until = until;
+            parameters.type_filters = type_filters;
+            for value in &elements {
+                parameters.elements.add_value(value)?;
+            }
             if !types.is_empty() {
                 parameters.types = Some(types.into_iter().collect());
             }

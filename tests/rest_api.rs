@@ -116,7 +116,7 @@ fn metadata_is_a_fhir_4_0_1_capability_statement_instantiating_bulk_data() {
         .collect();
     assert_eq!(
         system_interactions,
-        BTreeSet::from(["batch", "transaction"])
+        BTreeSet::from(["batch", "history-system", "transaction"])
     );
     let resources = rest["resource"]
         .as_array()
@@ -146,6 +146,8 @@ fn metadata_is_a_fhir_4_0_1_capability_statement_instantiating_bulk_data() {
             "update",
             "delete",
             "history-instance",
+            "history-type",
+            "search-type",
             "create",
         ] {
             assert!(

@@ -2,13 +2,15 @@
 //! into a typed [`ExportRequest`] through one constructor, with a clear error for anything
 //! it cannot honour.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::fhir::compartment::{LiteralReference, PatientCompartment};
 use crate::fhir::{Instant, ResourceId, ResourceType};
+use crate::search::elements::ElementsSelection;
+use crate::search::query::{SearchQuery, SearchQueryError};
 use crate::sink::ContainerName;
 
 /// What an export covers.
@@ -30,8 +32,57 @@ pub struct ExportRequest {
     /// `patient=`: narrows a Patient or Group export to these patients.
     pub patients: Vec<ResourceId>,
     pub container: Option<ContainerName>,
+    /// `_elements`: which top-level elements output resources keep (empty: all).
+    #[serde(default)]
+    pub elements: ElementsSelection,
     /// Parameters ignored under `Prefer: handling=lenient`, reported in the `error` files.
     pub ignored_under_lenient: Vec<String>,
+    /// `_typeFilter`: per type, the queries a resource must meet one of.
+    pub type_filters: TypeFilters,
+}
+
+/// The `_typeFilter` queries of a request, per resource type, kept as the query text after
+/// `Type?` (so the job record stays plain data); each was parsed when the request was made
+/// and is parsed again where it is applied. Types without a query are exported whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeFilters(BTreeMap<ResourceType, Vec<String>>);
+
+/// The parsed `_typeFilter` queries for one type: a resource passes when it meets any.
+#[derive(Debug)]
+pub struct TypeFilter(Vec<SearchQuery>);
+
+impl TypeFilter {
+    pub fn matches(&self, resource: &Value) -> bool {
+        self.0.iter().any(|query| query.matches(resource))
+    }
+}
+
+impl TypeFilters {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The types that have a filter, with their query texts.
+    pub fn iter(&self) -> impl Iterator<Item = (ResourceType, &[String])> {
+        self.0
+            .iter()
+            .map(|(resource_type, queries)| (*resource_type, queries.as_slice()))
+    }
+
+    /// The parsed filter for `resource_type`; `None` when its resources are not filtered.
+    pub fn filter_for(
+        &self,
+        resource_type: ResourceType,
+    ) -> Result<Option<TypeFilter>, SearchQueryError> {
+        let Some(queries) = self.0.get(&resource_type) else {
+            return Ok(None);
+        };
+        let parsed = queries
+            .iter()
+            .map(|query| SearchQuery::parse(resource_type, query))
+            .collect::<Result<_, _>>()?;
+        Ok(Some(TypeFilter(parsed)))
+    }
 }
 
 /// Why a kick-off request is refused (400).
@@ -51,12 +102,7 @@ pub struct KickOff<'a> {
 }
 
 const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
-const UNSUPPORTED_PARAMETERS: [&str; 4] = [
-    "_typeFilter",
-    "_elements",
-    "includeAssociatedData",
-    "organizeOutputBy",
-];
+const UNSUPPORTED_PARAMETERS: [&str; 2] = ["includeAssociatedData", "organizeOutputBy"];
 
 fn invalid(message: impl Into<String>) -> InvalidExportRequest {
     InvalidExportRequest(message.into())
@@ -73,9 +119,12 @@ pub struct ExportParameters {
     pub types: Option<BTreeSet<ResourceType>>,
     pub patients: Vec<ResourceId>,
     pub container: Option<ContainerName>,
+    pub elements: ElementsSelection,
     /// Parameters this server does not honour, each with the reason; refused unless
     /// `lenient`.
     pub unsupported: Vec<String>,
+    /// `_typeFilter` values as given, each `Type?query`.
+    pub type_filters: Vec<String>,
     /// `Prefer: handling=lenient`: report what cannot be honoured instead of refusing.
     pub lenient: bool,
 }
@@ -90,7 +139,9 @@ impl ExportParameters {
             types: None,
             patients: Vec::new(),
             container: None,
+            elements: ElementsSelection::default(),
             unsupported: Vec::new(),
+            type_filters: Vec::new(),
             lenient: false,
         }
     }
@@ -106,7 +157,9 @@ impl ExportRequest {
             types: None,
             patients: Vec::new(),
             container: None,
+            elements: ElementsSelection::default(),
             ignored_under_lenient: Vec::new(),
+            type_filters: TypeFilters::default(),
         }
     }
 
@@ -124,7 +177,9 @@ impl ExportRequest {
             types,
             mut patients,
             container,
+            elements,
             unsupported,
+            type_filters,
             lenient,
         } = parameters;
         if let Some(problem) = unsupported.first()
@@ -161,6 +216,12 @@ impl ExportRequest {
         }
         patients.sort();
         patients.dedup();
+        let type_filters = parse_type_filters(
+            &type_filters,
+            types.as_ref(),
+            lenient,
+            &mut ignored_under_lenient,
+        )?;
         Ok(ExportRequest {
             level,
             since,
@@ -168,7 +229,9 @@ impl ExportRequest {
             types,
             patients,
             container,
+            elements,
             ignored_under_lenient,
+            type_filters,
         })
     }
 
@@ -215,9 +278,21 @@ impl ExportRequest {
                     }
                 }
                 "patient" => typed.patients.push(parse_patient_reference(&value)?),
+                "_typeFilter" => typed.type_filters.push(value),
                 "_container" => {
                     let container = ContainerName::parse(&value).map_err(|error| invalid(format!("_container: {error}")))?;
                     set_once(&mut typed.container, container, "_container")?;
+                }
+                "_elements" => {
+                    let mut names: Vec<&str> = value.split(',').filter(|name| !name.trim().is_empty()).collect();
+                    if names.is_empty() {
+                        names.push(&value);
+                    }
+                    for name in names {
+                        if let Err(error) = typed.elements.add_value(name) {
+                            typed.unsupported.push(error.to_string());
+                        }
+                    }
                 }
                 "allowPartialManifests" => {
                     if value != "true" && value != "false" {
@@ -232,6 +307,44 @@ impl ExportRequest {
         }
         ExportRequest::new(typed, kick_off.now)
     }
+}
+
+/// Checks each `Type?query` value: the type must be one `_type` names (when given), and the
+/// query must parse; a query that does not is refused, or under lenient handling dropped
+/// and reported. Several queries for one type are kept side by side (ORed).
+fn parse_type_filters(
+    values: &[String],
+    types: Option<&BTreeSet<ResourceType>>,
+    lenient: bool,
+    ignored_under_lenient: &mut Vec<String>,
+) -> Result<TypeFilters, InvalidExportRequest> {
+    let mut filters: BTreeMap<ResourceType, Vec<String>> = BTreeMap::new();
+    for value in values {
+        let (type_name, query) = value.split_once('?').unwrap_or((value.as_str(), ""));
+        let resource_type = ResourceType::parse(type_name).map_err(|_| {
+            invalid(format!(
+                "_typeFilter '{value}' does not start with a resource type and '?', as in Observation?category=laboratory"
+            ))
+        })?;
+        if types.is_some_and(|types| !types.contains(&resource_type)) {
+            return Err(invalid(format!(
+                "_typeFilter '{value}' filters {resource_type}, which _type does not include"
+            )));
+        }
+        if let Err(problem) = SearchQuery::parse(resource_type, query) {
+            let message = format!("_typeFilter '{value}': {problem}");
+            if !lenient {
+                return Err(invalid(message));
+            }
+            ignored_under_lenient.push(format!("{message}; this filter was ignored"));
+            continue;
+        }
+        let queries = filters.entry(resource_type).or_default();
+        if !queries.iter().any(|known| known == query) {
+            queries.push(query.to_owned());
+        }
+    }
+    Ok(TypeFilters(filters))
 }
 
 fn require_headers(kick_off: &KickOff<'_>) -> Result<(), InvalidExportRequest> {
@@ -399,8 +512,12 @@ mod tests {
             ),
             ("_type=Patient,Nope", "Nope"),
             ("_container=../etc", "container"),
-            ("_typeFilter=Observation%3Fstatus%3Dfinal", "_typeFilter"),
-            ("_elements=id", "_elements"),
+            (
+                "_typeFilter=Observation%3Fstatus%3Dnope%26bogus%3D1",
+                "bogus",
+            ),
+            ("_elements=code,nonsense", "nonsense"),
+            ("_elements=Observation.gender", "Observation.gender"),
             (
                 "includeAssociatedData=LatestProvenanceResources",
                 "includeAssociatedData",
@@ -464,11 +581,152 @@ mod tests {
     #[test]
     fn lenient_handling_ignores_and_reports() {
         let request = ExportRequest::parse(&kick_off(
-            "_elements=id&zzz=1",
+            "_elements=code,Observation.bogus&zzz=1",
             vec!["respond-async, handling=lenient"],
         ))
         .unwrap();
         assert_eq!(request.ignored_under_lenient.len(), 2);
+        assert!(request.ignored_under_lenient[0].contains("Observation.bogus"));
+        let observation = ResourceType::parse("Observation").unwrap();
+        assert!(request.elements.applies_to(observation));
+    }
+
+    #[test]
+    fn elements_parse_from_the_query_and_from_a_parameters_body() {
+        let observation = ResourceType::parse("Observation").unwrap();
+        let from_query = parse("_elements=Observation.code&_elements=subject").unwrap();
+        assert!(from_query.elements.applies_to(observation));
+        assert!(from_query.elements.applies_to(ResourceType::PATIENT));
+        let body = br#"{"resourceType":"Parameters","parameter":[
+            {"name":"_elements","valueString":"Observation.code,Observation.subject"}]}"#;
+        let mut post = kick_off("", vec!["respond-async"]);
+        post.is_post = true;
+        post.body = body;
+        let from_body = ExportRequest::parse(&post).unwrap();
+        assert!(from_body.elements.applies_to(observation));
+        assert!(!from_body.elements.applies_to(ResourceType::PATIENT));
+    }
+
+    fn filter_texts(request: &ExportRequest) -> Vec<(String, Vec<String>)> {
+        request
+            .type_filters
+            .iter()
+            .map(|(resource_type, queries)| (resource_type.to_string(), queries.to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn type_filters_are_kept_per_type_with_their_inner_encoding() {
+        let request = parse(
+            "_type=Observation,Condition&_typeFilter=Observation%3Fcategory%3Dlaboratory%252Cvital-signs%26date%3Dge2015-01-01&_typeFilter=Observation%3Fstatus%3Dfinal&_typeFilter=Condition%3Fclinical-status%3Dactive",
+        )
+        .unwrap();
+        assert_eq!(
+            filter_texts(&request),
+            vec![
+                (
+                    "Condition".to_owned(),
+                    vec!["clinical-status=active".to_owned()]
+                ),
+                (
+                    "Observation".to_owned(),
+                    vec![
+                        "category=laboratory%2Cvital-signs&date=ge2015-01-01".to_owned(),
+                        "status=final".to_owned()
+                    ]
+                ),
+            ]
+        );
+        let observation = ResourceType::parse("Observation").unwrap();
+        let filter = request
+            .type_filters
+            .filter_for(observation)
+            .unwrap()
+            .unwrap();
+        let vital = serde_json::json!({"resourceType": "Observation", "status": "final",
+            "category": [{"coding": [{"code": "vital-signs"}]}], "effectiveDateTime": "2014-01-01"});
+        assert!(filter.matches(&vital), "the second query matches");
+        let amended = serde_json::json!({"resourceType": "Observation", "status": "amended",
+            "category": [{"coding": [{"code": "vital-signs"}]}], "effectiveDateTime": "2016-01-01"});
+        assert!(
+            filter.matches(&amended),
+            "the encoded comma ORs the categories"
+        );
+        let old = serde_json::json!({"resourceType": "Observation", "status": "amended",
+            "category": [{"coding": [{"code": "laboratory"}]}], "effectiveDateTime": "2014-01-01"});
+        assert!(!filter.matches(&old));
+        assert!(
+            request
+                .type_filters
+                .filter_for(ResourceType::PATIENT)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn type_filters_outside_type_or_malformed_are_refused_by_name() {
+        for (query, named) in [
+            (
+                "_type=Patient&_typeFilter=Observation%3Fstatus%3Dfinal",
+                "_type does not include",
+            ),
+            (
+                "_typeFilter=Observation%3Fcode-value-quantity%3Dx",
+                "code-value-quantity",
+            ),
+            ("_typeFilter=Observation%3F_sort%3Ddate", "_sort"),
+            ("_typeFilter=Observation%3Fdate%3Dge2015-13", "ge2015-13"),
+            ("_typeFilter=Observation%3Ffamily%3Dx", "family"),
+            ("_typeFilter=status%3Dfinal", "status=final"),
+            ("_typeFilter=Nonsense%3Fstatus%3Dfinal", "Nonsense"),
+        ] {
+            let refused = parse(query).unwrap_err();
+            assert!(refused.0.contains(named), "{query}: {refused}");
+        }
+    }
+
+    #[test]
+    fn lenient_handling_drops_a_bad_type_filter_and_reports_it() {
+        let request = ExportRequest::parse(&kick_off(
+            "_typeFilter=Observation%3F_include%3DObservation%3Asubject&_typeFilter=Condition%3Fclinical-status%3Dactive",
+            vec!["respond-async, handling=lenient"],
+        ))
+        .unwrap();
+        assert_eq!(
+            filter_texts(&request),
+            vec![(
+                "Condition".to_owned(),
+                vec!["clinical-status=active".to_owned()]
+            )]
+        );
+        assert_eq!(request.ignored_under_lenient.len(), 1);
+        assert!(request.ignored_under_lenient[0].contains("_include"));
+        let outside = ExportRequest::parse(&kick_off(
+            "_type=Patient&_typeFilter=Observation%3Fstatus%3Dfinal",
+            vec!["respond-async, handling=lenient"],
+        ));
+        assert!(
+            outside.is_err(),
+            "a filter outside _type is refused even when lenient"
+        );
+    }
+
+    #[test]
+    fn post_parameters_carry_type_filters() {
+        let body = br#"{"resourceType":"Parameters","parameter":[
+            {"name":"_typeFilter","valueString":"Observation?category=laboratory%2Cvital-signs"}]}"#;
+        let mut post = kick_off("", vec!["respond-async"]);
+        post.is_post = true;
+        post.body = body;
+        let request = ExportRequest::parse(&post).unwrap();
+        assert_eq!(
+            filter_texts(&request),
+            vec![(
+                "Observation".to_owned(),
+                vec!["category=laboratory%2Cvital-signs".to_owned()]
+            )]
+        );
     }
 
     #[test]

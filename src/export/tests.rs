@@ -593,3 +593,215 @@ fn an_export_running_while_the_store_refuses_writes_completes_once_it_takes_them
         other => panic!("the export did not complete: {other:?}"),
     }
 }
+
+/// A request at `level` with `_typeFilter` values, built through the one constructor.
+fn filtered_request(level: ExportLevel, type_filters: &[&str]) -> ExportRequest {
+    let mut parameters = ExportParameters::new(level);
+    parameters.type_filters = type_filters.iter().map(|text| text.to_string()).collect();
+    ExportRequest::new(parameters, Instant::now()).unwrap()
+}
+
+fn categorised_observation(id: &str, patient: &str, category: &str, status: &str) -> String {
+    format!(
+        r#"{{"resourceType":"Observation","id":"{id}","status":"{status}","category":[{{"coding":[{{"code":"{category}"}}]}}],"code":{{}},"subject":{{"reference":"Patient/{patient}"}}}}"#
+    )
+}
+
+fn condition(id: &str, patient: &str, clinical_status: &str) -> String {
+    format!(
+        r#"{{"resourceType":"Condition","id":"{id}","clinicalStatus":{{"coding":[{{"code":"{clinical_status}"}}]}},"subject":{{"reference":"Patient/{patient}"}}}}"#
+    )
+}
+
+fn ids(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|name| name.to_string()).collect()
+}
+
+#[test]
+fn type_filter_on_one_type_neither_lets_another_filtered_type_through_nor_drops_an_unfiltered_type()
+{
+    let harness = Harness::new();
+    harness.put(r#"{"resourceType":"Patient","id":"p1"}"#);
+    harness.put(&categorised_observation("lab", "p1", "laboratory", "final"));
+    harness.put(&categorised_observation(
+        "vital",
+        "p1",
+        "vital-signs",
+        "final",
+    ));
+    harness.put(&condition("active", "p1", "active"));
+    harness.put(&condition("resolved", "p1", "resolved"));
+    let engine = harness.engine(small_settings(100));
+    let (_, contents) = harness.run(
+        &engine,
+        filtered_request(
+            ExportLevel::System,
+            &[
+                "Observation?category=laboratory",
+                "Condition?clinical-status=active",
+            ],
+        ),
+    );
+    assert_eq!(ids_in(&contents, "Observation-"), ids(&["lab"]));
+    assert_eq!(ids_in(&contents, "Condition-"), ids(&["active"]));
+    assert_eq!(ids_in(&contents, "Patient-"), ids(&["p1"]));
+}
+
+#[test]
+fn overlapping_type_filters_for_one_type_export_a_resource_once() {
+    let harness = Harness::new();
+    harness.put(&categorised_observation(
+        "both",
+        "p1",
+        "laboratory",
+        "final",
+    ));
+    harness.put(&categorised_observation(
+        "lab-only",
+        "p1",
+        "laboratory",
+        "preliminary",
+    ));
+    harness.put(&categorised_observation(
+        "final-only",
+        "p1",
+        "imaging",
+        "final",
+    ));
+    harness.put(&categorised_observation(
+        "neither",
+        "p1",
+        "imaging",
+        "preliminary",
+    ));
+    let engine = harness.engine(small_settings(100));
+    let (_, contents) = harness.run(
+        &engine,
+        filtered_request(
+            ExportLevel::System,
+            &[
+                "Observation?category=laboratory",
+                "Observation?status=final",
+            ],
+        ),
+    );
+    assert_eq!(
+        ids_in(&contents, "Observation-"),
+        ids(&["both", "lab-only", "final-only"])
+    );
+    assert_eq!(
+        contents["Observation-1.ndjson"].len(),
+        3,
+        "no resource twice"
+    );
+}
+
+#[test]
+fn group_and_patient_exports_filter_member_resources() {
+    let harness = Harness::new();
+    for patient in ["p1", "p2", "outsider"] {
+        harness.put(&format!(r#"{{"resourceType":"Patient","id":"{patient}"}}"#));
+        harness.put(&categorised_observation(
+            &format!("{patient}-lab"),
+            patient,
+            "laboratory",
+            "final",
+        ));
+        harness.put(&categorised_observation(
+            &format!("{patient}-vital"),
+            patient,
+            "vital-signs",
+            "final",
+        ));
+    }
+    harness.put(
+        r#"{"resourceType":"Group","id":"g","type":"person","actual":true,"member":[
+            {"entity":{"reference":"Patient/p1"}},{"entity":{"reference":"Patient/p2"}}]}"#,
+    );
+    let engine = harness.engine(small_settings(100));
+    let group = ExportLevel::Group(ResourceId::parse("g").unwrap());
+    let (_, members) = harness.run(
+        &engine,
+        filtered_request(group.clone(), &["Observation?category=laboratory"]),
+    );
+    assert_eq!(ids_in(&members, "Observation-"), ids(&["p1-lab", "p2-lab"]));
+    assert_eq!(ids_in(&members, "Patient-"), ids(&["p1", "p2"]));
+
+    let mut narrowed = ExportParameters::new(group);
+    narrowed.patients = vec![ResourceId::parse("p2").unwrap()];
+    narrowed.type_filters = vec!["Observation?category=vital-signs".to_owned()];
+    let (_, narrowed) = harness.run(
+        &engine,
+        ExportRequest::new(narrowed, Instant::now()).unwrap(),
+    );
+    assert_eq!(ids_in(&narrowed, "Observation-"), ids(&["p2-vital"]));
+
+    let (_, everyone) = harness.run(
+        &engine,
+        filtered_request(
+            ExportLevel::AllPatients,
+            &["Observation?category=laboratory"],
+        ),
+    );
+    assert_eq!(
+        ids_in(&everyone, "Observation-"),
+        ids(&["p1-lab", "p2-lab", "outsider-lab"])
+    );
+}
+
+#[test]
+fn a_type_filter_with_until_matches_the_resource_as_it_was_at_the_snapshot() {
+    let harness = Harness::new();
+    harness.put(&categorised_observation(
+        "o1",
+        "p1",
+        "laboratory",
+        "preliminary",
+    ));
+    harness.put(&categorised_observation("o2", "p1", "laboratory", "final"));
+    let snapshot = harness.put(r#"{"resourceType":"Patient","id":"p1"}"#);
+    std::thread::sleep(Duration::from_millis(2));
+    harness.put(&categorised_observation("o1", "p1", "laboratory", "final"));
+    harness.put(&categorised_observation(
+        "o2",
+        "p1",
+        "laboratory",
+        "amended",
+    ));
+    let engine = harness.engine(small_settings(100));
+    let as_it_was = |filter: &str| {
+        let mut parameters = ExportParameters::new(ExportLevel::System);
+        parameters.until = Some(snapshot);
+        parameters.type_filters = vec![filter.to_owned()];
+        ExportRequest::new(parameters, Instant::now()).unwrap()
+    };
+    let (_, final_then) = harness.run(&engine, as_it_was("Observation?status=final"));
+    assert_eq!(ids_in(&final_then, "Observation-"), ids(&["o2"]));
+    assert!(final_then["Observation-1.ndjson"][0].contains(r#""final""#));
+    let (_, preliminary_then) = harness.run(&engine, as_it_was("Observation?status=preliminary"));
+    assert_eq!(ids_in(&preliminary_then, "Observation-"), ids(&["o1"]));
+    let (_, final_now) = harness.run(
+        &engine,
+        filtered_request(ExportLevel::System, &["Observation?status=final"]),
+    );
+    assert_eq!(ids_in(&final_now, "Observation-"), ids(&["o1"]));
+}
+
+#[test]
+fn a_type_filter_dropped_under_lenient_handling_reaches_the_error_file() {
+    let harness = Harness::new();
+    harness.put(&categorised_observation("o1", "p1", "laboratory", "final"));
+    let engine = harness.engine(small_settings(100));
+    let mut parameters = ExportParameters::new(ExportLevel::System);
+    parameters.lenient = true;
+    parameters.type_filters = vec!["Observation?_sort=date".to_owned()];
+    let request = ExportRequest::new(parameters, Instant::now()).unwrap();
+    let (record, contents) = harness.run(&engine, request);
+    assert_eq!(ids_in(&contents, "Observation-"), ids(&["o1"]));
+    let error_file = record
+        .files
+        .iter()
+        .find(|file| file.kind == FileKind::Error)
+        .unwrap();
+    assert!(contents[&error_file.name][0].contains("_sort"));
+}

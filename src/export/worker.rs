@@ -5,12 +5,13 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::error::ExportError;
 use super::files;
 use super::job::{FileKind, StreamCheckpoint, UnitCheckpoint, UnitSource, WorkUnit, WrittenPart};
 use super::registry::JobHandle;
+use super::request::TypeFilter;
 use crate::fhir::ResourceType;
 use crate::sink::{ContainerStore, ObjectUpload};
 use crate::store::{EventView, ScanControl, SeqWindow, Store, StoreError};
@@ -170,6 +171,19 @@ pub fn run_unit(
         after_seq: resume_after,
         through_seq: unit.seqs.through_seq,
     };
+    let elements = {
+        let record = job.record();
+        let elements = &record.request.elements;
+        elements
+            .applies_to(unit.resource_type)
+            .then(|| elements.clone())
+    };
+    let type_filter = job
+        .record()
+        .request
+        .type_filters
+        .filter_for(unit.resource_type)
+        .map_err(|problem| ExportError::invalid_request(format!("_typeFilter: {problem}")))?;
     let mut failure: Option<ExportError> = None;
     let mut visited = 0u64;
     let mut handle_event = |view: &EventView<'_>| -> ScanControl {
@@ -182,7 +196,7 @@ pub fn run_unit(
             }
         }
         let outcome = keep_event(store, unit.source, view).and_then(|keep| {
-            if !keep {
+            if !keep || !passes_type_filter(type_filter.as_ref(), view)? {
                 return Ok(());
             }
             let pushed = if view.deleted {
@@ -190,6 +204,13 @@ pub fn run_unit(
                     return Ok(());
                 }
                 deleted.push(&run, view.seq, deleted_bundle_line(view).as_bytes())?
+            } else if let Some(elements) = &elements {
+                let subset = elements
+                    .apply_to_body(view.resource_type, view.body)
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!("event {} holds no JSON object", view.seq))
+                    })?;
+                output.push(&run, view.seq, &subset)?
             } else {
                 output.push(&run, view.seq, view.body)?
             };
@@ -269,6 +290,27 @@ fn save_checkpoint(
         }
         saved => Ok(saved?),
     }
+}
+
+/// Whether a live version meets its type's `_typeFilter` (always, without one). Only
+/// filtered types are parsed. Deletions carry no body to test and pass.
+fn passes_type_filter(
+    type_filter: Option<&TypeFilter>,
+    view: &EventView<'_>,
+) -> Result<bool, ExportError> {
+    let Some(type_filter) = type_filter else {
+        return Ok(true);
+    };
+    if view.deleted {
+        return Ok(true);
+    }
+    let resource: Value = serde_json::from_slice(view.body).map_err(|error| {
+        StoreError::Corrupt(format!(
+            "stored {}/{} at seq {} is not JSON: {error}",
+            view.resource_type, view.id, view.seq
+        ))
+    })?;
+    Ok(type_filter.matches(&resource))
 }
 
 /// Whether the unit's source covers this event.

@@ -6,6 +6,7 @@ use warp::reply::Response as WarpResponse;
 
 use super::{AppState, response};
 use crate::fhir::{Instant, ResourceType};
+use crate::search::registry::SearchParameterRegistry;
 
 pub const BULK_DATA_CAPABILITY: &str =
     "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data";
@@ -14,6 +15,22 @@ const PATIENT_EXPORT_DEFINITION: &str =
     "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export";
 const GROUP_EXPORT_DEFINITION: &str =
     "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export";
+const EXPORT_DOCUMENTATION: &str = "Bulk Data $export at system, Patient and Group level with _type, _since, _until, patient and _typeFilter. A _typeFilter value is Type?query over the search parameters listed under rest.resource.searchParam for that type; several filters for one type are ORed, types without a filter are exported whole, and a filter on a type outside _type, an unsupported parameter or a malformed query is refused (or, under Prefer: handling=lenient, dropped and reported in the error file).";
+
+/// The search parameters of one type this server evaluates: `rest.resource[].searchParam`.
+fn search_parameters_of(resource_type: ResourceType) -> Vec<Value> {
+    SearchParameterRegistry::r4()
+        .parameters_of(resource_type)
+        .filter(|parameter| parameter.compiled().is_ok())
+        .map(|parameter| {
+            json!({
+                "name": parameter.code,
+                "definition": parameter.definition_url,
+                "type": parameter.parameter_type.as_str(),
+            })
+        })
+        .collect()
+}
 
 pub fn capability_statement(state: &AppState) -> WarpResponse {
     let interactions = [
@@ -22,7 +39,9 @@ pub fn capability_statement(state: &AppState) -> WarpResponse {
         "update",
         "delete",
         "history-instance",
+        "history-type",
         "create",
+        "search-type",
     ];
     let resources: Vec<Value> = ResourceType::all()
         .map(|resource_type| {
@@ -32,6 +51,7 @@ pub fn capability_statement(state: &AppState) -> WarpResponse {
                 "versioning": "versioned-update",
                 "readHistory": true,
                 "updateCreate": true,
+                "searchParam": search_parameters_of(resource_type),
             });
             let export_definition = match resource_type {
                 ResourceType::PATIENT => Some(PATIENT_EXPORT_DEFINITION),
@@ -39,7 +59,7 @@ pub fn capability_statement(state: &AppState) -> WarpResponse {
                 _ => None,
             };
             if let Some(definition) = export_definition {
-                resource["operation"] = json!([{"name": "export", "definition": definition}]);
+                resource["operation"] = json!([{"name": "export", "definition": definition, "documentation": EXPORT_DOCUMENTATION}]);
             }
             resource
         })
@@ -58,8 +78,8 @@ pub fn capability_statement(state: &AppState) -> WarpResponse {
         "rest": [{
             "mode": "server",
             "resource": resources,
-            "interaction": [{"code": "transaction"}, {"code": "batch"}],
-            "operation": [{"name": "export", "definition": EXPORT_DEFINITION}],
+            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+            "operation": [{"name": "export", "definition": EXPORT_DEFINITION, "documentation": EXPORT_DOCUMENTATION}],
         }],
     });
     if let Some(issuer) = state.auth.issuer() {
@@ -75,4 +95,40 @@ pub fn capability_statement(state: &AppState) -> WarpResponse {
         });
     }
     response::fhir_json(StatusCode::OK, &statement)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_the_supported_search_parameters_of_each_type() {
+        let started = std::time::Instant::now();
+        let listed: usize = ResourceType::all()
+            .map(|resource_type| search_parameters_of(resource_type).len())
+            .sum();
+        eprintln!(
+            "{listed} search parameters listed in {:?}",
+            started.elapsed()
+        );
+        let observation = search_parameters_of(ResourceType::parse("Observation").unwrap());
+        let code = observation
+            .iter()
+            .find(|parameter| parameter["name"] == "code")
+            .expect("Observation lists code");
+        assert_eq!(
+            code["definition"],
+            "http://hl7.org/fhir/SearchParameter/clinical-code"
+        );
+        assert_eq!(code["type"], "token");
+        let names: Vec<&str> = observation
+            .iter()
+            .filter_map(|parameter| parameter["name"].as_str())
+            .collect();
+        assert!(names.contains(&"_lastUpdated") && names.contains(&"patient"));
+        assert!(
+            !names.contains(&"code-value-quantity"),
+            "composites are not listed"
+        );
+    }
 }

@@ -3,10 +3,13 @@
 
 use warp::http::StatusCode;
 
+use super::paging::PagingError;
 use crate::auth::{AccessError, OAuthErrorCode, TokenRequestError};
 use crate::export::{ExportError, ExportErrorKind};
 use crate::fhir::canonical::ResourceBodyError;
 use crate::fhir::outcome::{IssueKind, OperationOutcome};
+use crate::search::elements::ElementsError;
+use crate::search::query::SearchQueryError;
 use crate::sink::SinkError;
 use crate::store::{StoreError, WriteRejection};
 
@@ -37,6 +40,13 @@ pub enum ApiError {
     HeadersTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// Bad paging, `_summary` or history parameters.
+    #[error(transparent)]
+    Paging(#[from] PagingError),
+    #[error(transparent)]
+    SearchQuery(#[from] SearchQueryError),
+    #[error(transparent)]
+    Elements(#[from] ElementsError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -62,7 +72,11 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) | ApiError::InvalidBody(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_)
+            | ApiError::InvalidBody(_)
+            | ApiError::Paging(_)
+            | ApiError::SearchQuery(_)
+            | ApiError::Elements(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -106,7 +120,15 @@ impl ApiError {
 
     pub fn issue_kind(&self) -> IssueKind {
         match self {
-            ApiError::BadRequest(_) => IssueKind::Invalid,
+            ApiError::BadRequest(_) | ApiError::Paging(_) | ApiError::Elements(_) => {
+                IssueKind::Invalid
+            }
+            ApiError::SearchQuery(
+                SearchQueryError::ResultParameter { .. }
+                | SearchQueryError::UnsupportedParameter { .. }
+                | SearchQueryError::UnsupportedModifier { .. },
+            ) => IssueKind::NotSupported,
+            ApiError::SearchQuery(_) => IssueKind::Invalid,
             ApiError::InvalidBody(_) => IssueKind::Structure,
             ApiError::NotFound(_) => IssueKind::NotFound,
             ApiError::Gone(_) => IssueKind::Deleted,

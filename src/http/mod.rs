@@ -9,10 +9,13 @@ pub mod error;
 mod export;
 pub mod front_door;
 mod health;
+mod history;
+mod paging;
 mod request;
 mod resource;
 mod response;
 mod router;
+mod search;
 mod token;
 
 use std::convert::Infallible;

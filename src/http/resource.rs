@@ -1,9 +1,8 @@
-//! Instance and type interactions: create, read, update, delete, vread, history.
+//! Instance and type interactions: create, read, update, delete, vread.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde_json::{Value, json};
 use warp::http::StatusCode;
 use warp::reply::Response as WarpResponse;
 
@@ -252,52 +251,4 @@ pub async fn delete(
         reply.headers_mut().insert(warp::http::header::ETAG, etag);
     }
     Ok(reply)
-}
-
-pub async fn history(
-    state: Arc<AppState>,
-    resource_type: ResourceType,
-    id: ResourceId,
-) -> Result<WarpResponse, ApiError> {
-    let store = state.store.clone();
-    let lookup_id = id.clone();
-    let versions = run_blocking(move || Ok(store.history(resource_type, &lookup_id)?)).await?;
-    if versions.is_empty() {
-        return Err(ApiError::NotFound(format!(
-            "{resource_type}/{id} is not known"
-        )));
-    }
-    let base_url = state.base_url.as_str();
-    let entries: Vec<Value> = versions
-        .iter()
-        .map(|version| {
-            let (method, url, status) = match (&version.body, version.version) {
-                (None, _) => ("DELETE", format!("{resource_type}/{id}"), "200 OK"),
-                (Some(_), 1) => ("POST", resource_type.to_string(), "201 Created"),
-                (Some(_), _) => ("PUT", format!("{resource_type}/{id}"), "200 OK"),
-            };
-            let mut entry = json!({
-                "fullUrl": format!("{base_url}/{resource_type}/{id}"),
-                "request": { "method": method, "url": url },
-                "response": {
-                    "status": status,
-                    "etag": version_etag(version.version),
-                    "lastModified": version.last_updated.to_fhir_string(),
-                },
-            });
-            if let Some(body) = &version.body
-                && let Ok(resource) = serde_json::from_str::<Value>(body)
-            {
-                entry["resource"] = resource;
-            }
-            entry
-        })
-        .collect();
-    let bundle = json!({
-        "resourceType": "Bundle",
-        "type": "history",
-        "total": entries.len(),
-        "entry": entries,
-    });
-    Ok(response::fhir_json(StatusCode::OK, &bundle))
 }

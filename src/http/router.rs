@@ -7,9 +7,12 @@ use warp::http::{HeaderMap, Method};
 use warp::reply::Response as WarpResponse;
 
 use super::export::KickOffRequest;
+use super::history::HistoryTarget;
 use super::request::CapturedRequest;
+use super::search::SearchInput;
 use super::{
-    ApiError, AppState, bundle, capability, download, export, health, resource, response, token,
+    ApiError, AppState, bundle, capability, download, export, health, history, resource, response,
+    search, token,
 };
 use crate::auth::Caller;
 use crate::auth::scopes::Access;
@@ -43,6 +46,14 @@ pub enum Interaction {
         resource_type: ResourceType,
         id: ResourceId,
     },
+    TypeHistory {
+        resource_type: ResourceType,
+    },
+    /// `GET /fhir/{type}?…` or `POST /fhir/{type}/_search`.
+    Search {
+        resource_type: ResourceType,
+    },
+    SystemHistory,
     VersionRead {
         resource_type: ResourceType,
         id: ResourceId,
@@ -123,7 +134,28 @@ async fn dispatch(
             resource::delete(state, resource_type, id, expected_version).await
         }
         Interaction::History { resource_type, id } => {
-            resource::history(state, resource_type, id).await
+            let target = HistoryTarget::Instance(resource_type, id);
+            history::history(state, target, request.query).await
+        }
+        Interaction::TypeHistory { resource_type } => {
+            history::history(state, HistoryTarget::Type(resource_type), request.query).await
+        }
+        Interaction::SystemHistory => {
+            history::history(state, HistoryTarget::System, request.query).await
+        }
+        Interaction::Search { resource_type } => {
+            let form_body = if request.method == Method::POST && !body.is_empty() {
+                require_form_content_type(&request.headers)?;
+                Some(body)
+            } else {
+                None
+            };
+            let input = SearchInput {
+                resource_type,
+                query: request.query,
+                form_body,
+            };
+            search::search(state, input).await
         }
         Interaction::VersionRead {
             resource_type,
@@ -176,9 +208,12 @@ fn authorize(
     match interaction {
         Interaction::Read { resource_type, .. }
         | Interaction::History { resource_type, .. }
+        | Interaction::TypeHistory { resource_type }
+        | Interaction::Search { resource_type }
         | Interaction::VersionRead { resource_type, .. } => {
             caller.require(*resource_type, Access::Read)?
         }
+        Interaction::SystemHistory => caller.require_on_every_type(&[Access::Read])?,
         Interaction::Create { resource_type } => caller.require(*resource_type, Access::Create)?,
         Interaction::Update { resource_type, .. } => {
             caller.require(*resource_type, Access::Update)?
@@ -285,6 +320,10 @@ pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, Api
             Method::GET => Ok(Interaction::Capabilities),
             _ => Err(not_allowed("GET")),
         },
+        ["_history"] => match *method {
+            Method::GET => Ok(Interaction::SystemHistory),
+            _ => Err(not_allowed("GET")),
+        },
         [".well-known", "smart-configuration"] => match *method {
             Method::GET => Ok(Interaction::SmartConfiguration),
             _ => Err(not_allowed("GET")),
@@ -293,7 +332,22 @@ pub fn parse_interaction(method: &Method, path: &str) -> Result<Interaction, Api
             let resource_type = parse_type(type_name)?;
             match *method {
                 Method::POST => Ok(Interaction::Create { resource_type }),
+                Method::GET => Ok(Interaction::Search { resource_type }),
+                _ => Err(not_allowed("GET, POST")),
+            }
+        }
+        [type_name, "_search"] => {
+            let resource_type = parse_type(type_name)?;
+            match *method {
+                Method::POST => Ok(Interaction::Search { resource_type }),
                 _ => Err(not_allowed("POST")),
+            }
+        }
+        [type_name, "_history"] => {
+            let resource_type = parse_type(type_name)?;
+            match *method {
+                Method::GET => Ok(Interaction::TypeHistory { resource_type }),
+                _ => Err(not_allowed("GET")),
             }
         }
         [type_name, id] => {
@@ -380,6 +434,23 @@ fn require_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
             "Content-Type '{}' is not supported; send application/fhir+json",
             truncate(content_type)
         ))),
+    }
+}
+
+/// A `_search` body must be a form.
+fn require_form_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .map(|value| value.to_str().unwrap_or("(not text)"))
+        .unwrap_or("(none)");
+    let media_type = content_type.split(';').next().unwrap_or_default().trim();
+    if media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type '{}' is not supported for _search; send application/x-www-form-urlencoded",
+            truncate(content_type)
+        )))
     }
 }
 

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
-pub use read::{ProjectionDump, StoredVersion};
+pub use read::{HistoryPage, HistoryRead, HistoryScope, ProjectionDump, StoredVersion};
 pub use rebuild::RebuildSummary;
 pub use record::{decode as decode_record, encode as encode_record};
 pub use scan::{EventView, ScanControl, SeqWindow};

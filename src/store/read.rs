@@ -15,6 +15,32 @@ pub struct StoredVersion {
     pub body: Option<String>,
 }
 
+/// Whose history a bounded history read covers.
+#[derive(Debug, Clone, Copy)]
+pub enum HistoryScope<'a> {
+    Instance(ResourceType, &'a ResourceId),
+    Type(ResourceType),
+    System,
+}
+
+/// One page of a history read over a fixed snapshot: the versions (deletes included)
+/// with seq at most `snapshot_seq` and below `before_seq`, committed at or after `since`,
+/// newest first, at most `count` of them.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryRead {
+    pub snapshot_seq: u64,
+    pub before_seq: Option<u64>,
+    pub since: Option<Instant>,
+    pub count: usize,
+}
+
+/// The versions of one history page, newest first; `more` when older ones follow.
+#[derive(Debug)]
+pub struct HistoryPage {
+    pub versions: Vec<StoredVersion>,
+    pub more: bool,
+}
+
 /// Every projection keyspace's entries, by name, for comparing two stores.
 pub type ProjectionDump = Vec<(&'static str, Vec<(Vec<u8>, Vec<u8>)>)>;
 
@@ -55,7 +81,104 @@ impl Store {
         self.read_event(resource_type, seq).map(Some)
     }
 
-    /// Every version, newest first.
+    /// One bounded page of history (see [`HistoryRead`]): reads at most `count + 1`
+    /// versions whatever the size of the history.
+    pub fn history_page(
+        &self,
+        scope: HistoryScope<'_>,
+        read: HistoryRead,
+    ) -> Result<HistoryPage, StoreError> {
+        let upper_seq = match read.before_seq {
+            Some(before_seq) => read.snapshot_seq.min(before_seq.saturating_sub(1)),
+            None => read.snapshot_seq,
+        };
+        let mut versions = Vec::new();
+        let mut more = false;
+        let mut take = |version: StoredVersion| {
+            if read.since.is_some_and(|since| version.last_updated < since) {
+                return false;
+            }
+            if versions.len() == read.count {
+                more = true;
+                return false;
+            }
+            versions.push(version);
+            true
+        };
+        let keyspaces = self.keyspaces();
+        match scope {
+            HistoryScope::Instance(resource_type, id) => {
+                for entry in keyspaces
+                    .history
+                    .prefix(keys::history_prefix(resource_type, id.as_str()))
+                    .rev()
+                {
+                    let (_, seq_bytes) = entry.into_inner()?;
+                    let seq = keys::parse_seq(&seq_bytes)
+                        .ok_or_else(|| StoreError::Corrupt("bad history entry".to_owned()))?;
+                    if seq > upper_seq {
+                        continue;
+                    }
+                    if !take(self.read_event(resource_type, seq)?) {
+                        break;
+                    }
+                }
+            }
+            HistoryScope::Type(resource_type) => {
+                if upper_seq == 0 || !self.has_ever_stored(resource_type)? {
+                    return Ok(HistoryPage { versions, more });
+                }
+                'ranges: for range in keys::event_ranges(resource_type, 1, upper_seq).rev() {
+                    for entry in keyspaces.events.range(range).rev() {
+                        let (_, value) = entry.into_inner()?;
+                        let event: EventRecord = record::decode(&value)?;
+                        if !take(stored_version_of(resource_type, &event)?) {
+                            break 'ranges;
+                        }
+                    }
+                }
+            }
+            HistoryScope::System => {
+                for entry in keyspaces.log.range(..=keys::seq(upper_seq)).rev() {
+                    let (seq_key, type_bytes) = entry.into_inner()?;
+                    let seq = keys::parse_seq(&seq_key)
+                        .ok_or_else(|| StoreError::Corrupt("bad log key".to_owned()))?;
+                    let resource_type = resource_type_of_log_entry(&type_bytes)?;
+                    if !take(self.read_event(resource_type, seq)?) {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(HistoryPage { versions, more })
+    }
+
+    /// How many versions of one resource have a seq at most `snapshot_seq` and were
+    /// committed at or after `since`.
+    pub fn instance_history_count(
+        &self,
+        resource_type: ResourceType,
+        id: &ResourceId,
+        snapshot_seq: u64,
+        since: Option<Instant>,
+    ) -> Result<u64, StoreError> {
+        let mut count = 0;
+        for (_, seq) in self.version_seqs(resource_type, id.as_str())? {
+            if seq > snapshot_seq {
+                continue;
+            }
+            if let Some(since) = since
+                && self.read_event(resource_type, seq)?.last_updated < since
+            {
+                break;
+            }
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Every version, newest first (for tools and tests; requests read pages with
+    /// [`Store::history_page`]).
     pub fn history(
         &self,
         resource_type: ResourceType,
@@ -147,26 +270,7 @@ impl Store {
     ) -> Result<StoredVersion, StoreError> {
         self.keyspaces()
             .with_event_record(resource_type, seq, |event| {
-                let id = ResourceId::parse(event.id)
-                    .map_err(|error| StoreError::Corrupt(error.to_string()))?;
-                let body = match event.operation {
-                    EventOperation::Put => {
-                        Some(String::from_utf8(event.body.to_vec()).map_err(|_| {
-                            StoreError::Corrupt(format!(
-                                "event {seq} holds a body that is not UTF-8"
-                            ))
-                        })?)
-                    }
-                    EventOperation::Delete => None,
-                };
-                Ok(StoredVersion {
-                    resource_type,
-                    id,
-                    version: event.version,
-                    last_updated: Instant::from_micros_since_epoch(event.instant_micros),
-                    seq: event.seq,
-                    body,
-                })
+                stored_version_of(resource_type, event)
             })?
             .ok_or_else(|| {
                 StoreError::Corrupt(format!("projection points at missing event {seq}"))
@@ -200,6 +304,31 @@ impl Keyspaces {
         let event: EventRecord = record::decode(&bytes)?;
         Ok(Some(visit(&event)))
     }
+}
+
+/// An event record as a [`StoredVersion`].
+fn stored_version_of(
+    resource_type: ResourceType,
+    event: &EventRecord<'_>,
+) -> Result<StoredVersion, StoreError> {
+    let id = ResourceId::parse(event.id).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+    let body = match event.operation {
+        EventOperation::Put => Some(String::from_utf8(event.body.to_vec()).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "event {} holds a body that is not UTF-8",
+                event.seq
+            ))
+        })?),
+        EventOperation::Delete => None,
+    };
+    Ok(StoredVersion {
+        resource_type,
+        id,
+        version: event.version,
+        last_updated: Instant::from_micros_since_epoch(event.instant_micros),
+        seq: event.seq,
+        body,
+    })
 }
 
 /// The type of the event a `log` entry (seq → type code) points at.

@@ -227,7 +227,7 @@ impl Store {
     /// Whether any resource of this type was ever written (deleted ones included): one
     /// seek in `current`, where a type without events would otherwise cost a seek per
     /// seq bucket in `events`.
-    fn has_ever_stored(&self, resource_type: ResourceType) -> Result<bool, StoreError> {
+    pub(super) fn has_ever_stored(&self, resource_type: ResourceType) -> Result<bool, StoreError> {
         let mut entries = self
             .keyspaces()
             .current

@@ -1,0 +1,83 @@
+//! Matching typed search values against the nodes a parameter's expression selects. Each
+//! criterion holds one parameter's OR-list of values, parsed and folded once per query.
+
+pub mod date;
+pub mod prefix;
+pub mod quantity;
+pub mod reference;
+pub mod string;
+pub mod text;
+pub mod token;
+pub mod uri;
+
+use crate::search::fhirpath::TypedNode;
+use date::{DateRange, DateSearchValue};
+use quantity::{NumberSearchValue, QuantitySearchValue};
+use reference::ReferenceSearchValue;
+use string::StringSearchValue;
+use token::TokenSearchValue;
+use uri::UriSearchValue;
+
+use crate::fhir::Instant;
+
+/// What one clause asks of a resource: any of its values (comma = OR).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Criterion {
+    /// `:missing=true` (no value) or `:missing=false` (some value).
+    Missing(bool),
+    String(Vec<StringSearchValue>),
+    Token(Vec<TokenSearchValue>),
+    /// `:not`: no node carries any of the tokens.
+    NotToken(Vec<TokenSearchValue>),
+    /// `:text`: folded starts-with on the display texts.
+    TokenText(Vec<String>),
+    Reference(Vec<ReferenceSearchValue>),
+    Date(Vec<DateSearchValue>),
+    Number(Vec<NumberSearchValue>),
+    Quantity(Vec<QuantitySearchValue>),
+    Uri(Vec<UriSearchValue>),
+}
+
+impl Criterion {
+    /// Whether the nodes one resource yields for the parameter satisfy this criterion;
+    /// `now` anchors the `ap` prefix.
+    pub fn matches(&self, nodes: &[TypedNode<'_>], now: Instant) -> bool {
+        let any = |test: &dyn Fn(&TypedNode<'_>) -> bool| nodes.iter().any(test);
+        match self {
+            Criterion::Missing(wanted_missing) => nodes.is_empty() == *wanted_missing,
+            Criterion::String(values) => {
+                any(&|node| values.iter().any(|value| value.matches_node(node)))
+            }
+            Criterion::Token(values) => {
+                any(&|node| values.iter().any(|value| value.matches_node(node)))
+            }
+            Criterion::NotToken(values) => {
+                !any(&|node| values.iter().any(|value| value.matches_node(node)))
+            }
+            Criterion::TokenText(folded) => any(&|node| {
+                folded
+                    .iter()
+                    .any(|text| token::node_text_starts_with(node, text))
+            }),
+            Criterion::Reference(values) => {
+                any(&|node| values.iter().any(|value| value.matches_node(node)))
+            }
+            Criterion::Date(values) => any(&|node| {
+                DateRange::of_node(node)
+                    .is_some_and(|range| values.iter().any(|value| value.matches(range, now)))
+            }),
+            Criterion::Number(values) => {
+                any(&|node| values.iter().any(|value| value.matches_node(node)))
+            }
+            Criterion::Quantity(values) => {
+                any(&|node| values.iter().any(|value| value.matches_node(node)))
+            }
+            Criterion::Uri(values) => {
+                any(&|node| values.iter().any(|value| value.matches_node(node)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
