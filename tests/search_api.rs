@@ -507,3 +507,47 @@ fn type_filter_exports_at_every_level_equal_the_same_search() {
     assert_eq!(group_searched.len(), 2);
     assert_eq!(ids_of(&exported(&group, "Observation")), group_searched);
 }
+
+#[test]
+fn since_export_with_type_filter_reports_deleting_only_resources_the_filter_delivered() {
+    let app = spawn_app();
+    put(&app, &patient("p1", "One"));
+    put(&app, &observation("lab", "p1", "2345-7", "laboratory"));
+    put(&app, &observation("vital", "p1", "8302-2", "vital-signs"));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let since = get_json(&app, "/Observation/vital")["meta"]["lastUpdated"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    for id in ["lab", "vital"] {
+        let reply = app.client.delete(&format!("/Observation/{id}"));
+        assert!(reply.status.is_success(), "DELETE {id}: {}", reply.text);
+    }
+
+    let export = export_with(
+        &app,
+        &KickOffRequest::post(
+            "/$export",
+            parameters(&[
+                ("_since", since.as_str()),
+                ("_type", "Observation"),
+                ("_typeFilter", "Observation?category=laboratory"),
+            ]),
+        ),
+    );
+
+    let deleted_urls: Vec<String> = export
+        .deleted
+        .iter()
+        .flat_map(|file| file.lines.iter())
+        .map(|line| {
+            let bundle: Value = serde_json::from_str(line).unwrap();
+            bundle["entry"][0]["request"]["url"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(deleted_urls, ["Observation/lab"]);
+}

@@ -196,7 +196,7 @@ pub fn run_unit(
             }
         }
         let outcome = keep_event(store, unit.source, view).and_then(|keep| {
-            if !keep || !passes_type_filter(type_filter.as_ref(), view)? {
+            if !keep || !passes_type_filter(store, type_filter.as_ref(), view)? {
                 return Ok(());
             }
             let pushed = if view.deleted {
@@ -292,18 +292,31 @@ fn save_checkpoint(
     }
 }
 
-/// Whether a live version meets its type's `_typeFilter` (always, without one). Only
-/// filtered types are parsed. Deletions carry no body to test and pass.
+/// Whether a version meets its type's `_typeFilter` (always, without one). Only filtered
+/// types are parsed. A deletion passes when the version it deleted met the filter, so a
+/// `_since` export reports deleting only what a filtered export could have delivered.
 fn passes_type_filter(
+    store: &Store,
     type_filter: Option<&TypeFilter>,
     view: &EventView<'_>,
 ) -> Result<bool, ExportError> {
     let Some(type_filter) = type_filter else {
         return Ok(true);
     };
-    if view.deleted {
-        return Ok(true);
+    if !view.deleted {
+        return body_meets_type_filter(type_filter, view);
     }
+    let deleted_version_met_filter =
+        with_version_deleted_by(store, view.resource_type, view.id, view.seq, |earlier| {
+            body_meets_type_filter(type_filter, earlier)
+        })?;
+    deleted_version_met_filter.unwrap_or(Ok(false))
+}
+
+fn body_meets_type_filter(
+    type_filter: &TypeFilter,
+    view: &EventView<'_>,
+) -> Result<bool, ExportError> {
     let resource: Value = serde_json::from_slice(view.body).map_err(|error| {
         StoreError::Corrupt(format!(
             "stored {}/{} at seq {} is not JSON: {error}",
@@ -329,35 +342,36 @@ fn keep_event(
             if !view.deleted {
                 return Ok(false);
             }
-            Ok(last_live_version_had_patients(
-                store,
-                view.resource_type,
-                view.id,
-                view.seq,
-            )?)
+            let had_patients =
+                with_version_deleted_by(store, view.resource_type, view.id, view.seq, |earlier| {
+                    !earlier.compartment_patients.is_empty()
+                })?;
+            Ok(had_patients == Some(true))
         }
     }
 }
 
-/// For a delete: whether the version it deleted was in some patient's compartment.
-pub fn last_live_version_had_patients(
+/// For a delete: `inspect` applied to the live version it deleted (`None` when there was
+/// none).
+fn with_version_deleted_by<T>(
     store: &Store,
     resource_type: ResourceType,
     id: &str,
     delete_seq: u64,
-) -> Result<bool, StoreError> {
+    inspect: impl Fn(&EventView<'_>) -> T,
+) -> Result<Option<T>, StoreError> {
     for (_, seq) in store.version_seqs(resource_type, id)? {
         if seq >= delete_seq {
             continue;
         }
-        let had_patients = store.with_event(resource_type, seq, |earlier| {
-            (!earlier.deleted).then_some(!earlier.compartment_patients.is_empty())
+        let inspected = store.with_event(resource_type, seq, |earlier| {
+            (!earlier.deleted).then(|| inspect(earlier))
         })?;
-        if let Some(Some(had_patients)) = had_patients {
-            return Ok(had_patients);
+        if let Some(Some(inspected)) = inspected {
+            return Ok(Some(inspected));
         }
     }
-    Ok(false)
+    Ok(None)
 }
 
 /// One line of a `deleted` file: a transaction Bundle with a DELETE entry.
