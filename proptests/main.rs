@@ -4,6 +4,7 @@
 //! kept in [`regressions`] as a named test.
 
 mod body_parser;
+mod body_prefilter;
 mod canonical_stream;
 mod date_prefixes;
 mod export_model;

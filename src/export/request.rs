@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::fhir::compartment::{LiteralReference, PatientCompartment};
 use crate::fhir::{Instant, ResourceId, ResourceType};
 use crate::search::elements::ElementsSelection;
+use crate::search::matching::prefilter::RawBody;
 use crate::search::query::{SearchQuery, SearchQueryError};
 use crate::sink::ContainerName;
 
@@ -52,6 +53,11 @@ pub struct TypeFilters(BTreeMap<ResourceType, Vec<String>>);
 pub struct TypeFilter(Vec<SearchQuery>);
 
 impl TypeFilter {
+    /// False only when no query can match this stored body (see [`SearchQuery::may_match_body`]).
+    pub fn may_match_body(&self, body: &RawBody<'_>) -> bool {
+        self.0.iter().any(|query| query.may_match_body(body))
+    }
+
     pub fn matches(&self, resource: &Value) -> bool {
         self.0.iter().any(|query| query.matches(resource))
     }

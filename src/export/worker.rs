@@ -13,6 +13,7 @@ use super::job::{FileKind, StreamCheckpoint, UnitCheckpoint, UnitSource, WorkUni
 use super::registry::JobHandle;
 use super::request::TypeFilter;
 use crate::fhir::ResourceType;
+use crate::search::matching::prefilter::RawBody;
 use crate::sink::{ContainerStore, ObjectUpload};
 use crate::store::{EventView, ScanControl, SeqWindow, Store, StoreError};
 
@@ -317,6 +318,9 @@ fn body_meets_type_filter(
     type_filter: &TypeFilter,
     view: &EventView<'_>,
 ) -> Result<bool, ExportError> {
+    if !type_filter.may_match_body(&RawBody::new(view.body)) {
+        return Ok(false);
+    }
     let resource: Value = serde_json::from_slice(view.body).map_err(|error| {
         StoreError::Corrupt(format!(
             "stored {}/{} at seq {} is not JSON: {error}",

@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 use super::matching::Criterion;
+use super::matching::prefilter::RawBody;
 use super::matching::reference::ReferenceSearchValue;
 use super::query::{SearchClause, SearchQuery};
 use crate::fhir::ResourceType;
@@ -143,7 +144,7 @@ fn collect_candidates(
 
 /// The parsed body of a live version that matches the query.
 fn matching_resource(query: &SearchQuery, view: &EventView<'_>) -> Option<Value> {
-    if view.deleted {
+    if view.deleted || !query.may_match_body(&RawBody::new(view.body)) {
         return None;
     }
     let resource: Value = serde_json::from_slice(view.body).ok()?;

@@ -8,6 +8,7 @@ use serde_json::Value;
 use super::fhirpath::CompiledFhirPath;
 use super::matching::Criterion;
 use super::matching::date::{DateRange, DateSearchValue};
+use super::matching::prefilter::{BodyRequirement, RawBody};
 use super::matching::prefix::Prefix;
 use super::matching::quantity::{NumberSearchValue, QuantitySearchValue};
 use super::matching::reference::ReferenceSearchValue;
@@ -151,6 +152,8 @@ impl SearchClause {
 pub struct SearchQuery {
     resource_type: ResourceType,
     clauses: Vec<SearchClause>,
+    /// What the clauses need of a raw body, for those that need something checkable.
+    body_requirements: Vec<BodyRequirement>,
     now: Instant,
 }
 
@@ -160,13 +163,18 @@ impl SearchQuery {
         resource_type: ResourceType,
         pairs: &[(String, String)],
     ) -> Result<SearchQuery, SearchQueryError> {
-        let clauses = pairs
+        let clauses: Vec<SearchClause> = pairs
             .iter()
             .map(|(name, value)| parse_clause(resource_type, name, value))
             .collect::<Result<_, _>>()?;
+        let body_requirements = clauses
+            .iter()
+            .filter_map(|clause| BodyRequirement::of_criterion(&clause.criterion))
+            .collect();
         Ok(SearchQuery {
             resource_type,
             clauses,
+            body_requirements,
             now: Instant::now(),
         })
     }
@@ -182,6 +190,14 @@ impl SearchQuery {
 
     pub fn clauses(&self) -> &[SearchClause] {
         &self.clauses
+    }
+
+    /// False only when the stored body cannot satisfy the query, judged from its raw bytes
+    /// without parsing: a cheap test before [`SearchQuery::matches`].
+    pub fn may_match_body(&self, body: &RawBody<'_>) -> bool {
+        self.body_requirements
+            .iter()
+            .all(|requirement| requirement.may_hold(body))
     }
 
     /// Whether `resource` (of this query's type) satisfies every clause.

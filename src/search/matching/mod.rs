@@ -2,6 +2,7 @@
 //! criterion holds one parameter's OR-list of values, parsed and folded once per query.
 
 pub mod date;
+pub mod prefilter;
 pub mod prefix;
 pub mod quantity;
 pub mod reference;
