@@ -12,6 +12,7 @@ use crate::config::{AppSettings, BaseUrl, SettingsError, StorageSettings};
 use crate::export::{ExportEngine, ExportError, ExportSettings};
 use crate::http::AppState;
 use crate::http::front_door::{FrontDoor, TlsSetupError, tls_acceptor};
+use crate::search::registry::SearchParameterRegistry;
 use crate::sink::{ContainerName, StorageUrl};
 use crate::store::{Store, StoreError, StoreOptions};
 
@@ -110,6 +111,7 @@ impl App {
     /// Builds the app over an open `store` (`settings.data_dir` is not opened again).
     pub async fn build_on_store(store: Store, settings: AppSettings) -> Result<App, AppError> {
         settings.validate()?;
+        tokio::task::spawn_blocking(|| SearchParameterRegistry::r4().compile_every_expression());
         let tls = match settings.front_door.tls.clone() {
             Some(files) => Some(tokio::task::spawn_blocking(move || tls_acceptor(&files)).await??),
             None => None,

@@ -250,6 +250,15 @@ impl SearchParameterRegistry {
         }
     }
 
+    /// Compiles every supported parameter's expression now, so that no request pays for it.
+    pub fn compile_every_expression(&self) {
+        for parameters in &self.supported_by_type_code {
+            for parameter in parameters.values() {
+                let _ = parameter.compiled();
+            }
+        }
+    }
+
     /// The supported parameters of one type, by code.
     pub fn parameters_of(
         &self,
