@@ -551,3 +551,55 @@ fn since_export_with_type_filter_reports_deleting_only_resources_the_filter_deli
         .collect();
     assert_eq!(deleted_urls, ["Observation/lab"]);
 }
+
+#[test]
+fn last_updated_searches_read_the_commit_log_window_and_match_their_definition() {
+    let app = spawn_app();
+    let last_updated_of = |path: &str| {
+        get_json(&app, path)["meta"]["lastUpdated"]
+            .as_str()
+            .unwrap()
+            .replace('+', "%2B")
+    };
+    put(&app, &patient("early", "Early"));
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    put(&app, &patient("middle", "Middle"));
+    let middle = last_updated_of("/Patient/middle");
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    put(&app, &patient("late", "Late"));
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    put(&app, &patient("early", "Rewritten"));
+
+    let cases = [
+        (
+            format!("/Patient?_lastUpdated=ge{middle}"),
+            vec!["early", "late", "middle"],
+        ),
+        (
+            format!("/Patient?_lastUpdated=gt{middle}"),
+            vec!["early", "late"],
+        ),
+        (format!("/Patient?_lastUpdated=le{middle}"), vec!["middle"]),
+        (format!("/Patient?_lastUpdated=lt{middle}"), vec![]),
+        (format!("/Patient?_lastUpdated=eq{middle}"), vec!["middle"]),
+        (
+            format!("/Patient?_lastUpdated=ne{middle}"),
+            vec!["early", "late"],
+        ),
+        (
+            format!("/Patient?_lastUpdated=le{middle}&_lastUpdated=ge{middle}"),
+            vec!["middle"],
+        ),
+        (
+            format!("/Patient?_lastUpdated=lt{middle},gt{middle}"),
+            vec!["early", "late"],
+        ),
+        ("/Patient?_lastUpdated=ge2999".to_owned(), vec![]),
+        ("/Patient?_lastUpdated=le1999".to_owned(), vec![]),
+    ];
+    for (path, expected) in cases {
+        let mut ids: Vec<String> = all_pages(&app, &path).iter().flat_map(entry_ids).collect();
+        ids.sort();
+        assert_eq!(ids, expected, "{path}");
+    }
+}

@@ -10,10 +10,12 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 use super::matching::Criterion;
+use super::matching::date::DateSearchValue;
 use super::matching::prefilter::RawBody;
+use super::matching::prefix::Prefix;
 use super::matching::reference::ReferenceSearchValue;
 use super::query::{SearchClause, SearchQuery};
-use crate::fhir::ResourceType;
+use crate::fhir::{Instant, ResourceType};
 use crate::store::{EventView, ScanControl, SeqWindow, Store, StoreError};
 
 const PATIENT_COMPARTMENT_JSON: &str =
@@ -52,7 +54,94 @@ pub enum CandidateSource {
     Ids(BTreeSet<String>),
     /// Members of these patients' compartments (from `patient`/`subject`).
     PatientCompartments(BTreeSet<String>),
-    TypeScan,
+    /// The type's events committed within these bounds (from `_lastUpdated`; open when the
+    /// query has none).
+    TypeScan(LastUpdatedBounds),
+}
+
+/// Commit instants every match was written within, both ends included; `None` is open.
+/// The commit log orders instants like seqs, so the bounds narrow a type scan to a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LastUpdatedBounds {
+    pub not_before: Option<Instant>,
+    pub not_after: Option<Instant>,
+}
+
+impl LastUpdatedBounds {
+    /// The bounds one `_lastUpdated` clause sets: for its OR-list, the widest of its values'.
+    fn of_clause(clause: &SearchClause) -> Option<LastUpdatedBounds> {
+        if clause.code() != "_lastUpdated" || clause.modifier().is_some() {
+            return None;
+        }
+        let Criterion::Date(values) = clause.criterion() else {
+            return None;
+        };
+        let bounds_of_each: Vec<LastUpdatedBounds> =
+            values.iter().map(bounds_of_date_value).collect();
+        let widest = |side: fn(&LastUpdatedBounds) -> Option<Instant>,
+                      pick: fn(Instant, Instant) -> Instant| {
+            bounds_of_each
+                .iter()
+                .map(side)
+                .reduce(|widest, next| Some(pick(widest?, next?)))
+                .flatten()
+        };
+        Some(LastUpdatedBounds {
+            not_before: widest(|bounds| bounds.not_before, Instant::min),
+            not_after: widest(|bounds| bounds.not_after, Instant::max),
+        })
+    }
+
+    /// Both bounds' constraints at once (clauses are ANDed).
+    fn narrowed_by(self, other: LastUpdatedBounds) -> LastUpdatedBounds {
+        let tighter = |one: Option<Instant>,
+                       two: Option<Instant>,
+                       pick: fn(Instant, Instant) -> Instant| match (one, two)
+        {
+            (Some(one), Some(two)) => Some(pick(one, two)),
+            (one, two) => one.or(two),
+        };
+        LastUpdatedBounds {
+            not_before: tighter(self.not_before, other.not_before, Instant::max),
+            not_after: tighter(self.not_after, other.not_after, Instant::min),
+        }
+    }
+
+    /// The seqs of the commits within the bounds, up to `snapshot_seq`.
+    fn seq_window(self, store: &Store, snapshot_seq: u64) -> Result<SeqWindow, StoreError> {
+        let after_seq = match self.not_before {
+            Some(not_before) => store.seq_at_or_before(Instant::from_micros_since_epoch(
+                not_before.micros_since_epoch().saturating_sub(1),
+            ))?,
+            None => 0,
+        };
+        let through_seq = match self.not_after {
+            Some(not_after) => store.seq_at_or_before(not_after)?.min(snapshot_seq),
+            None => snapshot_seq,
+        };
+        Ok(SeqWindow {
+            after_seq,
+            through_seq,
+        })
+    }
+}
+
+/// A superset of the instants a `_lastUpdated` value with its prefix admits (each candidate
+/// is checked against the query afterwards).
+fn bounds_of_date_value(value: &DateSearchValue) -> LastUpdatedBounds {
+    let start = (value.range.start.micros_since_epoch() != i64::MIN).then_some(value.range.start);
+    let last = (value.range.end.micros_since_epoch() != i64::MAX)
+        .then(|| Instant::from_micros_since_epoch(value.range.end.micros_since_epoch() - 1));
+    let (not_before, not_after) = match value.prefix {
+        Prefix::Eq => (start, last),
+        Prefix::Ge | Prefix::Gt | Prefix::Sa => (start, None),
+        Prefix::Le | Prefix::Lt | Prefix::Eb => (None, last),
+        Prefix::Ne | Prefix::Ap => (None, None),
+    };
+    LastUpdatedBounds {
+        not_before,
+        not_after,
+    }
 }
 
 impl CandidateSource {
@@ -68,7 +157,12 @@ impl CandidateSource {
         {
             return CandidateSource::PatientCompartments(patients);
         }
-        CandidateSource::TypeScan
+        CandidateSource::TypeScan(
+            clauses
+                .iter()
+                .filter_map(LastUpdatedBounds::of_clause)
+                .fold(LastUpdatedBounds::default(), LastUpdatedBounds::narrowed_by),
+        )
     }
 }
 
@@ -81,11 +175,8 @@ pub fn search_page(
     let resource_type = query.resource_type();
     let mut collector = PageCollector::new(page);
     match CandidateSource::for_query(query) {
-        CandidateSource::TypeScan => {
-            let window = SeqWindow {
-                after_seq: 0,
-                through_seq: page.snapshot_seq,
-            };
+        CandidateSource::TypeScan(last_updated) => {
+            let window = last_updated.seq_window(store, page.snapshot_seq)?;
             store.scan_newest_in_window(resource_type, window, page.snapshot_seq, |view| {
                 if let Some(resource) = matching_resource(query, view) {
                     collector.offer(view.seq, view.id, resource);
@@ -279,6 +370,45 @@ mod tests {
         values.iter().map(|value| (*value).to_owned()).collect()
     }
 
+    fn micros(text: &str) -> Option<i64> {
+        Some(Instant::parse(text).unwrap().micros_since_epoch())
+    }
+
+    fn bounds(query: &str) -> (Option<i64>, Option<i64>) {
+        let CandidateSource::TypeScan(bounds) = source("Patient", query) else {
+            panic!("{query} is no type scan");
+        };
+        (
+            bounds.not_before.map(Instant::micros_since_epoch),
+            bounds.not_after.map(Instant::micros_since_epoch),
+        )
+    }
+
+    #[test]
+    fn last_updated_clauses_bound_the_type_scan() {
+        let year_2020 = micros("2020-01-01T00:00:00Z");
+        let last_of_2020 = micros("2021-01-01T00:00:00Z").map(|micros| micros - 1);
+        assert_eq!(bounds("_lastUpdated=2020"), (year_2020, last_of_2020));
+        assert_eq!(bounds("_lastUpdated=ge2020"), (year_2020, None));
+        assert_eq!(bounds("_lastUpdated=lt2020"), (None, last_of_2020));
+        assert_eq!(bounds("_lastUpdated=ne2020"), (None, None));
+        assert_eq!(
+            bounds("_lastUpdated=ge2020&_lastUpdated=le2020-06"),
+            (
+                year_2020,
+                micros("2020-07-01T00:00:00Z").map(|micros| micros - 1)
+            ),
+            "repeated clauses narrow"
+        );
+        assert_eq!(
+            bounds("_lastUpdated=2020,ge2022"),
+            (year_2020, None),
+            "an OR-list is as wide as its widest value"
+        );
+        assert_eq!(bounds("family=x"), (None, None));
+        assert_eq!(bounds("_lastUpdated:missing=false"), (None, None));
+    }
+
     #[test]
     fn queries_use_the_narrowest_index_they_allow() {
         assert_eq!(
@@ -295,17 +425,20 @@ mod tests {
         );
         assert_eq!(
             source("Observation", "subject=p1"),
-            CandidateSource::TypeScan,
+            CandidateSource::TypeScan(LastUpdatedBounds::default()),
             "a bare subject id may name a Group"
         );
         assert_eq!(
             source("Observation", "subject=Group/g1"),
-            CandidateSource::TypeScan
+            CandidateSource::TypeScan(LastUpdatedBounds::default())
         );
-        assert_eq!(source("Patient", "family=x"), CandidateSource::TypeScan);
+        assert_eq!(
+            source("Patient", "family=x"),
+            CandidateSource::TypeScan(LastUpdatedBounds::default())
+        );
         assert_eq!(
             source("Observation", "_id:not=a"),
-            CandidateSource::TypeScan
+            CandidateSource::TypeScan(LastUpdatedBounds::default())
         );
     }
 }
