@@ -482,6 +482,15 @@ mod tests {
         ExportRequest::parse(&kick_off(query, vec!["respond-async"]))
     }
 
+    /// A POST kick-off at `level` with this Parameters body.
+    fn parse_post(level: ExportLevel, body: &[u8]) -> Result<ExportRequest, InvalidExportRequest> {
+        let mut post = kick_off("", vec!["respond-async"]);
+        post.is_post = true;
+        post.level = level;
+        post.body = body;
+        ExportRequest::parse(&post)
+    }
+
     #[test]
     fn parses_every_supported_parameter() {
         let request = parse(
@@ -605,10 +614,7 @@ mod tests {
         assert!(from_query.elements.applies_to(ResourceType::PATIENT));
         let body = br#"{"resourceType":"Parameters","parameter":[
             {"name":"_elements","valueString":"Observation.code,Observation.subject"}]}"#;
-        let mut post = kick_off("", vec!["respond-async"]);
-        post.is_post = true;
-        post.body = body;
-        let from_body = ExportRequest::parse(&post).unwrap();
+        let from_body = parse_post(ExportLevel::System, body).unwrap();
         assert!(from_body.elements.applies_to(observation));
         assert!(!from_body.elements.applies_to(ResourceType::PATIENT));
     }
@@ -722,10 +728,7 @@ mod tests {
     fn post_parameters_carry_type_filters() {
         let body = br#"{"resourceType":"Parameters","parameter":[
             {"name":"_typeFilter","valueString":"Observation?category=laboratory%2Cvital-signs"}]}"#;
-        let mut post = kick_off("", vec!["respond-async"]);
-        post.is_post = true;
-        post.body = body;
-        let request = ExportRequest::parse(&post).unwrap();
+        let request = parse_post(ExportLevel::System, body).unwrap();
         assert_eq!(
             filter_texts(&request),
             vec![(
@@ -741,15 +744,10 @@ mod tests {
             {"name":"_type","valueString":"Observation"},
             {"name":"patient","valueReference":{"reference":"Patient/p2"}},
             {"name":"patient","valueReference":{"reference":"Patient/p1"}}]}"#;
-        let mut post = kick_off("", vec!["respond-async"]);
-        post.is_post = true;
-        post.level = ExportLevel::AllPatients;
-        post.body = body;
-        let request = ExportRequest::parse(&post).unwrap();
+        let request = parse_post(ExportLevel::AllPatients, body).unwrap();
         let patients: Vec<&str> = request.patients.iter().map(ResourceId::as_str).collect();
         assert_eq!(patients, vec!["p1", "p2"]);
-        post.level = ExportLevel::System;
-        assert!(ExportRequest::parse(&post).is_err());
+        assert!(parse_post(ExportLevel::System, body).is_err());
     }
 
     #[test]

@@ -108,14 +108,7 @@ impl Store {
         let keyspaces = self.keyspaces();
         match scope {
             HistoryScope::Instance(resource_type, id) => {
-                for entry in keyspaces
-                    .history
-                    .prefix(keys::history_prefix(resource_type, id.as_str()))
-                    .rev()
-                {
-                    let (_, seq_bytes) = entry.into_inner()?;
-                    let seq = keys::parse_seq(&seq_bytes)
-                        .ok_or_else(|| StoreError::Corrupt("bad history entry".to_owned()))?;
+                for (_, seq) in self.version_seqs(resource_type, id.as_str())? {
                     if seq > upper_seq {
                         continue;
                     }
@@ -184,19 +177,10 @@ impl Store {
         resource_type: ResourceType,
         id: &ResourceId,
     ) -> Result<Vec<StoredVersion>, StoreError> {
-        let keyspaces = self.keyspaces();
-        let mut versions = Vec::new();
-        for entry in keyspaces
-            .history
-            .prefix(keys::history_prefix(resource_type, id.as_str()))
-            .rev()
-        {
-            let (_, seq_bytes) = entry.into_inner()?;
-            let seq = keys::parse_seq(&seq_bytes)
-                .ok_or_else(|| StoreError::Corrupt("bad history entry".to_owned()))?;
-            versions.push(self.read_event(resource_type, seq)?);
-        }
-        Ok(versions)
+        self.version_seqs(resource_type, id.as_str())?
+            .into_iter()
+            .map(|(_, seq)| self.read_event(resource_type, seq))
+            .collect()
     }
 
     /// The seq of the newest event, 0 for an empty store.

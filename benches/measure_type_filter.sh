@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# `_typeFilter` and search on the 1,000-patient set (gen --copies 50): a system export with
+# no filter, then with each filter of issue 11, reporting resources scanned per second (every
+# resource in the store is read; Observations are tested against the filter) and how many
+# were exported; then the search latency of benches/search_latency.py against a server.
+# Usage: benches/measure_type_filter.sh [SEARCH_REQUESTS (default 200)]
+set -euo pipefail
+repository_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repository_root"
+# shellcheck source=benches/bench_common.sh
+source benches/bench_common.sh
+search_requests="${1:-200}"
+if [ -z "${FHIRLOG_BIN:-}" ]; then
+    cargo build --release --bin fhirlog
+fi
+scratch="$(mktemp -d "${SCRATCH_PARENT:-/tmp}/fhirlog-measure-type-filter.XXXXXX")"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$scratch"' EXIT
+binary="$scratch/fhirlog"
+cp "${FHIRLOG_BIN:-$repository_root/target/release/fhirlog}" "$binary"
+
+"$binary" gen --from data/sample --copies 50 --out "$scratch/ndjson" | tail -n 1
+"$binary" load "$scratch/ndjson" --data-dir "$scratch/store" | tail -n 1
+total=$(cat "$scratch"/ndjson/*.ndjson | wc -l)
+sync
+
+export_with() {
+    local name="$1" exported seconds_taken busy_before
+    shift
+    busy_before=$(machine_busy_seconds)
+    /usr/bin/time -v -o "$scratch/$name.time" "$binary" export --data-dir "$scratch/store" \
+        --out "$scratch/$name" "$@" > "$scratch/$name.json" 2>/dev/null
+    exported=$(python3 -c 'import json,sys; print(sum(o["count"] for o in json.load(open(sys.argv[1]))["output"]))' "$scratch/$name.json")
+    seconds_taken=$(seconds "$scratch/$name.time")
+    echo "$name: scanned $total resources in ${seconds_taken}s = $(rate "$total" "$seconds_taken") scanned/s; exported $exported; peak RSS $(peak_megabytes "$scratch/$name.time") MB; others' CPU $(other_cpu_seconds "$busy_before" "$(machine_busy_seconds)" "$(cpu_seconds "$scratch/$name.time")") s"
+    rm -rf "${scratch:?}/$name"
+}
+
+export_with "unfiltered"
+export_with "loinc-8302-2" --type-filter 'Observation?code=http://loinc.org|8302-2'
+export_with "laboratory-since-2015" --type-filter 'Observation?category=laboratory&date=ge2015-01-01'
+export_with "unfiltered-again"
+
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$binary" serve --data-dir "$scratch/store" --listen "127.0.0.1:$port" --auth none >"$scratch/serve.log" 2>&1 &
+for _ in $(seq 1 300); do curl -s -o /dev/null "http://127.0.0.1:$port/fhir/metadata" && break; sleep 0.1; done
+python3 benches/search_latency.py "http://127.0.0.1:$port/fhir" "$search_requests"
