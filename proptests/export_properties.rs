@@ -100,6 +100,7 @@ impl EngineChoice {
             max_export_bytes: None,
             max_jobs_per_client: 64,
             max_retained_exports_per_client: usize::MAX,
+            ..ExportSettings::default()
         }
     }
 }

@@ -186,7 +186,8 @@ impl ExportEngine {
             .unwrap_or_else(|| shared.destination.default_container());
         let container = shared.open_container(&container_name)?;
         let now = Instant::now();
-        let plan = planner::plan_new_job(&shared.store, &request, now)?;
+        let plan =
+            planner::plan_new_job(&shared.store, &request, now, &shared.settings.local_base)?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let record = JobRecord {
             id: id.clone(),

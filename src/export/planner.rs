@@ -9,8 +9,8 @@ use super::error::ExportError;
 use super::job::{JobState, UnitSource, WorkUnit, load_members};
 use super::registry::JobHandle;
 use super::request::{ExportLevel, ExportRequest};
-use crate::fhir::compartment::{LiteralReference, PatientCompartment};
-use crate::fhir::{Instant, ResourceId, ResourceType};
+use crate::fhir::compartment::PatientCompartment;
+use crate::fhir::{Instant, LocalBase, ResourceId, ResourceType};
 use crate::store::{SeqWindow, Store, StoreError};
 
 /// Largest seq span one work unit covers; large types become several units so every
@@ -42,9 +42,10 @@ pub fn plan_new_job(
     store: &Store,
     request: &ExportRequest,
     now: Instant,
+    local_base: &LocalBase,
 ) -> Result<NewJobPlan, ExportError> {
     let snapshot = take_snapshot(store, request, now)?;
-    let members = resolve_members(store, request, snapshot.window.through_seq)?;
+    let members = resolve_members(store, request, snapshot.window.through_seq, local_base)?;
     let (units, state) = match &members {
         Some(_) => (Vec::new(), JobState::Collecting { next_member: 0 }),
         None => (
@@ -226,17 +227,19 @@ fn version_as_of(
         .find(|seq| *seq <= through_seq))
 }
 
-/// The sorted patient ids an export of Group or `patient=` covers, as of the snapshot.
+/// The sorted patient ids an export of Group or `patient=` covers, as of the snapshot;
+/// a Group's members are its local references only.
 pub fn resolve_members(
     store: &Store,
     request: &ExportRequest,
     through_seq: u64,
+    local_base: &LocalBase,
 ) -> Result<Option<Vec<String>>, ExportError> {
     let mut members: BTreeSet<String> = match &request.level {
         ExportLevel::System => return Ok(None),
         ExportLevel::AllPatients if request.patients.is_empty() => return Ok(None),
         ExportLevel::AllPatients => BTreeSet::new(),
-        ExportLevel::Group(group_id) => group_members(store, group_id, through_seq)?,
+        ExportLevel::Group(group_id) => group_members(store, group_id, through_seq, local_base)?,
     };
     if request.patients.is_empty() {
         return Ok(Some(members.into_iter().collect()));
@@ -316,11 +319,12 @@ impl<T> Lenient<T> {
 }
 
 /// Patients referenced by `Group.member.entity`, following nested Groups and skipping
-/// inactive members, all as of `through_seq`.
+/// inactive members, all as of `through_seq`; references to other servers are no members.
 fn group_members(
     store: &Store,
     group_id: &ResourceId,
     through_seq: u64,
+    local_base: &LocalBase,
 ) -> Result<BTreeSet<String>, ExportError> {
     let mut members = BTreeSet::new();
     let mut pending = vec![group_id.as_str().to_owned()];
@@ -359,7 +363,7 @@ fn group_members(
             else {
                 continue;
             };
-            let Some(reference) = LiteralReference::parse(&reference_text) else {
+            let Some(reference) = local_base.local_reference(&reference_text) else {
                 continue;
             };
             match reference.resource_type_name {
