@@ -6,7 +6,8 @@
 use std::collections::{BTreeSet, HashSet};
 
 use super::error::ExportError;
-use super::job::{JobState, UnitSource, WorkUnit, load_members};
+use super::job::{JobState, ReferencedCursor, UnitSource, WorkUnit, load_members};
+use super::referenced::run_referenced_collection;
 use super::registry::JobHandle;
 use super::request::{ExportLevel, ExportRequest};
 use crate::fhir::compartment::PatientCompartment;
@@ -48,10 +49,17 @@ pub fn plan_new_job(
     let members = resolve_members(store, request, snapshot.window.through_seq, local_base)?;
     let (units, state) = match &members {
         Some(_) => (Vec::new(), JobState::Collecting { next_member: 0 }),
-        None => (
-            plan_event_units(store, request, snapshot.window)?,
-            JobState::Exporting,
-        ),
+        None => {
+            let units = plan_event_units(store, request, snapshot.window)?;
+            let state = if request.wants_referenced() {
+                JobState::CollectingReferenced {
+                    cursor: ReferencedCursor::default(),
+                }
+            } else {
+                JobState::Exporting
+            };
+            (units, state)
+        }
     };
     Ok(NewJobPlan {
         snapshot,
@@ -61,10 +69,22 @@ pub fn plan_new_job(
     })
 }
 
+/// Runs the collection stages a job still has, from where the last checkpoint left off:
+/// the members' compartments, then (under `_referenced`) the resources they reference.
+/// Runs on a worker; stops at once when the job must stop.
+pub fn run_collection(
+    store: &Store,
+    job: &JobHandle,
+    local_base: &LocalBase,
+) -> Result<(), ExportError> {
+    collect_members(store, job)?;
+    run_referenced_collection(store, job, local_base)
+}
+
 /// Collects the members' compartments into the job's scratch set from where the last
 /// checkpoint left off, then plans the units over that set and moves the job on to
-/// exporting. Runs on a worker; stops at once when the job must stop.
-pub fn run_collection(store: &Store, job: &JobHandle) -> Result<(), ExportError> {
+/// exporting, or to collecting referenced resources.
+fn collect_members(store: &Store, job: &JobHandle) -> Result<(), ExportError> {
     let (request, window, mut next_member) = {
         let record = job.record();
         let JobState::Collecting { next_member } = record.state else {
@@ -99,7 +119,14 @@ pub fn run_collection(store: &Store, job: &JobHandle) -> Result<(), ExportError>
         })?;
         job.touch();
     }
-    let units = plan_collected_units(store, job.id(), &request)?;
+    if request.wants_referenced() {
+        return job.persist(store, |record| {
+            record.state = JobState::CollectingReferenced {
+                cursor: ReferencedCursor::default(),
+            };
+        });
+    }
+    let units = plan_collected_units(store, job.id(), covered_types(&request))?;
     job.persist(store, |record| {
         record.units = units;
         record.state = JobState::Exporting;
@@ -172,14 +199,14 @@ pub fn plan_event_units(
     Ok(units)
 }
 
-/// Units over the job's collected scratch set.
+/// Units over the job's collected scratch set, for `resource_types` in order.
 pub fn plan_collected_units(
     store: &Store,
     job_id: &str,
-    request: &ExportRequest,
+    resource_types: impl IntoIterator<Item = ResourceType>,
 ) -> Result<Vec<WorkUnit>, StoreError> {
     let mut units = Vec::new();
-    for resource_type in covered_types(request) {
+    for resource_type in resource_types {
         if let Some(bounds) = store.scratch_bounds(job_id, resource_type)? {
             split_into_units(
                 resource_type,
@@ -213,8 +240,8 @@ fn split_into_units(
     }
 }
 
-/// The version of a resource current as of `through_seq`: its seq and whether it is a delete.
-fn version_as_of(
+/// The seq of the version of a resource current as of `through_seq` (a delete included).
+pub fn version_as_of(
     store: &Store,
     resource_type: ResourceType,
     id: &str,

@@ -33,6 +33,8 @@ pub enum JobProgress {
         members_done: usize,
         members_total: usize,
     },
+    /// Collecting referenced resources: walking the `type_index`-th compartment type.
+    CollectingReferenced { types_done: usize },
     Exporting {
         units_done: usize,
         units_total: usize,
@@ -49,6 +51,10 @@ impl fmt::Display for JobProgress {
             } => write!(
                 formatter,
                 "collecting patients ({members_done}/{members_total} done)"
+            ),
+            JobProgress::CollectingReferenced { types_done } => write!(
+                formatter,
+                "collecting referenced resources ({types_done} compartment types done)"
             ),
             JobProgress::Exporting {
                 units_done,
@@ -223,6 +229,9 @@ impl JobHandle {
                 members_done: next_member,
                 members_total: record.member_count,
             },
+            JobState::CollectingReferenced { cursor } => JobProgress::CollectingReferenced {
+                types_done: cursor.type_index,
+            },
             _ => {
                 let units_total = self.units_total.load(Ordering::SeqCst);
                 let remaining = self.units_remaining.load(Ordering::SeqCst);
@@ -392,7 +401,9 @@ impl JobRegistry {
                     retained_bytes += record.files.iter().map(|file| file.bytes).sum::<u64>();
                 }
                 JobState::Failed { .. } => {}
-                JobState::Collecting { .. } | JobState::Exporting => {
+                JobState::Collecting { .. }
+                | JobState::CollectingReferenced { .. }
+                | JobState::Exporting => {
                     unfinished += 1;
                     owned_unfinished += usize::from(owned);
                 }
