@@ -97,10 +97,10 @@ pub fn run_referenced_collection(
             .into_iter()
             .filter(|target| !resolved.contains(target))
             .collect();
-        let (found, missing) = resolve_targets(store, &fresh, window.through_seq)?;
+        let resolved_chunk = resolve_targets(store, &fresh, window.through_seq)?;
         resolved.extend(fresh);
-        store.scratch_insert(job.id(), &found)?;
-        save_missing_references(store, job.id(), &missing)?;
+        store.scratch_insert(job.id(), &resolved_chunk.found)?;
+        save_missing_references(store, job.id(), &resolved_chunk.missing)?;
         cursor = match chunk.last_seq {
             Some(last_seq) if !chunk.type_finished => ReferencedCursor {
                 type_index: cursor.type_index,
@@ -272,13 +272,20 @@ impl ReferenceWalk<'_> {
     }
 }
 
-/// The version of each target current at `through_seq` as scratch keys, and the targets
-/// that had none or whose current version was a delete.
+/// Targets resolved as of the snapshot.
+struct ResolvedTargets {
+    /// Scratch keys of the versions current at the snapshot.
+    found: Vec<(ResourceType, u64)>,
+    /// Targets that had no version then, or whose current version was a delete.
+    missing: Vec<MissingReference>,
+}
+
+/// Resolves each target to its version current at `through_seq`.
 fn resolve_targets(
     store: &Store,
     targets: &[Target],
     through_seq: u64,
-) -> Result<(Vec<(ResourceType, u64)>, Vec<MissingReference>), StoreError> {
+) -> Result<ResolvedTargets, StoreError> {
     let mut found = Vec::with_capacity(targets.len());
     let mut missing = Vec::new();
     for (resource_type, id) in targets {
@@ -300,7 +307,7 @@ fn resolve_targets(
             reason,
         });
     }
-    Ok((found, missing))
+    Ok(ResolvedTargets { found, missing })
 }
 
 /// The member pattern that starts a `reference` string in a stored body, which is
