@@ -478,6 +478,79 @@ fn include_associated_data_values_are_checked_and_include_referenced_sets_the_de
     assert!(reported[0].contains("_nonsense"), "{reported:?}");
 }
 
+fn provenance(id: &str, targets: &[&str]) -> Value {
+    let target: Vec<Value> = targets
+        .iter()
+        .map(|reference| json!({"reference": reference}))
+        .collect();
+    json!({"resourceType": "Provenance", "id": id, "target": target,
+           "recorded": "2024-01-01T00:00:00Z", "agent": [{"who": {"reference": "Practitioner/dr"}}]})
+}
+
+fn provenance_ids(export: &Export) -> BTreeSet<String> {
+    export
+        .output_keys()
+        .into_iter()
+        .filter(|(resource_type, _)| resource_type == "Provenance")
+        .map(|(_, id)| id)
+        .collect()
+}
+
+fn ids(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|name| (*name).to_owned()).collect()
+}
+
+#[test]
+fn provenance_of_exported_compartment_resources_is_exported_and_relevant_adds_referenced_ones() {
+    let app = spawn_app_with_export_settings(export_settings());
+    build_referencing_world(&app.client);
+    put(&app.client, &group("pair", &["p2", "p3"]));
+    let foreign_target = "http://other.example/fhir/Observation/o-p1".to_owned();
+    for (id, targets) in [
+        (
+            "prov-obs",
+            vec!["Observation/o-p1", "Observation/o-p1/_history/1"],
+        ),
+        ("prov-dr", vec!["Practitioner/dr"]),
+        ("prov-patient", vec!["Patient/p2"]),
+        ("prov-foreign", vec![foreign_target.as_str()]),
+        ("prov-idle", vec!["Practitioner/idle"]),
+    ] {
+        put(&app.client, &provenance(id, &targets));
+    }
+    let bulk = BulkClient::new(&app.base_url);
+    let cases = [
+        ("/Patient/$export", ids(&["prov-obs", "prov-patient"])),
+        (
+            "/Patient/$export?includeAssociatedData=_referenced,RelevantProvenanceResources",
+            ids(&["prov-obs", "prov-patient", "prov-dr"]),
+        ),
+        (
+            "/Patient/$export?includeAssociatedData=_referenced",
+            ids(&["prov-obs", "prov-patient"]),
+        ),
+        (
+            "/Patient/$export?includeAssociatedData=RelevantProvenanceResources",
+            ids(&["prov-obs", "prov-patient"]),
+        ),
+        ("/Group/pair/$export", ids(&["prov-patient"])),
+        (
+            "/Group/pair/$export?includeAssociatedData=_referenced&includeAssociatedData=RelevantProvenanceResources",
+            ids(&["prov-patient", "prov-dr"]),
+        ),
+        (
+            "/Patient/$export?_type=Observation,Provenance&_typeFilter=Observation%3Fsubject%3DPatient%2Fp2",
+            ids(&["prov-patient"]),
+        ),
+        ("/Patient/$export?_type=Observation", ids(&[])),
+    ];
+    for (path, expected) in cases {
+        let exported = export(&bulk, &KickOffRequest::get(path));
+        assert_each_resource_once(&exported);
+        assert_eq!(provenance_ids(&exported), expected, "{path}");
+    }
+}
+
 fn load_sample(data_dir: &Path) {
     let sample = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("data")

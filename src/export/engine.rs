@@ -272,6 +272,7 @@ impl ExportEngine {
             },
             JobState::Collecting { .. }
             | JobState::CollectingReferenced { .. }
+            | JobState::CollectingProvenance { .. }
             | JobState::Exporting => {
                 drop(record);
                 JobStatus::InProgress {

@@ -41,6 +41,11 @@ pub enum JobState {
     CollectingReferenced {
         cursor: ReferencedCursor,
     },
+    /// Adding the Provenance whose target is an exported resource to the scratch set,
+    /// reading Provenance events after `after_seq`.
+    CollectingProvenance {
+        after_seq: u64,
+    },
     Exporting,
     Completed {
         completed_at: Instant,

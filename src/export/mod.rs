@@ -10,6 +10,7 @@
 //! - [`planner`]: snapshot, members, collection into the scratch set, units.
 //! - [`referenced`]: `includeAssociatedData=_referenced`, the referenced resources added
 //!   to the scratch set.
+//! - [`provenance`]: the Provenance whose targets a Patient or Group export holds.
 //! - [`worker`]: running one unit, retrying transient destination failures.
 //! - [`finalizer`]: final file names, durable files, completion; clean-up.
 //! - [`files`]: every object name and prefix a job uses.
@@ -25,6 +26,7 @@ pub mod finalizer;
 pub mod job;
 pub mod manifest;
 pub mod planner;
+pub mod provenance;
 pub mod referenced;
 pub mod registry;
 pub mod request;

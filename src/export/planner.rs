@@ -7,7 +7,8 @@ use std::collections::{BTreeSet, HashSet};
 
 use super::error::ExportError;
 use super::job::{JobState, ReferencedCursor, UnitSource, WorkUnit, load_members};
-use super::referenced::run_referenced_collection;
+use super::provenance::{collects_provenance, run_provenance_collection};
+use super::referenced::{associated_types, collects_members, run_referenced_collection};
 use super::registry::JobHandle;
 use super::request::{ExportLevel, ExportRequest};
 use crate::fhir::compartment::PatientCompartment;
@@ -51,13 +52,8 @@ pub fn plan_new_job(
         Some(_) => (Vec::new(), JobState::Collecting { next_member: 0 }),
         None => {
             let units = plan_event_units(store, request, snapshot.window)?;
-            let state = if request.wants_referenced() {
-                JobState::CollectingReferenced {
-                    cursor: ReferencedCursor::default(),
-                }
-            } else {
-                JobState::Exporting
-            };
+            let state = next_stage(request, snapshot.window, CollectionStage::Members)
+                .unwrap_or(JobState::Exporting);
             (units, state)
         }
     };
@@ -78,12 +74,74 @@ pub fn run_collection(
     local_base: &LocalBase,
 ) -> Result<(), ExportError> {
     collect_members(store, job)?;
-    run_referenced_collection(store, job, local_base)
+    run_referenced_collection(store, job, local_base)?;
+    run_provenance_collection(store, job, local_base)
+}
+
+/// The collection stages of a Patient or Group export, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CollectionStage {
+    /// The members' compartments (Group and `patient=` exports).
+    Members,
+    /// The resources the compartment resources reference (`_referenced`).
+    Referenced,
+    /// The Provenance whose targets are exported.
+    Provenance,
+}
+
+/// The state of the first stage after `finished` that the request needs; `None` when
+/// collecting is over.
+fn next_stage(
+    request: &ExportRequest,
+    window: SeqWindow,
+    finished: CollectionStage,
+) -> Option<JobState> {
+    if finished < CollectionStage::Referenced && request.wants_referenced() {
+        return Some(JobState::CollectingReferenced {
+            cursor: ReferencedCursor::default(),
+        });
+    }
+    if finished < CollectionStage::Provenance && collects_provenance(request) {
+        return Some(JobState::CollectingProvenance {
+            after_seq: window.after_seq,
+        });
+    }
+    None
+}
+
+/// Moves the job from the `finished` stage to the next one it needs or, when collecting is
+/// over, plans its units (the compartment units planned at kick-off, plus units over the
+/// scratch set) and moves it on to exporting.
+pub fn finish_stage(
+    store: &Store,
+    job: &JobHandle,
+    finished: CollectionStage,
+) -> Result<(), ExportError> {
+    let (request, window, planned_units) = {
+        let record = job.record();
+        (record.request.clone(), record.window, record.units.clone())
+    };
+    if let Some(state) = next_stage(&request, window, finished) {
+        return job.persist(store, |record| record.state = state);
+    }
+    let mut scratch_types: BTreeSet<ResourceType> =
+        associated_types(&request).into_iter().collect();
+    let mut units = if collects_members(&request) {
+        scratch_types.extend(covered_types(&request));
+        Vec::new()
+    } else {
+        scratch_types.insert(ResourceType::PROVENANCE);
+        planned_units
+    };
+    units.extend(plan_collected_units(store, job.id(), scratch_types)?);
+    job.persist(store, |record| {
+        record.units = units;
+        record.state = JobState::Exporting;
+    })
 }
 
 /// Collects the members' compartments into the job's scratch set from where the last
-/// checkpoint left off, then plans the units over that set and moves the job on to
-/// exporting, or to collecting referenced resources.
+/// checkpoint left off, then moves the job on to its next stage.
 fn collect_members(store: &Store, job: &JobHandle) -> Result<(), ExportError> {
     let (request, window, mut next_member) = {
         let record = job.record();
@@ -119,18 +177,7 @@ fn collect_members(store: &Store, job: &JobHandle) -> Result<(), ExportError> {
         })?;
         job.touch();
     }
-    if request.wants_referenced() {
-        return job.persist(store, |record| {
-            record.state = JobState::CollectingReferenced {
-                cursor: ReferencedCursor::default(),
-            };
-        });
-    }
-    let units = plan_collected_units(store, job.id(), covered_types(&request))?;
-    job.persist(store, |record| {
-        record.units = units;
-        record.state = JobState::Exporting;
-    })
+    finish_stage(store, job, CollectionStage::Members)
 }
 
 /// Fixes the snapshot: everything committed so far (or up to `_until`), after `_since`.

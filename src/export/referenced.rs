@@ -11,7 +11,7 @@ use super::error::ExportError;
 use super::job::{
     JobState, MissingReason, MissingReference, ReferencedCursor, save_missing_references,
 };
-use super::planner::{covered_types, plan_collected_units, version_as_of};
+use super::planner::{CollectionStage, covered_types, finish_stage, version_as_of};
 use super::registry::JobHandle;
 use super::request::{ExportLevel, ExportRequest, TypeFilter};
 use crate::fhir::compartment::PatientCompartment;
@@ -50,9 +50,8 @@ pub fn collects_members(request: &ExportRequest) -> bool {
 /// One local reference to a type `_referenced` may add.
 type Target = (ResourceType, String);
 
-/// Walks the compartment resources from the job's cursor to the end, then plans the units
-/// (the compartment units kept, plus the scratch set's units) and moves the job on to
-/// exporting. Runs on a worker; stops at once when the job must stop.
+/// Walks the compartment resources from the job's cursor to the end, then moves the job
+/// on to its next stage. Runs on a worker; stops at once when the job must stop.
 pub fn run_referenced_collection(
     store: &Store,
     job: &JobHandle,
@@ -116,20 +115,7 @@ pub fn run_referenced_collection(
         })?;
         job.touch();
     }
-    let mut units = if collects_members(&request) {
-        Vec::new()
-    } else {
-        job.record().units.clone()
-    };
-    let mut scratch_types: BTreeSet<ResourceType> = addable.into_iter().collect();
-    if collects_members(&request) {
-        scratch_types.extend(walked_types);
-    }
-    units.extend(plan_collected_units(store, job.id(), scratch_types)?);
-    job.persist(store, |record| {
-        record.units = units;
-        record.state = JobState::Exporting;
-    })
+    finish_stage(store, job, CollectionStage::Referenced)
 }
 
 /// The local targets found in one chunk of compartment resources.

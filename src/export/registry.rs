@@ -35,6 +35,8 @@ pub enum JobProgress {
     },
     /// Collecting referenced resources: walking the `type_index`-th compartment type.
     CollectingReferenced { types_done: usize },
+    /// Collecting the Provenance whose targets are exported.
+    CollectingProvenance,
     Exporting {
         units_done: usize,
         units_total: usize,
@@ -56,6 +58,7 @@ impl fmt::Display for JobProgress {
                 formatter,
                 "collecting referenced resources ({types_done} compartment types done)"
             ),
+            JobProgress::CollectingProvenance => write!(formatter, "collecting provenance"),
             JobProgress::Exporting {
                 units_done,
                 units_total,
@@ -232,6 +235,7 @@ impl JobHandle {
             JobState::CollectingReferenced { cursor } => JobProgress::CollectingReferenced {
                 types_done: cursor.type_index,
             },
+            JobState::CollectingProvenance { .. } => JobProgress::CollectingProvenance,
             _ => {
                 let units_total = self.units_total.load(Ordering::SeqCst);
                 let remaining = self.units_remaining.load(Ordering::SeqCst);
@@ -403,6 +407,7 @@ impl JobRegistry {
                 JobState::Failed { .. } => {}
                 JobState::Collecting { .. }
                 | JobState::CollectingReferenced { .. }
+                | JobState::CollectingProvenance { .. }
                 | JobState::Exporting => {
                     unfinished += 1;
                     owned_unfinished += usize::from(owned);

@@ -51,13 +51,18 @@ pub struct AssociatedData {
     /// `_referenced` (this server's own value): every resource outside the Patient
     /// compartment that an exported compartment resource references, one hop, once.
     pub referenced: bool,
+    /// `RelevantProvenanceResources` (v3): every Provenance whose target is an exported
+    /// resource, the referenced ones included (without it, only those targeting a
+    /// compartment resource).
+    pub relevant_provenance: bool,
 }
 
 /// Our custom `includeAssociatedData` value: the resources the compartments reference.
 pub const REFERENCED_VALUE: &str = "_referenced";
+/// The Bulk Data v3 value for every Provenance whose target is an exported resource.
+pub const RELEVANT_PROVENANCE_VALUE: &str = "RelevantProvenanceResources";
 /// The Bulk Data v3 `includeAssociatedData` values this server knows but does not honour.
-const UNSUPPORTED_ASSOCIATED_DATA_VALUES: [&str; 2] =
-    ["LatestProvenanceResources", "RelevantProvenanceResources"];
+const UNSUPPORTED_ASSOCIATED_DATA_VALUES: [&str; 1] = ["LatestProvenanceResources"];
 
 /// The `_typeFilter` queries of a request, per resource type, kept as the query text after
 /// `Type?` (so the job record stays plain data); each was parsed when the request was made
@@ -195,9 +200,18 @@ impl ExportRequest {
     pub fn with_default_associated_data(mut self, include_referenced: bool) -> ExportRequest {
         if self.associated_data.is_none() && include_referenced && self.level != ExportLevel::System
         {
-            self.associated_data = Some(AssociatedData { referenced: true });
+            self.associated_data = Some(AssociatedData {
+                referenced: true,
+                relevant_provenance: false,
+            });
         }
         self
+    }
+
+    /// Whether Provenance targeting referenced resources is added too.
+    pub fn wants_relevant_provenance(&self) -> bool {
+        self.associated_data
+            .is_some_and(|associated_data| associated_data.relevant_provenance)
     }
 
     /// Whether the export adds the resources its compartment resources reference.
@@ -363,10 +377,10 @@ impl ExportRequest {
     }
 }
 
-/// Reads the `includeAssociatedData` values: `_referenced` at Patient and Group level; the
-/// Provenance values (not supported yet), unknown values and `_referenced` at system level
-/// (which already holds every resource) are refused, or under lenient handling dropped and
-/// reported. `None` when no value was given.
+/// Reads the `includeAssociatedData` values: `_referenced` and `RelevantProvenanceResources`
+/// at Patient and Group level; `LatestProvenanceResources` (not supported yet), unknown
+/// values and both at system level (which already holds every resource) are refused, or
+/// under lenient handling dropped and reported. `None` when no value was given.
 fn parse_associated_data(
     values: &[String],
     level: &ExportLevel,
@@ -378,21 +392,26 @@ fn parse_associated_data(
     }
     let mut associated_data = AssociatedData::default();
     for value in values {
-        let problem = if value == REFERENCED_VALUE {
+        let slot = match value.as_str() {
+            REFERENCED_VALUE => Some(&mut associated_data.referenced),
+            RELEVANT_PROVENANCE_VALUE => Some(&mut associated_data.relevant_provenance),
+            _ => None,
+        };
+        let problem = if let Some(slot) = slot {
             if *level != ExportLevel::System {
-                associated_data.referenced = true;
+                *slot = true;
                 continue;
             }
             format!(
-                "includeAssociatedData={REFERENCED_VALUE} applies to Patient and Group exports; a system export already holds every resource"
+                "includeAssociatedData={value} applies to Patient and Group exports; a system export already holds every resource"
             )
         } else if UNSUPPORTED_ASSOCIATED_DATA_VALUES.contains(&value.as_str()) {
             format!(
-                "includeAssociatedData={value} is not supported yet; this server supports {REFERENCED_VALUE}"
+                "includeAssociatedData={value} is not supported yet; this server supports {REFERENCED_VALUE} and {RELEVANT_PROVENANCE_VALUE}"
             )
         } else {
             format!(
-                "includeAssociatedData value '{value}' is unknown; this server supports {REFERENCED_VALUE}"
+                "includeAssociatedData value '{value}' is unknown; this server supports {REFERENCED_VALUE} and {RELEVANT_PROVENANCE_VALUE}"
             )
         };
         if !lenient {
@@ -670,8 +689,13 @@ mod tests {
             (group(), "includeAssociatedData=_referenced,Bogus", "Bogus"),
             (
                 ExportLevel::AllPatients,
+                "includeAssociatedData=LatestProvenanceResources",
+                "LatestProvenanceResources",
+            ),
+            (
+                ExportLevel::System,
                 "includeAssociatedData=RelevantProvenanceResources",
-                "RelevantProvenanceResources",
+                "system",
             ),
             (
                 ExportLevel::System,

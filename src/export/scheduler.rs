@@ -15,8 +15,9 @@ use crate::store::Store;
 
 /// Work a worker thread does.
 pub enum WorkItem {
-    /// Collect the members' compartments of a Group or `patient=` export, and the
-    /// resources compartment resources reference under `_referenced`.
+    /// Collect the members' compartments of a Group or `patient=` export, the resources
+    /// compartment resources reference under `_referenced`, and the Provenance of the
+    /// exported resources.
     Collect(Arc<JobHandle>),
     /// Run one unit.
     Unit(Arc<JobHandle>, Box<UnitAssignment>),
@@ -100,7 +101,9 @@ fn queue_remaining(
         (record.state.clone(), record.units.clone(), settings)
     };
     match state {
-        JobState::Collecting { .. } | JobState::CollectingReferenced { .. } => {
+        JobState::Collecting { .. }
+        | JobState::CollectingReferenced { .. }
+        | JobState::CollectingProvenance { .. } => {
             queue.push_back(WorkItem::Collect(Arc::clone(job)))
         }
         JobState::Exporting => {

@@ -33,6 +33,7 @@ pub fn inspect(
             JobState::Failed { failed_at, .. } => Some(failed_at),
             JobState::Collecting { .. }
             | JobState::CollectingReferenced { .. }
+            | JobState::CollectingProvenance { .. }
             | JobState::Exporting => None,
         };
         match finished_at {
