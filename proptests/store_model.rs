@@ -216,7 +216,7 @@ pub fn prepare_resource_from_text(text: &str) -> PreparedResource {
         parsed.resource_type,
         id,
         parsed.json,
-        &LocalBase::relative_only(),
+        &LocalBase::at(crate::export_model::ABSOLUTE_REFERENCE_BASE),
     )
 }
 
