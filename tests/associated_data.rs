@@ -582,9 +582,7 @@ fn kick_off_and_kill_while_collecting_referenced(
                 break;
             }
             let progress = reply.required_header("x-progress").to_owned();
-            if progress.starts_with("collecting referenced resources (")
-                && !progress.contains("(0 ")
-            {
+            if progress.starts_with("collecting referenced resources (") {
                 server.kill_hard();
                 return Some((status_url, progress));
             }

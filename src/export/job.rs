@@ -36,6 +36,16 @@ pub enum JobState {
     Collecting {
         next_member: usize,
     },
+    Exporting,
+    Completed {
+        completed_at: Instant,
+    },
+    Failed {
+        failed_at: Instant,
+        kind: ExportErrorKind,
+        message: String,
+    },
+    // Later stages come last, so the postcard tags of the states above stay as they were.
     /// Adding the resources the compartment resources reference to the scratch set
     /// (`includeAssociatedData=_referenced`), from `cursor` on.
     CollectingReferenced {
@@ -45,15 +55,6 @@ pub enum JobState {
     /// reading Provenance events after `after_seq`.
     CollectingProvenance {
         after_seq: u64,
-    },
-    Exporting,
-    Completed {
-        completed_at: Instant,
-    },
-    Failed {
-        failed_at: Instant,
-        kind: ExportErrorKind,
-        message: String,
     },
 }
 

@@ -2,8 +2,10 @@
 //! exported compartment resource as of the snapshot, follows each local literal reference
 //! one hop to a type outside the Patient compartment, and adds the target's version at the
 //! snapshot to the job's scratch set, so it is exported once however many records point
-//! to it. Targets missing at the snapshot are noted for the `error` file. Checkpointed
-//! every [`RESOURCES_PER_REFERENCED_CHECKPOINT`] resources, so a restart resumes the walk.
+//! to it. Targets missing at the snapshot are noted for the `error` file. The walk reads
+//! chunks of [`RESOURCES_PER_REFERENCED_CHUNK`] resources and saves its cursor durably
+//! after a chunk once [`CHECKPOINT_INTERVAL`] has passed, so a restart resumes it (each
+//! durable save is an fsync, which per chunk would cost more than the walk itself).
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -18,8 +20,10 @@ use crate::fhir::compartment::PatientCompartment;
 use crate::fhir::{LocalBase, ResourceType};
 use crate::store::{EventView, ScanControl, SeqWindow, Store, StoreError};
 
-/// Compartment resources read between durable checkpoints of the walk.
-const RESOURCES_PER_REFERENCED_CHECKPOINT: usize = 2048;
+/// Compartment resources read per chunk: the targets of one chunk are held in memory.
+const RESOURCES_PER_REFERENCED_CHUNK: usize = 2048;
+/// Least time between durable saves of the walk's cursor.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Resolved targets remembered across chunks, so a Practitioner that thousands of records
 /// name is looked up about once; the memory is cleared when full, so it stays bounded.
 const RESOLVED_TARGETS_REMEMBERED: usize = 65_536;
@@ -67,6 +71,7 @@ pub fn run_referenced_collection(
     let walked_types = covered_types(&request);
     let addable: HashSet<ResourceType> = associated_types(&request).into_iter().collect();
     let mut resolved: HashSet<Target> = HashSet::new();
+    let mut last_checkpoint = std::time::Instant::now();
     while let Some(&resource_type) = walked_types.get(cursor.type_index) {
         let type_filter = request
             .type_filters
@@ -110,10 +115,13 @@ pub fn run_referenced_collection(
                 after_seq: 0,
             },
         };
-        job.persist(store, |record| {
-            record.state = JobState::CollectingReferenced { cursor };
-        })?;
         job.touch();
+        if last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+            job.persist(store, |record| {
+                record.state = JobState::CollectingReferenced { cursor };
+            })?;
+            last_checkpoint = std::time::Instant::now();
+        }
     }
     finish_stage(store, job, CollectionStage::Referenced)
 }
@@ -162,7 +170,7 @@ impl ReferenceWalk<'_> {
                         return ScanControl::Stop;
                     }
                 }
-                if read >= RESOURCES_PER_REFERENCED_CHECKPOINT {
+                if read >= RESOURCES_PER_REFERENCED_CHUNK {
                     chunk.type_finished = false;
                     return ScanControl::Stop;
                 }
@@ -207,7 +215,7 @@ impl ReferenceWalk<'_> {
                     failure = Some(error);
                     return Ok(ScanControl::Stop);
                 }
-                if read >= RESOURCES_PER_REFERENCED_CHECKPOINT {
+                if read >= RESOURCES_PER_REFERENCED_CHUNK {
                     chunk.type_finished = false;
                     return Ok(ScanControl::Stop);
                 }
@@ -233,10 +241,9 @@ impl ReferenceWalk<'_> {
                 return Err(ExportError::cancelled());
             }
         }
-        let body = std::str::from_utf8(view.body)
-            .map_err(|_| StoreError::Corrupt(format!("stored event {} is not UTF-8", view.seq)))?;
+        let body = view.body;
         if let Some(type_filter) = self.type_filter {
-            let resource: serde_json::Value = serde_json::from_str(body).map_err(|error| {
+            let resource: serde_json::Value = serde_json::from_slice(body).map_err(|error| {
                 StoreError::Corrupt(format!("stored event {} is not JSON: {error}", view.seq))
             })?;
             if !type_filter.matches(&resource) {
@@ -299,24 +306,26 @@ fn resolve_targets(
 /// The member pattern that starts a `reference` string in a stored body, which is
 /// canonical minified JSON: inside a JSON string the quotes would be escaped, so every
 /// match is a member named `reference` whose value is a string.
-const REFERENCE_MEMBER: &str = "\"reference\":\"";
+const REFERENCE_MEMBER: &[u8] = b"\"reference\":\"";
 
-/// Calls `visit` with the value of every `reference` member holding a string, at any depth.
-fn for_each_reference_string(body: &str, mut visit: impl FnMut(&str)) {
+/// Calls `visit` with the value of every `reference` member holding a string, at any
+/// depth; only those values are checked as UTF-8, not the whole body.
+fn for_each_reference_string(body: &[u8], mut visit: impl FnMut(&str)) {
+    let finder = memchr::memmem::Finder::new(REFERENCE_MEMBER);
     let mut rest = body;
-    while let Some(found) = rest.find(REFERENCE_MEMBER) {
+    while let Some(found) = finder.find(rest) {
         let value_start = found + REFERENCE_MEMBER.len();
-        let Some(value_length) = string_length(&rest.as_bytes()[value_start..]) else {
+        let Some(value_length) = string_length(&rest[value_start..]) else {
             return;
         };
         let raw = &rest[value_start..value_start + value_length];
-        if raw.contains('\\') {
+        if raw.contains(&b'\\') {
             let quoted = &rest[value_start - 1..value_start + value_length + 1];
-            if let Ok(unescaped) = serde_json::from_str::<String>(quoted) {
+            if let Ok(unescaped) = serde_json::from_slice::<String>(quoted) {
                 visit(&unescaped);
             }
-        } else {
-            visit(raw);
+        } else if let Ok(text) = std::str::from_utf8(raw) {
+            visit(text);
         }
         rest = &rest[value_start + value_length..];
     }
@@ -341,7 +350,9 @@ mod tests {
 
     fn references_in(body: &str) -> Vec<String> {
         let mut found = Vec::new();
-        for_each_reference_string(body, |reference| found.push(reference.to_owned()));
+        for_each_reference_string(body.as_bytes(), |reference| {
+            found.push(reference.to_owned())
+        });
         found
     }
 
