@@ -3,9 +3,10 @@
 //! one hop to a type outside the Patient compartment, and adds the target's version at the
 //! snapshot to the job's scratch set, so it is exported once however many records point
 //! to it. Targets missing at the snapshot are noted for the `error` file. The walk reads
-//! chunks of [`RESOURCES_PER_REFERENCED_CHUNK`] resources and saves its cursor durably
-//! after a chunk once [`CHECKPOINT_INTERVAL`] has passed, so a restart resumes it (each
-//! durable save is an fsync, which per chunk would cost more than the walk itself).
+//! chunks of at most [`RESOURCES_PER_REFERENCED_CHUNK`] resources or
+//! [`TARGETS_PER_CHUNK`] distinct targets (each chunk is a fresh scan, so chunks are
+//! large) and saves its cursor durably after a chunk once [`CHECKPOINT_INTERVAL`] has
+//! passed, so a restart resumes it (each durable save is an fsync).
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -20,8 +21,10 @@ use crate::fhir::compartment::PatientCompartment;
 use crate::fhir::{LocalBase, ResourceType};
 use crate::store::{EventView, ScanControl, SeqWindow, Store, StoreError};
 
-/// Compartment resources read per chunk: the targets of one chunk are held in memory.
-const RESOURCES_PER_REFERENCED_CHUNK: usize = 2048;
+/// Most compartment resources read per chunk.
+const RESOURCES_PER_REFERENCED_CHUNK: usize = 65_536;
+/// Most distinct targets held in memory per chunk.
+const TARGETS_PER_CHUNK: usize = 16_384;
 /// Least time between durable saves of the walk's cursor.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Resolved targets remembered across chunks, so a Practitioner that thousands of records
@@ -135,6 +138,13 @@ struct ReferenceChunk {
     type_finished: bool,
 }
 
+impl ReferenceChunk {
+    /// Whether the chunk, `read` resources long, takes no more.
+    fn is_full(&self, read: usize) -> bool {
+        read >= RESOURCES_PER_REFERENCED_CHUNK || self.targets.len() >= TARGETS_PER_CHUNK
+    }
+}
+
 struct ReferenceWalk<'a> {
     store: &'a Store,
     job: &'a JobHandle,
@@ -170,7 +180,7 @@ impl ReferenceWalk<'_> {
                         return ScanControl::Stop;
                     }
                 }
-                if read >= RESOURCES_PER_REFERENCED_CHUNK {
+                if chunk.is_full(read) {
                     chunk.type_finished = false;
                     return ScanControl::Stop;
                 }
@@ -215,7 +225,7 @@ impl ReferenceWalk<'_> {
                     failure = Some(error);
                     return Ok(ScanControl::Stop);
                 }
-                if read >= RESOURCES_PER_REFERENCED_CHUNK {
+                if chunk.is_full(read) {
                     chunk.type_finished = false;
                     return Ok(ScanControl::Stop);
                 }
