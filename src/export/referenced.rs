@@ -261,13 +261,20 @@ impl ReferenceWalk<'_> {
             }
         }
         for_each_reference_string(body, |reference| {
+            let addable = self
+                .local_base
+                .local_type_name(reference)
+                .and_then(|type_name| ResourceType::parse(type_name).ok())
+                .is_some_and(|resource_type| self.addable.contains(&resource_type));
+            if !addable {
+                return;
+            }
             let Some(literal) = self.local_base.local_reference(reference) else {
                 return;
             };
-            let Ok(resource_type) = ResourceType::parse(literal.resource_type_name) else {
-                return;
-            };
-            if self.addable.contains(&resource_type) {
+            if let Ok(resource_type) = ResourceType::parse(literal.resource_type_name)
+                && self.addable.contains(&resource_type)
+            {
                 targets.insert((resource_type, literal.id.to_owned()));
             }
         });

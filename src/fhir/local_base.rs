@@ -31,6 +31,24 @@ impl LocalBase {
         self.base_url.as_deref()
     }
 
+    /// The type name a reference would name if it is local, read without checking the
+    /// rest: a cheap test before [`LocalBase::local_reference`] when most references are
+    /// of types the caller skips.
+    pub fn local_type_name<'reference>(
+        &self,
+        reference: &'reference str,
+    ) -> Option<&'reference str> {
+        let relative = match self.base_url.as_deref() {
+            Some(base_url) => match reference.strip_prefix(base_url) {
+                Some(rest) => rest.strip_prefix('/')?,
+                None => reference,
+            },
+            None => reference,
+        };
+        let (type_name, _) = relative.split_once('/')?;
+        Some(type_name)
+    }
+
     /// The type and id a reference names when it names a resource of this server:
     /// `Type/id`, or `{base}/Type/id`, each optionally `/_history/version`; `None` for other
     /// servers' URLs, contained (`#id`), `urn:` and conditional references.
@@ -72,6 +90,30 @@ mod tests {
                 type_and_id(&local_base, "Practitioner/p1/_history/3"),
                 Some(("Practitioner".to_owned(), "p1".to_owned()))
             );
+        }
+    }
+
+    #[test]
+    fn the_cheap_type_name_is_the_type_of_every_local_reference() {
+        let local_base = LocalBase::at("https://ours.example/fhir");
+        for (reference, type_name) in [
+            ("Practitioner/p1", Some("Practitioner")),
+            ("Practitioner/p1/_history/2", Some("Practitioner")),
+            (
+                "https://ours.example/fhir/Organization/o",
+                Some("Organization"),
+            ),
+            ("http://other.example/fhir/Organization/o", Some("http:")),
+            ("#inline", None),
+        ] {
+            assert_eq!(
+                local_base.local_type_name(reference),
+                type_name,
+                "{reference}"
+            );
+            if let Some(literal) = local_base.local_reference(reference) {
+                assert_eq!(Some(literal.resource_type_name), type_name, "{reference}");
+            }
         }
     }
 
