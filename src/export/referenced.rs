@@ -328,9 +328,10 @@ const REFERENCE_MEMBER: &[u8] = b"\"reference\":\"";
 /// Calls `visit` with the value of every `reference` member holding a string, at any
 /// depth; only those values are checked as UTF-8, not the whole body.
 fn for_each_reference_string(body: &[u8], mut visit: impl FnMut(&str)) {
-    let finder = memchr::memmem::Finder::new(REFERENCE_MEMBER);
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(REFERENCE_MEMBER));
     let mut rest = body;
-    while let Some(found) = finder.find(rest) {
+    while let Some(found) = FINDER.find(rest) {
         let value_start = found + REFERENCE_MEMBER.len();
         let Some(value_length) = string_length(&rest[value_start..]) else {
             return;
