@@ -1,7 +1,8 @@
 //! The planner: every plan step of a job — the snapshot window, the members of a Group or
 //! `patient=` list as of the snapshot, collecting their compartments into the job's
-//! scratch set (checkpointed, on a worker), and splitting each type's seq range into work
-//! units.
+//! scratch set (checkpointed, on a worker), the order of the collection stages that follow
+//! ([`referenced`](super::referenced), [`provenance`](super::provenance)), and splitting
+//! each type's seq range into work units.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -66,8 +67,9 @@ pub fn plan_new_job(
 }
 
 /// Runs the collection stages a job still has, from where the last checkpoint left off:
-/// the members' compartments, then (under `_referenced`) the resources they reference.
-/// Runs on a worker; stops at once when the job must stop.
+/// the members' compartments, the resources they reference (under `_referenced`), then
+/// the Provenance of the exported resources. Runs on a worker; stops at once when the job
+/// must stop.
 pub fn run_collection(
     store: &Store,
     job: &JobHandle,
