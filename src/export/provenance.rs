@@ -3,7 +3,7 @@
 //! patient's compartment itself; under `includeAssociatedData=RelevantProvenanceResources`
 //! also those naming a resource `_referenced` added. Reads the Provenance current at the
 //! snapshot (changed inside the window), adds the ones not exported yet to the job's
-//! scratch set, and checkpoints every [`PROVENANCE_PER_CHECKPOINT`] Provenance read.
+//! scratch set, and checkpoints every `PROVENANCE_PER_CHECKPOINT` Provenance read.
 
 use std::collections::{HashMap, HashSet};
 

@@ -3,9 +3,9 @@
 //! one hop to a type outside the Patient compartment, and adds the target's version at the
 //! snapshot to the job's scratch set, so it is exported once however many records point
 //! to it. Targets missing at the snapshot are noted for the `error` file. The walk reads
-//! chunks of at most [`RESOURCES_PER_REFERENCED_CHUNK`] resources or
-//! [`TARGETS_PER_CHUNK`] distinct targets (each chunk is a fresh scan, so chunks are
-//! large) and saves its cursor durably after a chunk once [`CHECKPOINT_INTERVAL`] has
+//! chunks of at most `RESOURCES_PER_REFERENCED_CHUNK` resources or
+//! `TARGETS_PER_CHUNK` distinct targets (each chunk is a fresh scan, so chunks are
+//! large) and saves its cursor durably after a chunk once `CHECKPOINT_INTERVAL` has
 //! passed, so a restart resumes it (each durable save is an fsync).
 
 use std::collections::{BTreeSet, HashSet};
