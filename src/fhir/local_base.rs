@@ -32,7 +32,7 @@ impl LocalBase {
     }
 
     /// The type name a reference would name if it is local, read without checking the
-    /// rest: a cheap test before [`LocalBase::local_reference`] when most references are
+    /// rest: a cheap test before `local_reference` when most references are
     /// of types the caller skips.
     pub fn local_type_name<'reference>(
         &self,
