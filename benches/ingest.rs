@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use fhirlog::fhir::ResourceId;
 use fhirlog::fhir::canonical::{DEFAULT_MAX_JSON_DEPTH, ParsedResource};
+use fhirlog::fhir::{LocalBase, ResourceId};
 use fhirlog::load::{LoadOptions, OnError, load};
 use fhirlog::store::{
     PreparedResource, Store, StoreOptions, UnchangedContent, WriteOperation, WriteOutcome,
@@ -61,7 +61,12 @@ impl ResourceTemplate {
         let id_number = NEXT_BENCHMARK_ID_NUMBER.fetch_add(1, Ordering::Relaxed);
         let id = ResourceId::parse(&format!("bench-{id_number}"))
             .expect("bench-N is a valid resource id");
-        PreparedResource::new(self.parsed.resource_type, id, self.parsed.json.clone())
+        PreparedResource::new(
+            self.parsed.resource_type,
+            id,
+            self.parsed.json.clone(),
+            &LocalBase::relative_only(),
+        )
     }
 }
 
@@ -157,6 +162,7 @@ fn load_sample_directory(criterion: &mut Criterion) {
         max_json_depth: DEFAULT_MAX_JSON_DEPTH,
         show_progress: false,
         max_document_bytes: fhirlog::load::DEFAULT_MAX_DOCUMENT_BYTES,
+        local_base: LocalBase::relative_only(),
     };
     let mut group = criterion.benchmark_group("ingest");
     group

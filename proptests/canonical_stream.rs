@@ -7,10 +7,10 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use fhirlog::fhir::ResourceType;
 use fhirlog::fhir::canonical::{
     BodyId, DEFAULT_MAX_JSON_DEPTH, ParsedResource, ResourceBodyError, ResourceFields,
 };
+use fhirlog::fhir::{LocalBase, ResourceType};
 use fhirlog::store::PreparedResource;
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -68,24 +68,35 @@ fn compare_paths_with(bytes: &[u8], body_ids: &[BodyId]) -> Result<(), TestCaseE
             BodyId::Validate => parsed.id.clone().unwrap_or_else(|| assigned.clone()),
             BodyId::Ignore => assigned.clone(),
         };
+        let local_base = LocalBase::at("https://example.org/fhir");
         let tree_result = match tree {
             Ok(parsed) => {
                 let id = tree_id(&parsed);
-                prepared(PreparedResource::new(parsed.resource_type, id, parsed.json))
+                prepared(PreparedResource::new(
+                    parsed.resource_type,
+                    id,
+                    parsed.json,
+                    &local_base,
+                ))
             }
             Err(error) => refusal(&error),
         };
-        let stream_result =
-            match ResourceFields::read(bytes, expected_type, body_id, DEFAULT_MAX_JSON_DEPTH) {
-                Ok(fields) => {
-                    let id = match body_id {
-                        BodyId::Validate => fields.id.clone().unwrap_or_else(|| assigned.clone()),
-                        BodyId::Ignore => assigned.clone(),
-                    };
-                    prepared(PreparedResource::from_fields(fields, id))
-                }
-                Err(error) => refusal(&error),
-            };
+        let stream_result = match ResourceFields::read(
+            bytes,
+            expected_type,
+            body_id,
+            DEFAULT_MAX_JSON_DEPTH,
+            &local_base,
+        ) {
+            Ok(fields) => {
+                let id = match body_id {
+                    BodyId::Validate => fields.id.clone().unwrap_or_else(|| assigned.clone()),
+                    BodyId::Ignore => assigned.clone(),
+                };
+                prepared(PreparedResource::from_fields(fields, id))
+            }
+            Err(error) => refusal(&error),
+        };
         prop_assert_eq!(
             &stream_result,
             &tree_result,

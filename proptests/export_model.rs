@@ -19,7 +19,9 @@ pub const EXPORTED_GROUP_ID: &str = "g1";
 pub const NESTED_GROUP_ID: &str = "g2";
 pub const GROUP_IDS: [&str; 2] = [EXPORTED_GROUP_ID, NESTED_GROUP_ID];
 
-const ABSOLUTE_REFERENCE_BASE: &str = "http://example.org/fhir";
+/// The server's base URL as writes and exports are told it: absolute references under it
+/// name the same resources as relative ones.
+pub const ABSOLUTE_REFERENCE_BASE: &str = "http://example.org/fhir";
 
 const PATIENT_COMPARTMENT_DEFINITION_PATH: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

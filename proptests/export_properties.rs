@@ -16,7 +16,7 @@ use fhirlog::export::{
     ExportEngine, ExportError, ExportErrorKind, ExportLevel, ExportRequest, ExportSettings,
     JobStatus,
 };
-use fhirlog::fhir::{Instant, ResourceId, ResourceType};
+use fhirlog::fhir::{Instant, LocalBase, ResourceId, ResourceType};
 use fhirlog::sink::MemoryDestination;
 use fhirlog::store::{Store, UnchangedContent, WriteOperation, WriteOutcome};
 use proptest::prelude::*;
@@ -26,9 +26,9 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::export_model::{
-    EXPORTED_GROUP_ID, ExpectedExport, ExpectedRefusal, ExportContent, ExportHistory, ExportTarget,
-    ExportTargetKind, GROUP_IDS, GroupMember, LiteralReferenceTo, ORGANIZATION_IDS,
-    RecordedVersion, every_export_target, stored_body_holds_content,
+    ABSOLUTE_REFERENCE_BASE, EXPORTED_GROUP_ID, ExpectedExport, ExpectedRefusal, ExportContent,
+    ExportHistory, ExportTarget, ExportTargetKind, GROUP_IDS, GroupMember, LiteralReferenceTo,
+    ORGANIZATION_IDS, RecordedVersion, every_export_target, stored_body_holds_content,
 };
 use crate::store_harness::{CommitInstantCheck, scenario_directory, small_memtable_store_options};
 use crate::store_model::{PATIENT_IDS, prepare_resource_from_text};
@@ -100,6 +100,8 @@ impl EngineChoice {
             max_export_bytes: None,
             max_jobs_per_client: 64,
             max_retained_exports_per_client: usize::MAX,
+            local_base: LocalBase::at(ABSOLUTE_REFERENCE_BASE),
+            ..ExportSettings::default()
         }
     }
 }

@@ -6,7 +6,7 @@ use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 
 use fhirlog::fhir::canonical::{DEFAULT_MAX_JSON_DEPTH, ParsedResource};
-use fhirlog::fhir::{Instant, ResourceId, ResourceType};
+use fhirlog::fhir::{Instant, LocalBase, ResourceId, ResourceType};
 use fhirlog::store::{PreparedResource, UnchangedContent, WriteOperation, WriteRejection};
 use serde_json::Value;
 
@@ -212,7 +212,12 @@ pub fn prepare_resource_from_text(text: &str) -> PreparedResource {
         .id
         .clone()
         .expect("generated bodies always carry an id");
-    PreparedResource::new(parsed.resource_type, id, parsed.json)
+    PreparedResource::new(
+        parsed.resource_type,
+        id,
+        parsed.json,
+        &LocalBase::at(crate::export_model::ABSOLUTE_REFERENCE_BASE),
+    )
 }
 
 #[derive(Debug, Clone)]

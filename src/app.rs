@@ -116,13 +116,6 @@ impl App {
             Some(files) => Some(tokio::task::spawn_blocking(move || tls_acceptor(&files)).await??),
             None => None,
         };
-        let runtime = tokio::runtime::Handle::current();
-        let storage = settings.storage.clone();
-        let exports = settings.exports.clone();
-        let services = tokio::task::spawn_blocking(move || {
-            ExportServices::start(store, &storage, exports, runtime)
-        })
-        .await??;
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .map_err(|source| AppError::Listen {
@@ -140,13 +133,20 @@ impl App {
         {
             tracing::warn!(%address, "--insecure: serving without access control on a non-loopback address; anyone who can reach it can read and export every record");
         }
-        let base_url = settings
-            .base_url
-            .unwrap_or_else(|| BaseUrl::for_listen_address(address, tls.is_some()));
+        let base_url = settings.public_base_url(address);
+        let runtime = tokio::runtime::Handle::current();
+        let storage = settings.storage.clone();
+        let mut exports = settings.exports.clone();
+        exports.local_base = base_url.local_base();
+        let services = tokio::task::spawn_blocking(move || {
+            ExportServices::start(store, &storage, exports, runtime)
+        })
+        .await??;
         let auth = Authorizer::new(settings.auth, base_url.token_endpoint());
         let state = Arc::new(AppState {
             store: services.store,
             exports: services.exports,
+            local_base: base_url.local_base(),
             base_url,
             limits: settings.limits,
             signed_url_ttl: settings.storage.signed_url_ttl,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::auth::{AuthArgs, AuthSettings, AuthSettingsError};
 use crate::export::ExportSettings;
+use crate::fhir::LocalBase;
 use crate::fhir::canonical::{DEFAULT_MAX_JSON_DEPTH, MAX_SUPPORTED_JSON_DEPTH};
 use crate::sink::{StorageUrl, StorageUrlError};
 
@@ -154,6 +155,11 @@ pub struct ExportRunArgs {
     /// Most resources in one output file.
     #[arg(long, env = "FHIRLOG_MAX_RESOURCES_PER_FILE", default_value_t = ExportSettings::default().max_resources_per_file)]
     pub max_resources_per_file: u64,
+    /// Patient and Group exports also hold the resources outside the Patient compartment
+    /// that their records reference (includeAssociatedData=_referenced), unless a kick-off
+    /// names its own includeAssociatedData.
+    #[arg(long, env = "FHIRLOG_INCLUDE_REFERENCED")]
+    pub include_referenced: bool,
 }
 
 /// How the server keeps export jobs: `serve` only.
@@ -205,13 +211,16 @@ pub struct StorageArgs {
 }
 
 impl ExportRunArgs {
-    /// The engine settings for a one-shot `fhirlog export`: these flags over the defaults.
-    pub fn one_shot_settings(&self) -> ExportSettings {
+    /// The engine settings for a one-shot `fhirlog export`: these flags over the defaults;
+    /// absolute references under `base_url` name resources of the store.
+    pub fn one_shot_settings(&self, base_url: Option<&BaseUrl>) -> ExportSettings {
         let defaults = ExportSettings::default();
         ExportSettings {
             workers: self.workers.unwrap_or(defaults.workers),
             max_resources_per_file: self.max_resources_per_file,
             max_jobs: 1,
+            include_referenced: self.include_referenced,
+            local_base: base_url.map_or_else(LocalBase::relative_only, BaseUrl::local_base),
             ..defaults
         }
     }
@@ -307,6 +316,11 @@ impl BaseUrl {
         BaseUrl(format!("{scheme}://{address}/fhir"))
     }
 
+    /// References under this base name resources of this server.
+    pub fn local_base(&self) -> LocalBase {
+        LocalBase::at(&self.0)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -376,6 +390,13 @@ impl AppSettings {
             storage: StorageSettings::local_under(data_dir),
             auth: AuthSettings::open(),
         }
+    }
+
+    /// The public base URL when serving on `bound`: `--base-url`, or derived from `bound`.
+    pub fn public_base_url(&self, bound: SocketAddr) -> BaseUrl {
+        self.base_url
+            .clone()
+            .unwrap_or_else(|| BaseUrl::for_listen_address(bound, self.front_door.tls.is_some()))
     }
 
     /// Refuses limits of zero, zero durations and durations past their maximum.
@@ -494,6 +515,8 @@ impl ServeArgs {
                 max_export_bytes: self.export_jobs.max_export_bytes,
                 max_jobs_per_client: self.export_jobs.max_jobs_per_client,
                 max_retained_exports_per_client: self.export_jobs.max_retained_exports_per_client,
+                local_base: LocalBase::relative_only(),
+                include_referenced: self.export_run.include_referenced,
             },
             storage: StorageSettings {
                 url,

@@ -19,7 +19,7 @@ use flate2::read::MultiGzDecoder;
 use serde_json::Value;
 
 use crate::fhir::compartment::{LiteralReference, PatientCompartment};
-use crate::fhir::{ResourceId, ResourceIdParseError, ResourceType, UnknownResourceType};
+use crate::fhir::{LocalBase, ResourceId, ResourceIdParseError, ResourceType, UnknownResourceType};
 
 /// Keys the hash that derives a copy's ids; changing it changes every generated id.
 const COPY_ID_KEY: &[u8; 32] = b"fhirlog/gen/copy-id/version-0001";
@@ -193,7 +193,11 @@ fn collect_cloned_resources(source_files: &[PathBuf]) -> Result<ClonedResources,
         for_each_resource(source_file, |resource| {
             if resource.resource_type == ResourceType::PATIENT
                 || !compartment
-                    .patient_ids(resource.resource_type, resource.value)
+                    .patient_ids(
+                        resource.resource_type,
+                        resource.value,
+                        &LocalBase::relative_only(),
+                    )
                     .is_empty()
                 || references_a_patient(resource.value)
             {

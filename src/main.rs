@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use fhirlog::config::{DataDirArgs, ExportRunArgs, ServeArgs, validate_export_settings};
+use fhirlog::config::{BaseUrl, DataDirArgs, ExportRunArgs, ServeArgs, validate_export_settings};
 use fhirlog::export::{ExportLevel, ExportParameters, ExportRequest};
 use fhirlog::fhir::canonical::DEFAULT_MAX_JSON_DEPTH;
-use fhirlog::fhir::{Instant, ResourceId, ResourceType};
+use fhirlog::fhir::{Instant, LocalBase, ResourceId, ResourceType};
 use fhirlog::generate::{GenerateOptions, generate};
 use fhirlog::load::{LoadOptions, OnError, load};
 use fhirlog::store::{Store, StoreOptions};
@@ -45,6 +45,10 @@ enum Command {
         /// Longest accepted ndjson line or .json document, in bytes (after decompression).
         #[arg(long, env = "FHIRLOG_MAX_DOCUMENT_BYTES", default_value_t = fhirlog::load::DEFAULT_MAX_DOCUMENT_BYTES)]
         max_document_bytes: usize,
+        /// The public base URL the server will have: absolute references under it count
+        /// as references to resources of this store (others never do).
+        #[arg(long, env = "FHIRLOG_BASE_URL")]
+        base_url: Option<String>,
     },
     /// Write scale data: every patient's compartment cloned N times.
     Gen {
@@ -86,6 +90,10 @@ enum Command {
         /// `Observation.code` for one type), comma-separated or repeated.
         #[arg(long = "elements")]
         elements: Vec<String>,
+        /// The store's public base URL: absolute references under it are followed like
+        /// relative ones (Group members, referenced resources).
+        #[arg(long, env = "FHIRLOG_BASE_URL")]
+        base_url: Option<String>,
         #[command(flatten)]
         run: ExportRunArgs,
     },
@@ -121,10 +129,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             on_error,
             max_document_bytes,
+            base_url,
         } => {
             if max_document_bytes == 0 {
                 anyhow::bail!("--max-document-bytes must be greater than zero");
             }
+            let local_base = match base_url.as_deref() {
+                Some(text) => BaseUrl::parse(text)?.local_base(),
+                None => LocalBase::relative_only(),
+            };
             let store = Store::open(&data_dir.data_dir, &StoreOptions::default())?;
             let options = LoadOptions {
                 paths,
@@ -132,6 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_json_depth: DEFAULT_MAX_JSON_DEPTH,
                 show_progress: true,
                 max_document_bytes,
+                local_base,
             };
             let summary = load(&store, &options)?;
             store.flush_memtables()?;
@@ -169,9 +183,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             since,
             until,
             elements,
+            base_url,
             run,
         } => {
-            let settings = run.one_shot_settings();
+            let base_url = base_url.as_deref().map(BaseUrl::parse).transpose()?;
+            let settings = run.one_shot_settings(base_url.as_ref());
             validate_export_settings(&settings)?;
             let mut parameters = ExportParameters::new(level);
             parameters.since = since;

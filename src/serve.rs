@@ -21,6 +21,9 @@ pub fn run(settings: ServeSettings) -> anyhow::Result<()> {
             max_json_depth: app_settings.limits.max_json_depth,
             show_progress: true,
             max_document_bytes: crate::load::DEFAULT_MAX_DOCUMENT_BYTES,
+            local_base: app_settings
+                .public_base_url(app_settings.listen)
+                .local_base(),
         };
         let summary = load(&store, &options).context("loading --load inputs")?;
         tracing::info!(

@@ -182,6 +182,7 @@ fn open_store_loading(data_dir: &TempDir, paths: Vec<PathBuf>) -> (Store, u64) {
             max_json_depth: fhirlog::fhir::canonical::DEFAULT_MAX_JSON_DEPTH,
             show_progress: false,
             max_document_bytes: fhirlog::load::DEFAULT_MAX_DOCUMENT_BYTES,
+            local_base: fhirlog::fhir::LocalBase::relative_only(),
         },
     )
     .expect("loading the sample data");

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant as WallClock};
 
 use fhirlog::fhir::canonical::{DEFAULT_MAX_JSON_DEPTH, ParsedResource};
-use fhirlog::fhir::{ResourceId, ResourceType};
+use fhirlog::fhir::{LocalBase, ResourceId, ResourceType};
 use fhirlog::store::{
     PreparedResource, Store, StoreError, StoreOptions, StoredVersion, UnchangedContent,
     WriteOperation, WriteOutcome,
@@ -173,7 +173,12 @@ fn patient(id: &str, family_name: &str) -> WriteOperation {
         .expect("a valid Patient");
     let id = parsed.id.clone().expect("the Patient has an id");
     WriteOperation::Update {
-        resource: PreparedResource::new(parsed.resource_type, id, parsed.json),
+        resource: PreparedResource::new(
+            parsed.resource_type,
+            id,
+            parsed.json,
+            &LocalBase::relative_only(),
+        ),
         expected_version: None,
         unchanged: UnchangedContent::NewVersion,
     }
@@ -586,6 +591,7 @@ fn child_a_gzip_line_that_inflates_past_the_cap_is_refused() {
             max_json_depth: DEFAULT_MAX_JSON_DEPTH,
             show_progress: false,
             max_document_bytes: CAP,
+            local_base: LocalBase::relative_only(),
         },
     )
     .expect("loading with --on-error skip");

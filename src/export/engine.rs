@@ -185,8 +185,10 @@ impl ExportEngine {
             .clone()
             .unwrap_or_else(|| shared.destination.default_container());
         let container = shared.open_container(&container_name)?;
+        let request = request.with_default_associated_data(shared.settings.include_referenced);
         let now = Instant::now();
-        let plan = planner::plan_new_job(&shared.store, &request, now)?;
+        let plan =
+            planner::plan_new_job(&shared.store, &request, now, &shared.settings.local_base)?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let record = JobRecord {
             id: id.clone(),
@@ -268,7 +270,10 @@ impl ExportEngine {
                 kind: *kind,
                 message: message.clone(),
             },
-            JobState::Collecting { .. } | JobState::Exporting => {
+            JobState::Collecting { .. }
+            | JobState::CollectingReferenced { .. }
+            | JobState::CollectingProvenance { .. }
+            | JobState::Exporting => {
                 drop(record);
                 JobStatus::InProgress {
                     progress: job.progress(),
@@ -407,7 +412,7 @@ impl EngineShared {
                 Ok(())
             }
             WorkItem::Collect(job) => job
-                .run_task(|| planner::run_collection(&self.store, &job))
+                .run_task(|| planner::run_collection(&self.store, &job, &self.settings.local_base))
                 .map(|()| self.send(SchedulerMessage::Schedule(Arc::clone(&job)))),
             WorkItem::Unit(job, mut assignment) => job.run_task(|| {
                 let container = self.container_of(&job)?;

@@ -9,7 +9,10 @@ use bytes::Bytes;
 
 use super::error::ExportError;
 use super::files;
-use super::job::{ExportedFile, FileKind, JobRecord, UnitCheckpoint, delete_checkpoints};
+use super::job::{
+    ExportedFile, FileKind, JobRecord, MissingReason, UnitCheckpoint, delete_checkpoints,
+    delete_missing_references, load_missing_references,
+};
 use super::registry::JobHandle;
 use crate::fhir::ResourceType;
 use crate::fhir::outcome::{IssueKind, IssueSeverity, OperationOutcome};
@@ -78,7 +81,7 @@ pub fn finalize(
         }
         job.touch();
     }
-    if let Some(error_file) = write_error_file(container, &record)? {
+    if let Some(error_file) = write_error_file(store, container, &record)? {
         exported_files.push(error_file);
     }
     let final_objects: Vec<String> = exported_files
@@ -90,33 +93,48 @@ pub fn finalize(
     job.touch();
     job.complete(store, exported_files)?;
     delete_checkpoints(store, &record.id)?;
+    delete_missing_references(store, &record.id)?;
     store.scratch_clear(&record.id)?;
     job.touch();
     tracing::info!(job = %record.id, exported = job.resources_exported(), "export completed");
     Ok(())
 }
 
-/// Writes the warnings about parameters ignored under lenient handling, if any.
+/// Writes the warnings, if any: parameters ignored under lenient handling, then referenced
+/// resources missing at the snapshot, once each.
 fn write_error_file(
+    store: &Store,
     container: &ContainerStore,
     record: &JobRecord,
 ) -> Result<Option<ExportedFile>, ExportError> {
-    if record.request.ignored_under_lenient.is_empty() {
+    let missing_references = load_missing_references(store, &record.id)?;
+    if record.request.ignored_under_lenient.is_empty() && missing_references.is_empty() {
         return Ok(None);
     }
-    let lines: Vec<String> = record
-        .request
-        .ignored_under_lenient
-        .iter()
-        .map(|problem| {
-            OperationOutcome::single(
-                IssueSeverity::Warning,
-                IssueKind::NotSupported,
-                format!("ignored: {problem}"),
-            )
-            .to_json()
-            .to_string()
-        })
+    let ignored = record.request.ignored_under_lenient.iter().map(|problem| {
+        OperationOutcome::single(
+            IssueSeverity::Warning,
+            IssueKind::NotSupported,
+            format!("ignored: {problem}"),
+        )
+    });
+    let missing = missing_references.iter().map(|missing| {
+        let (why, kind) = match missing.reason {
+            MissingReason::Absent => ("did not exist", IssueKind::NotFound),
+            MissingReason::Deleted => ("was deleted", IssueKind::Deleted),
+        };
+        OperationOutcome::single(
+            IssueSeverity::Warning,
+            kind,
+            format!(
+                "{} is referenced by exported resources but {why} at the export's snapshot; it is not in the export",
+                missing.reference
+            ),
+        )
+    });
+    let lines: Vec<String> = ignored
+        .chain(missing)
+        .map(|outcome| outcome.to_json().to_string())
         .collect();
     let contents = Bytes::from(lines.join("\n") + "\n");
     let bytes = contents.len() as u64;
@@ -168,7 +186,8 @@ pub fn clean_up(
         tracing::warn!(job = %job.id(), %error, "could not clear an export's scratch set");
     }
     let deleted = match record {
-        RecordAfterCleanup::Keep => delete_checkpoints(store, job.id()),
+        RecordAfterCleanup::Keep => delete_checkpoints(store, job.id())
+            .and_then(|()| delete_missing_references(store, job.id())),
         RecordAfterCleanup::Delete => JobRecord::delete(store, job.id()),
     };
     if let Err(error) = deleted {

@@ -16,7 +16,8 @@ pub enum UnitSource {
     AllEvents,
     /// Events of resources in some patient's compartment (all-patients export).
     CompartmentEvents,
-    /// The job's scratch set of (type, seq), collected from member patients' compartments.
+    /// The job's scratch set of (type, seq), collected from member patients' compartments
+    /// and from the resources they reference.
     CollectedEvents,
 }
 
@@ -44,6 +45,26 @@ pub enum JobState {
         kind: ExportErrorKind,
         message: String,
     },
+    // Later stages come last, so the postcard tags of the states above stay as they were.
+    /// Adding the resources the compartment resources reference to the scratch set
+    /// (`includeAssociatedData=_referenced`), from `cursor` on.
+    CollectingReferenced {
+        cursor: ReferencedCursor,
+    },
+    /// Adding the Provenance whose target is an exported resource to the scratch set,
+    /// reading Provenance events after `after_seq`.
+    CollectingProvenance {
+        after_seq: u64,
+    },
+}
+
+/// How far the walk over the compartment resources for `_referenced` got: the index of
+/// the type being walked (in [`super::planner::covered_types`] order) and the seq of the
+/// last resource of that type read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReferencedCursor {
+    pub type_index: usize,
+    pub after_seq: u64,
 }
 
 /// Which output list a file belongs to in the manifest.
@@ -116,6 +137,61 @@ fn members_key(job_id: &str) -> String {
     format!("members/{job_id}")
 }
 
+fn missing_references_prefix(job_id: &str) -> String {
+    format!("missing/{job_id}/")
+}
+
+/// Why a referenced resource is not in the export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MissingReason {
+    /// No version existed at the snapshot.
+    Absent,
+    /// The version current at the snapshot is a delete.
+    Deleted,
+}
+
+/// A referenced resource the export cannot hold, reported once in its `error` file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingReference {
+    /// `Type/id`.
+    pub reference: String,
+    pub reason: MissingReason,
+}
+
+/// Notes referenced resources that are missing (not fsynced: the next record save makes
+/// them durable); noting one twice keeps one note.
+pub fn save_missing_references(
+    store: &Store,
+    job_id: &str,
+    missing: &[MissingReference],
+) -> Result<(), StoreError> {
+    for note in missing {
+        store.job_put_buffered(
+            &format!("{}{}", missing_references_prefix(job_id), note.reference),
+            &encode_record(&note.reason),
+        )?;
+    }
+    Ok(())
+}
+
+/// Every missing referenced resource noted for the job, in `Type/id` order.
+pub fn load_missing_references(
+    store: &Store,
+    job_id: &str,
+) -> Result<Vec<MissingReference>, StoreError> {
+    let prefix = missing_references_prefix(job_id);
+    store
+        .job_scan(&prefix)?
+        .into_iter()
+        .map(|(key, value)| {
+            Ok(MissingReference {
+                reference: key[prefix.len()..].to_owned(),
+                reason: decode_record(&value)?,
+            })
+        })
+        .collect()
+}
+
 /// Kept apart from the record so that records written before owners existed still load.
 fn owner_key(job_id: &str) -> String {
     format!("owner/{job_id}")
@@ -165,9 +241,10 @@ impl JobRecord {
         Ok(records)
     }
 
-    /// Removes the record, the member list and every checkpoint of the job.
+    /// Removes the record, the member list and every checkpoint and note of the job.
     pub fn delete(store: &Store, job_id: &str) -> Result<(), StoreError> {
         delete_checkpoints(store, job_id)?;
+        store.job_delete_prefix(&missing_references_prefix(job_id))?;
         store.job_delete_prefix(&members_key(job_id))?;
         store.job_delete_prefix(&job_key(job_id))?;
         store.job_delete_prefix(&owner_key(job_id))
@@ -184,6 +261,11 @@ impl JobRecord {
 /// Removes every unit checkpoint of the job.
 pub fn delete_checkpoints(store: &Store, job_id: &str) -> Result<(), StoreError> {
     store.job_delete_prefix(&format!("unit/{job_id}/"))
+}
+
+/// Removes the job's notes of missing referenced resources once its files are written.
+pub fn delete_missing_references(store: &Store, job_id: &str) -> Result<(), StoreError> {
+    store.job_delete_prefix(&missing_references_prefix(job_id))
 }
 
 impl UnitCheckpoint {

@@ -8,6 +8,9 @@
 //! - [`registry`]: the jobs in memory and their control (stop, progress, the decision of their end).
 //! - [`scheduler`]: persisted state → work items on a bounded channel to the workers.
 //! - [`planner`]: snapshot, members, collection into the scratch set, units.
+//! - [`referenced`]: `includeAssociatedData=_referenced`, the referenced resources added
+//!   to the scratch set.
+//! - [`provenance`]: the Provenance whose targets a Patient or Group export holds.
 //! - [`worker`]: running one unit, retrying transient destination failures.
 //! - [`finalizer`]: final file names, durable files, completion; clean-up.
 //! - [`files`]: every object name and prefix a job uses.
@@ -23,6 +26,8 @@ pub mod finalizer;
 pub mod job;
 pub mod manifest;
 pub mod planner;
+pub mod provenance;
+pub mod referenced;
 pub mod registry;
 pub mod request;
 pub mod scheduler;
@@ -33,7 +38,9 @@ pub mod worker;
 pub use engine::{ExportEngine, JobStatus};
 pub use error::{ExportError, ExportErrorKind};
 pub use registry::JobProgress;
-pub use request::{ExportLevel, ExportParameters, ExportRequest, InvalidExportRequest, KickOff};
+pub use request::{
+    AssociatedData, ExportLevel, ExportParameters, ExportRequest, InvalidExportRequest, KickOff,
+};
 pub use settings::ExportSettings;
 
 #[cfg(test)]

@@ -1,16 +1,19 @@
 //! The planner: every plan step of a job — the snapshot window, the members of a Group or
 //! `patient=` list as of the snapshot, collecting their compartments into the job's
-//! scratch set (checkpointed, on a worker), and splitting each type's seq range into work
-//! units.
+//! scratch set (checkpointed, on a worker), the order of the collection stages that follow
+//! ([`referenced`](super::referenced), [`provenance`](super::provenance)), and splitting
+//! each type's seq range into work units.
 
 use std::collections::{BTreeSet, HashSet};
 
 use super::error::ExportError;
-use super::job::{JobState, UnitSource, WorkUnit, load_members};
+use super::job::{JobState, ReferencedCursor, UnitSource, WorkUnit, load_members};
+use super::provenance::{collects_provenance, run_provenance_collection};
+use super::referenced::{associated_types, collects_members, run_referenced_collection};
 use super::registry::JobHandle;
 use super::request::{ExportLevel, ExportRequest};
-use crate::fhir::compartment::{LiteralReference, PatientCompartment};
-use crate::fhir::{Instant, ResourceId, ResourceType};
+use crate::fhir::compartment::PatientCompartment;
+use crate::fhir::{Instant, LocalBase, ResourceId, ResourceType};
 use crate::store::{SeqWindow, Store, StoreError};
 
 /// Largest seq span one work unit covers; large types become several units so every
@@ -42,15 +45,18 @@ pub fn plan_new_job(
     store: &Store,
     request: &ExportRequest,
     now: Instant,
+    local_base: &LocalBase,
 ) -> Result<NewJobPlan, ExportError> {
     let snapshot = take_snapshot(store, request, now)?;
-    let members = resolve_members(store, request, snapshot.window.through_seq)?;
+    let members = resolve_members(store, request, snapshot.window.through_seq, local_base)?;
     let (units, state) = match &members {
         Some(_) => (Vec::new(), JobState::Collecting { next_member: 0 }),
-        None => (
-            plan_event_units(store, request, snapshot.window)?,
-            JobState::Exporting,
-        ),
+        None => {
+            let units = plan_event_units(store, request, snapshot.window)?;
+            let state = next_stage(request, snapshot.window, CollectionStage::Members)
+                .unwrap_or(JobState::Exporting);
+            (units, state)
+        }
     };
     Ok(NewJobPlan {
         snapshot,
@@ -60,10 +66,85 @@ pub fn plan_new_job(
     })
 }
 
+/// Runs the collection stages a job still has, from where the last checkpoint left off:
+/// the members' compartments, the resources they reference (under `_referenced`), then
+/// the Provenance of the exported resources. Runs on a worker; stops at once when the job
+/// must stop.
+pub fn run_collection(
+    store: &Store,
+    job: &JobHandle,
+    local_base: &LocalBase,
+) -> Result<(), ExportError> {
+    collect_members(store, job)?;
+    run_referenced_collection(store, job, local_base)?;
+    run_provenance_collection(store, job, local_base)
+}
+
+/// The collection stages of a Patient or Group export, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CollectionStage {
+    /// The members' compartments (Group and `patient=` exports).
+    Members,
+    /// The resources the compartment resources reference (`_referenced`).
+    Referenced,
+    /// The Provenance whose targets are exported.
+    Provenance,
+}
+
+/// The state of the first stage after `finished` that the request needs; `None` when
+/// collecting is over.
+fn next_stage(
+    request: &ExportRequest,
+    window: SeqWindow,
+    finished: CollectionStage,
+) -> Option<JobState> {
+    if finished < CollectionStage::Referenced && request.wants_referenced() {
+        return Some(JobState::CollectingReferenced {
+            cursor: ReferencedCursor::default(),
+        });
+    }
+    if finished < CollectionStage::Provenance && collects_provenance(request) {
+        return Some(JobState::CollectingProvenance {
+            after_seq: window.after_seq,
+        });
+    }
+    None
+}
+
+/// Moves the job from the `finished` stage to the next one it needs or, when collecting is
+/// over, plans its units (the compartment units planned at kick-off, plus units over the
+/// scratch set) and moves it on to exporting.
+pub fn finish_stage(
+    store: &Store,
+    job: &JobHandle,
+    finished: CollectionStage,
+) -> Result<(), ExportError> {
+    let (request, window, planned_units) = {
+        let record = job.record();
+        (record.request.clone(), record.window, record.units.clone())
+    };
+    if let Some(state) = next_stage(&request, window, finished) {
+        return job.persist(store, |record| record.state = state);
+    }
+    let mut scratch_types: BTreeSet<ResourceType> =
+        associated_types(&request).into_iter().collect();
+    let mut units = if collects_members(&request) {
+        scratch_types.extend(covered_types(&request));
+        Vec::new()
+    } else {
+        scratch_types.insert(ResourceType::PROVENANCE);
+        planned_units
+    };
+    units.extend(plan_collected_units(store, job.id(), scratch_types)?);
+    job.persist(store, |record| {
+        record.units = units;
+        record.state = JobState::Exporting;
+    })
+}
+
 /// Collects the members' compartments into the job's scratch set from where the last
-/// checkpoint left off, then plans the units over that set and moves the job on to
-/// exporting. Runs on a worker; stops at once when the job must stop.
-pub fn run_collection(store: &Store, job: &JobHandle) -> Result<(), ExportError> {
+/// checkpoint left off, then moves the job on to its next stage.
+fn collect_members(store: &Store, job: &JobHandle) -> Result<(), ExportError> {
     let (request, window, mut next_member) = {
         let record = job.record();
         let JobState::Collecting { next_member } = record.state else {
@@ -98,11 +179,7 @@ pub fn run_collection(store: &Store, job: &JobHandle) -> Result<(), ExportError>
         })?;
         job.touch();
     }
-    let units = plan_collected_units(store, job.id(), &request)?;
-    job.persist(store, |record| {
-        record.units = units;
-        record.state = JobState::Exporting;
-    })
+    finish_stage(store, job, CollectionStage::Members)
 }
 
 /// Fixes the snapshot: everything committed so far (or up to `_until`), after `_since`.
@@ -171,14 +248,14 @@ pub fn plan_event_units(
     Ok(units)
 }
 
-/// Units over the job's collected scratch set.
+/// Units over the job's collected scratch set, for `resource_types` in order.
 pub fn plan_collected_units(
     store: &Store,
     job_id: &str,
-    request: &ExportRequest,
+    resource_types: impl IntoIterator<Item = ResourceType>,
 ) -> Result<Vec<WorkUnit>, StoreError> {
     let mut units = Vec::new();
-    for resource_type in covered_types(request) {
+    for resource_type in resource_types {
         if let Some(bounds) = store.scratch_bounds(job_id, resource_type)? {
             split_into_units(
                 resource_type,
@@ -212,8 +289,8 @@ fn split_into_units(
     }
 }
 
-/// The version of a resource current as of `through_seq`: its seq and whether it is a delete.
-fn version_as_of(
+/// The seq of the version of a resource current as of `through_seq` (a delete included).
+pub fn version_as_of(
     store: &Store,
     resource_type: ResourceType,
     id: &str,
@@ -226,17 +303,19 @@ fn version_as_of(
         .find(|seq| *seq <= through_seq))
 }
 
-/// The sorted patient ids an export of Group or `patient=` covers, as of the snapshot.
+/// The sorted patient ids an export of Group or `patient=` covers, as of the snapshot;
+/// a Group's members are its local references only.
 pub fn resolve_members(
     store: &Store,
     request: &ExportRequest,
     through_seq: u64,
+    local_base: &LocalBase,
 ) -> Result<Option<Vec<String>>, ExportError> {
     let mut members: BTreeSet<String> = match &request.level {
         ExportLevel::System => return Ok(None),
         ExportLevel::AllPatients if request.patients.is_empty() => return Ok(None),
         ExportLevel::AllPatients => BTreeSet::new(),
-        ExportLevel::Group(group_id) => group_members(store, group_id, through_seq)?,
+        ExportLevel::Group(group_id) => group_members(store, group_id, through_seq, local_base)?,
     };
     if request.patients.is_empty() {
         return Ok(Some(members.into_iter().collect()));
@@ -316,11 +395,12 @@ impl<T> Lenient<T> {
 }
 
 /// Patients referenced by `Group.member.entity`, following nested Groups and skipping
-/// inactive members, all as of `through_seq`.
+/// inactive members, all as of `through_seq`; references to other servers are no members.
 fn group_members(
     store: &Store,
     group_id: &ResourceId,
     through_seq: u64,
+    local_base: &LocalBase,
 ) -> Result<BTreeSet<String>, ExportError> {
     let mut members = BTreeSet::new();
     let mut pending = vec![group_id.as_str().to_owned()];
@@ -359,7 +439,7 @@ fn group_members(
             else {
                 continue;
             };
-            let Some(reference) = LiteralReference::parse(&reference_text) else {
+            let Some(reference) = local_base.local_reference(&reference_text) else {
                 continue;
             };
             match reference.resource_type_name {

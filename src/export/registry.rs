@@ -33,6 +33,10 @@ pub enum JobProgress {
         members_done: usize,
         members_total: usize,
     },
+    /// Collecting referenced resources: walking the `type_index`-th compartment type.
+    CollectingReferenced { types_done: usize },
+    /// Collecting the Provenance whose targets are exported.
+    CollectingProvenance,
     Exporting {
         units_done: usize,
         units_total: usize,
@@ -50,6 +54,11 @@ impl fmt::Display for JobProgress {
                 formatter,
                 "collecting patients ({members_done}/{members_total} done)"
             ),
+            JobProgress::CollectingReferenced { types_done } => write!(
+                formatter,
+                "collecting referenced resources ({types_done} compartment types done)"
+            ),
+            JobProgress::CollectingProvenance => write!(formatter, "collecting provenance"),
             JobProgress::Exporting {
                 units_done,
                 units_total,
@@ -223,6 +232,10 @@ impl JobHandle {
                 members_done: next_member,
                 members_total: record.member_count,
             },
+            JobState::CollectingReferenced { cursor } => JobProgress::CollectingReferenced {
+                types_done: cursor.type_index,
+            },
+            JobState::CollectingProvenance { .. } => JobProgress::CollectingProvenance,
             _ => {
                 let units_total = self.units_total.load(Ordering::SeqCst);
                 let remaining = self.units_remaining.load(Ordering::SeqCst);
@@ -392,7 +405,10 @@ impl JobRegistry {
                     retained_bytes += record.files.iter().map(|file| file.bytes).sum::<u64>();
                 }
                 JobState::Failed { .. } => {}
-                JobState::Collecting { .. } | JobState::Exporting => {
+                JobState::Collecting { .. }
+                | JobState::CollectingReferenced { .. }
+                | JobState::CollectingProvenance { .. }
+                | JobState::Exporting => {
                     unfinished += 1;
                     owned_unfinished += usize::from(owned);
                 }

@@ -40,7 +40,29 @@ pub struct ExportRequest {
     pub ignored_under_lenient: Vec<String>,
     /// `_typeFilter`: per type, the queries a resource must meet one of.
     pub type_filters: TypeFilters,
+    /// `includeAssociatedData` as given; `None` when the kick-off did not name it, so the
+    /// server's default applies ([`ExportRequest::with_default_associated_data`]).
+    pub associated_data: Option<AssociatedData>,
 }
+
+/// What a Patient or Group export holds besides the patients' compartments.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssociatedData {
+    /// `_referenced` (this server's own value): every resource outside the Patient
+    /// compartment that an exported compartment resource references, one hop, once.
+    pub referenced: bool,
+    /// `RelevantProvenanceResources` (v3): every Provenance whose target is an exported
+    /// resource, the referenced ones included (without it, only those targeting a
+    /// compartment resource).
+    pub relevant_provenance: bool,
+}
+
+/// Our custom `includeAssociatedData` value: the resources the compartments reference.
+pub const REFERENCED_VALUE: &str = "_referenced";
+/// The Bulk Data v3 value for every Provenance whose target is an exported resource.
+pub const RELEVANT_PROVENANCE_VALUE: &str = "RelevantProvenanceResources";
+/// The Bulk Data v3 `includeAssociatedData` values this server knows but does not honour.
+const UNSUPPORTED_ASSOCIATED_DATA_VALUES: [&str; 1] = ["LatestProvenanceResources"];
 
 /// The `_typeFilter` queries of a request, per resource type, kept as the query text after
 /// `Type?` (so the job record stays plain data); each was parsed when the request was made
@@ -108,7 +130,7 @@ pub struct KickOff<'a> {
 }
 
 const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
-const UNSUPPORTED_PARAMETERS: [&str; 2] = ["includeAssociatedData", "organizeOutputBy"];
+const UNSUPPORTED_PARAMETERS: [&str; 1] = ["organizeOutputBy"];
 
 fn invalid(message: impl Into<String>) -> InvalidExportRequest {
     InvalidExportRequest(message.into())
@@ -131,6 +153,8 @@ pub struct ExportParameters {
     pub unsupported: Vec<String>,
     /// `_typeFilter` values as given, each `Type?query`.
     pub type_filters: Vec<String>,
+    /// `includeAssociatedData` values as given, each split on commas.
+    pub include_associated_data: Vec<String>,
     /// `Prefer: handling=lenient`: report what cannot be honoured instead of refusing.
     pub lenient: bool,
 }
@@ -148,6 +172,7 @@ impl ExportParameters {
             elements: ElementsSelection::default(),
             unsupported: Vec::new(),
             type_filters: Vec::new(),
+            include_associated_data: Vec::new(),
             lenient: false,
         }
     }
@@ -166,7 +191,33 @@ impl ExportRequest {
             elements: ElementsSelection::default(),
             ignored_under_lenient: Vec::new(),
             type_filters: TypeFilters::default(),
+            associated_data: None,
         }
+    }
+
+    /// The request with the server's default associated data when the kick-off named none:
+    /// `_referenced` for Patient and Group exports under `--include-referenced`.
+    pub fn with_default_associated_data(mut self, include_referenced: bool) -> ExportRequest {
+        if self.associated_data.is_none() && include_referenced && self.level != ExportLevel::System
+        {
+            self.associated_data = Some(AssociatedData {
+                referenced: true,
+                relevant_provenance: false,
+            });
+        }
+        self
+    }
+
+    /// Whether Provenance targeting referenced resources is added too.
+    pub fn wants_relevant_provenance(&self) -> bool {
+        self.associated_data
+            .is_some_and(|associated_data| associated_data.relevant_provenance)
+    }
+
+    /// Whether the export adds the resources its compartment resources reference.
+    pub fn wants_referenced(&self) -> bool {
+        self.associated_data
+            .is_some_and(|associated_data| associated_data.referenced)
     }
 
     /// The one constructor of a request: checks the parameters against each other and
@@ -186,6 +237,7 @@ impl ExportRequest {
             elements,
             unsupported,
             type_filters,
+            include_associated_data,
             lenient,
         } = parameters;
         if let Some(problem) = unsupported.first()
@@ -228,6 +280,12 @@ impl ExportRequest {
             lenient,
             &mut ignored_under_lenient,
         )?;
+        let associated_data = parse_associated_data(
+            &include_associated_data,
+            &level,
+            lenient,
+            &mut ignored_under_lenient,
+        )?;
         Ok(ExportRequest {
             level,
             since,
@@ -238,6 +296,7 @@ impl ExportRequest {
             elements,
             ignored_under_lenient,
             type_filters,
+            associated_data,
         })
     }
 
@@ -285,6 +344,9 @@ impl ExportRequest {
                 }
                 "patient" => typed.patients.push(parse_patient_reference(&value)?),
                 "_typeFilter" => typed.type_filters.push(value),
+                "includeAssociatedData" => typed.include_associated_data.extend(
+                    value.split(',').map(str::trim).filter(|item| !item.is_empty()).map(str::to_owned),
+                ),
                 "_container" => {
                     let container = ContainerName::parse(&value).map_err(|error| invalid(format!("_container: {error}")))?;
                     set_once(&mut typed.container, container, "_container")?;
@@ -313,6 +375,51 @@ impl ExportRequest {
         }
         ExportRequest::new(typed, kick_off.now)
     }
+}
+
+/// Reads the `includeAssociatedData` values: `_referenced` and `RelevantProvenanceResources`
+/// at Patient and Group level; `LatestProvenanceResources` (not supported yet), unknown
+/// values and both at system level (which already holds every resource) are refused, or
+/// under lenient handling dropped and reported. `None` when no value was given.
+fn parse_associated_data(
+    values: &[String],
+    level: &ExportLevel,
+    lenient: bool,
+    ignored_under_lenient: &mut Vec<String>,
+) -> Result<Option<AssociatedData>, InvalidExportRequest> {
+    if values.is_empty() {
+        return Ok(None);
+    }
+    let mut associated_data = AssociatedData::default();
+    for value in values {
+        let slot = match value.as_str() {
+            REFERENCED_VALUE => Some(&mut associated_data.referenced),
+            RELEVANT_PROVENANCE_VALUE => Some(&mut associated_data.relevant_provenance),
+            _ => None,
+        };
+        let problem = if let Some(slot) = slot {
+            if *level != ExportLevel::System {
+                *slot = true;
+                continue;
+            }
+            format!(
+                "includeAssociatedData={value} applies to Patient and Group exports; a system export already holds every resource"
+            )
+        } else if UNSUPPORTED_ASSOCIATED_DATA_VALUES.contains(&value.as_str()) {
+            format!(
+                "includeAssociatedData={value} is not supported yet; this server supports {REFERENCED_VALUE} and {RELEVANT_PROVENANCE_VALUE}"
+            )
+        } else {
+            format!(
+                "includeAssociatedData value '{value}' is unknown; this server supports {REFERENCED_VALUE} and {RELEVANT_PROVENANCE_VALUE}"
+            )
+        };
+        if !lenient {
+            return Err(invalid(problem));
+        }
+        ignored_under_lenient.push(problem);
+    }
+    Ok(Some(associated_data))
 }
 
 /// Checks each `Type?query` value: the type must be one `_type` names (when given), and the
@@ -548,6 +655,87 @@ mod tests {
             let error = parse(query).expect_err(query);
             assert!(error.0.contains(expected), "{query}: {error}");
         }
+    }
+
+    #[test]
+    fn include_associated_data_takes_referenced_at_patient_and_group_level_only() {
+        let at_level = |level: ExportLevel, query: &'static str, lenient: bool| {
+            let mut prefer = vec!["respond-async"];
+            if lenient {
+                prefer.push("handling=lenient");
+            }
+            let mut request = kick_off(query, prefer);
+            request.level = level;
+            ExportRequest::parse(&request)
+        };
+        let group = || ExportLevel::Group(ResourceId::parse("g").unwrap());
+        for level in [ExportLevel::AllPatients, group()] {
+            for query in [
+                "includeAssociatedData=_referenced",
+                "includeAssociatedData=_referenced,_referenced",
+                "includeAssociatedData=_referenced&includeAssociatedData=_referenced",
+            ] {
+                let request = at_level(level.clone(), query, false).unwrap();
+                assert!(request.wants_referenced(), "{query}");
+                assert!(request.ignored_under_lenient.is_empty(), "{query}");
+            }
+            let plain = at_level(level.clone(), "", false).unwrap();
+            assert_eq!(plain.associated_data, None);
+            assert!(
+                !plain
+                    .clone()
+                    .with_default_associated_data(false)
+                    .wants_referenced()
+            );
+            assert!(plain.with_default_associated_data(true).wants_referenced());
+        }
+        for (level, query, named) in [
+            (
+                ExportLevel::AllPatients,
+                "includeAssociatedData=_nonsense",
+                "_nonsense",
+            ),
+            (group(), "includeAssociatedData=_referenced,Bogus", "Bogus"),
+            (
+                ExportLevel::AllPatients,
+                "includeAssociatedData=LatestProvenanceResources",
+                "LatestProvenanceResources",
+            ),
+            (
+                ExportLevel::System,
+                "includeAssociatedData=RelevantProvenanceResources",
+                "system",
+            ),
+            (
+                ExportLevel::System,
+                "includeAssociatedData=_referenced",
+                "system",
+            ),
+        ] {
+            let refused = at_level(level.clone(), query, false).expect_err(query);
+            assert!(refused.0.contains(named), "{query}: {refused}");
+            let lenient = at_level(level, query, true).unwrap();
+            assert_eq!(lenient.ignored_under_lenient.len(), 1, "{query}");
+            assert!(lenient.ignored_under_lenient[0].contains(named), "{query}");
+        }
+        let lenient_mix =
+            at_level(group(), "includeAssociatedData=_referenced,Bogus", true).unwrap();
+        assert!(lenient_mix.wants_referenced());
+        let system_default = at_level(ExportLevel::System, "", false)
+            .unwrap()
+            .with_default_associated_data(true);
+        assert!(!system_default.wants_referenced());
+        let named_otherwise = at_level(
+            ExportLevel::AllPatients,
+            "includeAssociatedData=_nonsense",
+            true,
+        )
+        .unwrap()
+        .with_default_associated_data(true);
+        assert!(
+            !named_otherwise.wants_referenced(),
+            "a kick-off that names includeAssociatedData is not given the server's default"
+        );
     }
 
     #[test]

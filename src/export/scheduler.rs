@@ -15,7 +15,9 @@ use crate::store::Store;
 
 /// Work a worker thread does.
 pub enum WorkItem {
-    /// Collect the members' compartments of a Group or `patient=` export.
+    /// Collect the members' compartments of a Group or `patient=` export, the resources
+    /// compartment resources reference under `_referenced`, and the Provenance of the
+    /// exported resources.
     Collect(Arc<JobHandle>),
     /// Run one unit.
     Unit(Arc<JobHandle>, Box<UnitAssignment>),
@@ -99,7 +101,11 @@ fn queue_remaining(
         (record.state.clone(), record.units.clone(), settings)
     };
     match state {
-        JobState::Collecting { .. } => queue.push_back(WorkItem::Collect(Arc::clone(job))),
+        JobState::Collecting { .. }
+        | JobState::CollectingReferenced { .. }
+        | JobState::CollectingProvenance { .. } => {
+            queue.push_back(WorkItem::Collect(Arc::clone(job)))
+        }
         JobState::Exporting => {
             let mut pending = Vec::new();
             for (unit_index, unit) in units.into_iter().enumerate() {

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::fhir::LocalBase;
+
 /// Engine settings; see `fhirlog serve --help`.
 #[derive(Debug, Clone)]
 pub struct ExportSettings {
@@ -22,6 +24,14 @@ pub struct ExportSettings {
     pub max_jobs_per_client: usize,
     /// Most completed exports of one client kept at once.
     pub max_retained_exports_per_client: usize,
+    /// Which absolute references name resources of this server: Group members and
+    /// referenced resources are looked up only for these and relative references. The app
+    /// root sets it from the server's public base URL.
+    pub local_base: LocalBase,
+    /// `--include-referenced`: Patient and Group exports include the resources their
+    /// records reference (`includeAssociatedData=_referenced`) unless the kick-off names
+    /// other associated data.
+    pub include_referenced: bool,
 }
 
 impl Default for ExportSettings {
@@ -37,6 +47,8 @@ impl Default for ExportSettings {
             max_export_bytes: None,
             max_jobs_per_client: 4,
             max_retained_exports_per_client: 25,
+            local_base: LocalBase::relative_only(),
+            include_referenced: false,
         }
     }
 }

@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::job::FileKind;
 use super::*;
 use crate::fhir::canonical::{DEFAULT_MAX_JSON_DEPTH, ParsedResource};
-use crate::fhir::{Instant, ResourceId, ResourceType};
+use crate::fhir::{Instant, LocalBase, ResourceId, ResourceType};
 use crate::sink::MemoryDestination;
 use crate::store::{PreparedResource, Store, StoreOptions, UnchangedContent, WriteOperation};
 
@@ -49,7 +49,12 @@ impl Harness {
         let parsed = ParsedResource::parse_bytes(text.as_bytes(), DEFAULT_MAX_JSON_DEPTH).unwrap();
         let id = parsed.id.clone().unwrap();
         let operation = WriteOperation::Update {
-            resource: PreparedResource::new(parsed.resource_type, id, parsed.json),
+            resource: PreparedResource::new(
+                parsed.resource_type,
+                id,
+                parsed.json,
+                &LocalBase::relative_only(),
+            ),
             expected_version: None,
             unchanged: UnchangedContent::NewVersion,
         };
@@ -563,6 +568,7 @@ fn an_export_running_while_the_store_refuses_writes_completes_once_it_takes_them
                     parsed.resource_type,
                     parsed.id.clone().unwrap(),
                     parsed.json,
+                    &LocalBase::relative_only(),
                 ),
                 expected_version: None,
                 unchanged: UnchangedContent::NewVersion,

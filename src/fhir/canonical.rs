@@ -13,7 +13,9 @@ use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use super::compartment::{PathPosition, PatientCompartment, PatientIdCollector};
-use super::{Instant, ResourceId, ResourceIdParseError, ResourceType, UnknownResourceType};
+use super::{
+    Instant, LocalBase, ResourceId, ResourceIdParseError, ResourceType, UnknownResourceType,
+};
 
 /// Why a body is not an acceptable FHIR resource.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -310,12 +312,14 @@ pub struct ResourceFields {
 
 impl ResourceFields {
     /// Reads `body` as a resource of `expected_type`; a body of another type is refused
-    /// (after the checks [`ParsedResource::parse_bytes`] makes).
+    /// (after the checks [`ParsedResource::parse_bytes`] makes). Compartment patients come
+    /// from the references `local_base` deems local.
     pub fn read(
         body: &[u8],
         expected_type: ResourceType,
         body_id: BodyId,
         max_depth: usize,
+        local_base: &LocalBase,
     ) -> Result<ResourceFields, ResourceBodyError> {
         if json_nesting_exceeds(body, max_depth) {
             return Err(ResourceBodyError::NestedTooDeep { limit: max_depth });
@@ -324,7 +328,8 @@ impl ResourceFields {
             output: Vec::with_capacity(body.len()),
             members: Vec::new(),
             reorder_scratch: Vec::new(),
-            patients: PatientCompartment::r4().patient_id_collector(expected_type),
+            patients: PatientCompartment::r4()
+                .patient_id_collector(expected_type, local_base.clone()),
         };
         let mut deserializer = serde_json::Deserializer::from_slice(body);
         let root = ResourceRoot {
@@ -880,7 +885,13 @@ mod tests {
             Err(ResourceBodyError::NestedTooDeep { limit: 64 })
         );
         assert!(matches!(
-            ResourceFields::read(deep.as_bytes(), ResourceType::PATIENT, BodyId::Validate, 64),
+            ResourceFields::read(
+                deep.as_bytes(),
+                ResourceType::PATIENT,
+                BodyId::Validate,
+                64,
+                &LocalBase::relative_only()
+            ),
             Err(ResourceBodyError::NestedTooDeep { limit: 64 })
         ));
     }
@@ -902,7 +913,8 @@ mod tests {
                 deepest.as_bytes(),
                 basic,
                 BodyId::Validate,
-                MAX_SUPPORTED_JSON_DEPTH
+                MAX_SUPPORTED_JSON_DEPTH,
+                &LocalBase::relative_only()
             )
             .is_ok()
         );
@@ -950,6 +962,7 @@ mod tests {
             expected_type,
             body_id,
             DEFAULT_MAX_JSON_DEPTH,
+            &LocalBase::relative_only(),
         )
     }
 

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
-use super::{ResourceType, UnknownResourceType};
+use super::{LocalBase, ResourceType, UnknownResourceType};
 use crate::search::fhirpath::{CompiledFhirPath, UnsupportedFhirPath};
 
 const PATIENT_COMPARTMENT_DEFINITION_JSON: &str =
@@ -109,7 +109,13 @@ impl PatientCompartment {
 
     /// Ids of the patients whose compartment contains this resource (for a Patient: its own id first,
     /// then `link` targets), deduplicated, in first-seen order; empty for non-compartment types.
-    pub fn patient_ids(&self, resource_type: ResourceType, resource: &Value) -> Vec<String> {
+    /// Only references `local_base` deems local count.
+    pub fn patient_ids(
+        &self,
+        resource_type: ResourceType,
+        resource: &Value,
+        local_base: &LocalBase,
+    ) -> Vec<String> {
         let mut patient_ids = Vec::new();
         let Some(membership) = self.membership(resource_type) else {
             return patient_ids;
@@ -121,15 +127,26 @@ impl PatientCompartment {
             patient_ids.push(own_id.clone());
         }
         for reference_path in &membership.reference_paths {
-            collect_patient_ids(resource, &reference_path.property_names, &mut patient_ids);
+            collect_patient_ids(
+                resource,
+                &reference_path.property_names,
+                local_base,
+                &mut patient_ids,
+            );
         }
         patient_ids
     }
 
-    /// A collector for a resource of `resource_type` read member by member.
-    pub fn patient_id_collector(&self, resource_type: ResourceType) -> PatientIdCollector<'_> {
+    /// A collector for a resource of `resource_type` read member by member, counting only
+    /// references `local_base` deems local.
+    pub fn patient_id_collector(
+        &self,
+        resource_type: ResourceType,
+        local_base: LocalBase,
+    ) -> PatientIdCollector<'_> {
         PatientIdCollector {
             membership: self.membership(resource_type),
+            local_base,
             cursors: Vec::new(),
             found: Vec::new(),
             found_id_text: String::new(),
@@ -348,27 +365,33 @@ fn collect_reference_paths(
 /// the ids of the Patients named by the references found at the end: each id once, in the
 /// order first found, and none already in `patient_ids` (linear in the references found, so
 /// a Group of many members stays cheap).
-fn collect_patient_ids(value: &Value, property_names: &[Box<str>], patient_ids: &mut Vec<String>) {
+fn collect_patient_ids(
+    value: &Value,
+    property_names: &[Box<str>],
+    local_base: &LocalBase,
+    patient_ids: &mut Vec<String>,
+) {
     fn referenced_patient_ids<'value>(
         value: &'value Value,
         property_names: &[Box<str>],
+        local_base: &LocalBase,
         found: &mut Vec<&'value str>,
     ) {
         match value {
             Value::Array(items) => {
                 for item in items {
-                    referenced_patient_ids(item, property_names, found);
+                    referenced_patient_ids(item, property_names, local_base, found);
                 }
             }
             Value::Object(object) => match property_names.split_first() {
                 Some((property_name, remaining_property_names)) => {
                     if let Some(child) = object.get(&**property_name) {
-                        referenced_patient_ids(child, remaining_property_names, found);
+                        referenced_patient_ids(child, remaining_property_names, local_base, found);
                     }
                 }
                 None => {
                     if let Some(Value::String(reference)) = object.get("reference")
-                        && let Some(literal_reference) = LiteralReference::parse(reference)
+                        && let Some(literal_reference) = local_base.local_reference(reference)
                         && literal_reference.resource_type_name == ResourceType::PATIENT.as_str()
                     {
                         found.push(literal_reference.id);
@@ -379,7 +402,7 @@ fn collect_patient_ids(value: &Value, property_names: &[Box<str>], patient_ids: 
         }
     }
     let mut found = Vec::new();
-    referenced_patient_ids(value, property_names, &mut found);
+    referenced_patient_ids(value, property_names, local_base, &mut found);
     let mut known: std::collections::HashSet<&str> =
         patient_ids.iter().map(String::as_str).collect();
     let new_ids: Vec<String> = found
@@ -398,6 +421,7 @@ fn collect_patient_ids(value: &Value, property_names: &[Box<str>], patient_ids: 
 #[derive(Debug)]
 pub struct PatientIdCollector<'compartment> {
     membership: Option<&'compartment TypeMembership>,
+    local_base: LocalBase,
     /// Stack of the paths the values being read sit on; a [`PathPosition`] is a range of it.
     cursors: Vec<PathCursor>,
     /// References to Patients, in the order read.
@@ -493,7 +517,7 @@ impl PatientIdCollector<'_> {
 
     /// Notes the `reference` of an object at `position`.
     pub fn reference_found(&mut self, position: PathPosition, reference: &str) {
-        let Some(literal_reference) = LiteralReference::parse(reference) else {
+        let Some(literal_reference) = self.local_base.local_reference(reference) else {
             return;
         };
         if literal_reference.resource_type_name != ResourceType::PATIENT.as_str() {
@@ -661,7 +685,11 @@ mod tests {
     }
 
     fn ids(type_name: &str, resource: &Value) -> Vec<String> {
-        PatientCompartment::r4().patient_ids(resource_type(type_name), resource)
+        PatientCompartment::r4().patient_ids(
+            resource_type(type_name),
+            resource,
+            &LocalBase::at("https://example.org/fhir"),
+        )
     }
 
     #[test]
@@ -843,7 +871,7 @@ mod tests {
         assert!(paths_of(&compartment, "Patient").is_empty());
         let patient = json!({"resourceType": "Patient", "id": "p1"});
         assert_eq!(
-            compartment.patient_ids(ResourceType::PATIENT, &patient),
+            compartment.patient_ids(ResourceType::PATIENT, &patient, &LocalBase::relative_only()),
             vec!["p1"]
         );
     }
@@ -970,7 +998,13 @@ mod tests {
                 {"other": {"reference": "Patient/self"}, "type": "seealso"}
             ]
         });
-        assert_eq!(ids("Patient", &patient), vec!["self", "older"]);
+        assert_eq!(ids("Patient", &patient), vec!["self"]);
+        let linked_here = json!({
+            "resourceType": "Patient",
+            "id": "self",
+            "link": [{"other": {"reference": "https://example.org/fhir/Patient/older"}, "type": "replaces"}]
+        });
+        assert_eq!(ids("Patient", &linked_here), vec!["self", "older"]);
         assert_eq!(
             ids("Patient", &json!({"resourceType": "Patient"})),
             Vec::<String>::new()
@@ -996,6 +1030,8 @@ mod tests {
                 {"display": "no reference at all"},
                 {"reference": 42},
                 {"reference": "https://example.org/fhir/Patient/abs/_history/2"},
+                {"reference": "http://other.example/fhir/Patient/foreign"},
+                {"reference": "https://example.org/other-fhir/Patient/foreign"},
                 {"reference": "Patient/rel/_history/1"}
             ],
             "focus": [{"reference": "Patient/not-a-compartment-path"}]

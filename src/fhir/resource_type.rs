@@ -15,6 +15,7 @@ pub struct UnknownResourceType(pub String);
 impl ResourceType {
     pub const PATIENT: ResourceType = ResourceType::from_known_name("Patient");
     pub const GROUP: ResourceType = ResourceType::from_known_name("Group");
+    pub const PROVENANCE: ResourceType = ResourceType::from_known_name("Provenance");
 
     /// Every R4 resource type, in code order.
     pub fn all() -> impl Iterator<Item = ResourceType> {

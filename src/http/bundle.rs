@@ -15,7 +15,7 @@ use super::{ApiError, AppState};
 use crate::config::{BaseUrl, RequestLimits};
 use crate::fhir::canonical::ParsedResource;
 use crate::fhir::references::rewrite_references;
-use crate::fhir::{ResourceId, ResourceType};
+use crate::fhir::{LocalBase, ResourceId, ResourceType};
 use crate::store::{PendingCommit, UnchangedContent, VersionInfo, WriteOperation, WriteOutcome};
 
 /// What one Bundle entry asks for.
@@ -48,11 +48,13 @@ pub async fn batch_or_transaction(
 ) -> Result<WarpResponse, ApiError> {
     let limits = state.limits;
     let base_url = state.base_url.clone();
+    let local_base = state.local_base.clone();
     let (kind, entries) = run_blocking(move || parse_bundle(&body, &limits)).await?;
     match kind {
         BundleKind::Transaction => {
             let actions =
-                run_blocking(move || transaction_actions(entries, &base_url, &limits)).await?;
+                run_blocking(move || transaction_actions(entries, &base_url, &local_base, &limits))
+                    .await?;
             transaction(state, actions).await
         }
         BundleKind::Batch => {
@@ -60,7 +62,9 @@ pub async fn batch_or_transaction(
                 Ok(entries
                     .into_iter()
                     .enumerate()
-                    .map(|(index, entry)| entry_action(index, entry, &base_url, &limits, None))
+                    .map(|(index, entry)| {
+                        entry_action(index, entry, &base_url, &local_base, &limits, None)
+                    })
                     .collect::<Vec<_>>())
             })
             .await?;
@@ -180,6 +184,7 @@ fn entry_action(
     index: usize,
     entry: RawEntry,
     base_url: &BaseUrl,
+    local_base: &LocalBase,
     limits: &RequestLimits,
     assigned_id: Option<ResourceId>,
 ) -> Result<EntryAction, ApiError> {
@@ -220,7 +225,8 @@ fn entry_action(
                 Some(id) => IdRule::MustEqual(id),
                 None => IdRule::ServerAssigned,
             };
-            let prepared = prepare_parsed(parsed, resource_type, id_rule).map_err(in_entry)?;
+            let prepared =
+                prepare_parsed(parsed, resource_type, id_rule, local_base).map_err(in_entry)?;
             Ok(EntryAction::Write(WriteOperation::Create(prepared)))
         }
         ("PUT", Some(id), None) => {
@@ -228,6 +234,7 @@ fn entry_action(
                 resource(entry.resource)?,
                 resource_type,
                 IdRule::MustEqual(&id),
+                local_base,
             )
             .map_err(in_entry)?;
             Ok(EntryAction::Write(WriteOperation::Update {
@@ -258,6 +265,7 @@ fn entry_action(
 fn transaction_actions(
     entries: Vec<RawEntry>,
     base_url: &BaseUrl,
+    local_base: &LocalBase,
     limits: &RequestLimits,
 ) -> Result<Vec<WriteOperation>, ApiError> {
     let mut assigned_ids: Vec<Option<ResourceId>> = Vec::with_capacity(entries.len());
@@ -288,7 +296,7 @@ fn transaction_actions(
                     fields.insert("id".to_owned(), Value::String(id.to_string()));
                 }
             }
-            match entry_action(index, entry, base_url, limits, assigned_id)? {
+            match entry_action(index, entry, base_url, local_base, limits, assigned_id)? {
                 EntryAction::Write(operation) => {
                     let target = match &operation {
                         WriteOperation::Create(resource) | WriteOperation::Update { resource, .. } => {

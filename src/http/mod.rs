@@ -26,6 +26,7 @@ use warp::Filter;
 use crate::auth::Authorizer;
 use crate::config::{BaseUrl, RequestLimits};
 use crate::export::ExportEngine;
+use crate::fhir::LocalBase;
 use crate::store::Store;
 
 pub use error::ApiError;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub store: Store,
     pub exports: Arc<ExportEngine>,
     pub base_url: BaseUrl,
+    /// Which references written resources make name resources here (from `base_url`).
+    pub local_base: LocalBase,
     pub limits: RequestLimits,
     /// When set, manifests carry pre-signed storage URLs valid this long.
     pub signed_url_ttl: Option<std::time::Duration>,

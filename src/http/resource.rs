@@ -11,7 +11,7 @@ use super::{ApiError, AppState};
 use crate::config::RequestLimits;
 use crate::fhir::canonical::{BodyId, ParsedResource, ResourceBodyError, ResourceFields};
 use crate::fhir::outcome::{IssueKind, IssueSeverity, OperationOutcome};
-use crate::fhir::{ResourceId, ResourceType};
+use crate::fhir::{LocalBase, ResourceId, ResourceType};
 use crate::store::{
     PreparedResource, StoredVersion, UnchangedContent, WriteOperation, WriteOutcome,
 };
@@ -40,18 +40,23 @@ pub fn prepare_resource(
     limits: &RequestLimits,
     resource_type: ResourceType,
     id_rule: IdRule<'_>,
+    local_base: &LocalBase,
 ) -> Result<PreparedResource, ApiError> {
     let body_id = match id_rule {
         IdRule::ServerAssigned => BodyId::Ignore,
         IdRule::MustEqual(_) => BodyId::Validate,
     };
-    let fields = ResourceFields::read(body, resource_type, body_id, limits.max_json_depth)
-        .map_err(|error| match error {
-            ResourceBodyError::UnexpectedResourceType { .. } => {
-                ApiError::BadRequest(error.to_string())
-            }
-            other => other.into(),
-        })?;
+    let fields = ResourceFields::read(
+        body,
+        resource_type,
+        body_id,
+        limits.max_json_depth,
+        local_base,
+    )
+    .map_err(|error| match error {
+        ResourceBodyError::UnexpectedResourceType { .. } => ApiError::BadRequest(error.to_string()),
+        other => other.into(),
+    })?;
     let id = resolve_id(fields.id.as_ref(), id_rule)?;
     Ok(PreparedResource::from_fields(fields, id))
 }
@@ -60,6 +65,7 @@ pub fn prepare_parsed(
     parsed: ParsedResource,
     resource_type: ResourceType,
     id_rule: IdRule<'_>,
+    local_base: &LocalBase,
 ) -> Result<PreparedResource, ApiError> {
     if parsed.resource_type != resource_type {
         return Err(ApiError::BadRequest(
@@ -71,7 +77,12 @@ pub fn prepare_parsed(
         ));
     }
     let id = resolve_id(parsed.id.as_ref(), id_rule)?;
-    Ok(PreparedResource::new(resource_type, id, parsed.json))
+    Ok(PreparedResource::new(
+        resource_type,
+        id,
+        parsed.json,
+        local_base,
+    ))
 }
 
 /// The id a prepared resource gets, given the id in its body.
@@ -96,8 +107,15 @@ pub async fn create(
     body: Bytes,
 ) -> Result<WarpResponse, ApiError> {
     let limits = state.limits;
+    let local_base = state.local_base.clone();
     let prepared = run_blocking(move || {
-        prepare_resource(&body, &limits, resource_type, IdRule::ServerAssigned)
+        prepare_resource(
+            &body,
+            &limits,
+            resource_type,
+            IdRule::ServerAssigned,
+            &local_base,
+        )
     })
     .await?;
     let outcomes = state
@@ -116,8 +134,15 @@ pub async fn update(
     body: Bytes,
 ) -> Result<WarpResponse, ApiError> {
     let limits = state.limits;
+    let local_base = state.local_base.clone();
     let prepared = run_blocking(move || {
-        prepare_resource(&body, &limits, resource_type, IdRule::MustEqual(&id))
+        prepare_resource(
+            &body,
+            &limits,
+            resource_type,
+            IdRule::MustEqual(&id),
+            &local_base,
+        )
     })
     .await?;
     let operation = WriteOperation::Update {

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::fhir::canonical::ParsedResource;
 use crate::fhir::references::rewrite_references;
-use crate::fhir::{ResourceId, ResourceType};
+use crate::fhir::{LocalBase, ResourceId, ResourceType};
 use crate::store::{
     PendingCommit, PreparedResource, Store, StoreError, UnchangedContent, WriteOperation,
     WriteOutcome,
@@ -51,6 +51,9 @@ pub struct LoadOptions {
     /// Reading stops at this many bytes, so a gzip bomb is never inflated further: the
     /// line or document is reported and the rest of its file is not read.
     pub max_document_bytes: usize,
+    /// Which absolute references name resources of this server (`--base-url`); they and
+    /// relative references place resources in patients' compartments.
+    pub local_base: LocalBase,
 }
 
 /// Where a bad input was found.
@@ -226,7 +229,10 @@ pub fn load(store: &Store, options: &LoadOptions) -> Result<LoadSummary, LoadErr
             let raw_receiver = raw_receiver.clone();
             let prepared_sender = prepared_sender.clone();
             let max_json_depth = options.max_json_depth;
-            scope.spawn(move || prepare_chunks(raw_receiver, prepared_sender, max_json_depth));
+            let local_base = options.local_base.clone();
+            scope.spawn(move || {
+                prepare_chunks(raw_receiver, prepared_sender, max_json_depth, &local_base)
+            });
         }
         drop(raw_receiver);
         drop(prepared_sender);
@@ -486,6 +492,7 @@ fn prepare_chunks(
     raw_chunks: Receiver<RawChunk>,
     prepared: Sender<PreparedChunk>,
     max_json_depth: usize,
+    local_base: &LocalBase,
 ) {
     for chunk in raw_chunks {
         let mut resources = Vec::new();
@@ -502,7 +509,7 @@ fn prepare_chunks(
                         continue;
                     }
                     let line_number = first_line + offset as u64;
-                    match prepare_line(line, max_json_depth) {
+                    match prepare_line(line, max_json_depth, local_base) {
                         Ok(resource) => resources.push(resource),
                         Err(reason) => {
                             problems.push(problem(ProblemLocation::Line(line_number), reason))
@@ -510,15 +517,17 @@ fn prepare_chunks(
                     }
                 }
             }
-            ChunkPayload::JsonDocument(bytes) => match prepare_document(&bytes, max_json_depth) {
-                Ok((document_resources, entry_problems)) => {
-                    resources = document_resources;
-                    problems.extend(entry_problems.into_iter().map(|(index, reason)| {
-                        problem(ProblemLocation::BundleEntry(index), reason)
-                    }));
+            ChunkPayload::JsonDocument(bytes) => {
+                match prepare_document(&bytes, max_json_depth, local_base) {
+                    Ok((document_resources, entry_problems)) => {
+                        resources = document_resources;
+                        problems.extend(entry_problems.into_iter().map(|(index, reason)| {
+                            problem(ProblemLocation::BundleEntry(index), reason)
+                        }));
+                    }
+                    Err(reason) => problems.push(problem(ProblemLocation::WholeFile, reason)),
                 }
-                Err(reason) => problems.push(problem(ProblemLocation::WholeFile, reason)),
-            },
+            }
             ChunkPayload::Unreadable { location, reason } => {
                 problems.push(problem(location, reason))
             }
@@ -534,7 +543,11 @@ fn prepare_chunks(
     }
 }
 
-fn prepare_line(line: &[u8], max_json_depth: usize) -> Result<PreparedResource, String> {
+fn prepare_line(
+    line: &[u8],
+    max_json_depth: usize,
+    local_base: &LocalBase,
+) -> Result<PreparedResource, String> {
     if let Err(error) = std::str::from_utf8(line) {
         return Err(format!(
             "the line is not valid UTF-8 (at byte {})",
@@ -549,7 +562,12 @@ fn prepare_line(line: &[u8], max_json_depth: usize) -> Result<PreparedResource, 
             parsed.resource_type
         )
     })?;
-    Ok(PreparedResource::new(parsed.resource_type, id, parsed.json))
+    Ok(PreparedResource::new(
+        parsed.resource_type,
+        id,
+        parsed.json,
+        local_base,
+    ))
 }
 
 /// A JSON document: a Bundle (entries loaded, `urn:uuid:` and absolute fullUrls rewritten
@@ -558,6 +576,7 @@ fn prepare_line(line: &[u8], max_json_depth: usize) -> Result<PreparedResource, 
 fn prepare_document(
     bytes: &[u8],
     max_json_depth: usize,
+    local_base: &LocalBase,
 ) -> Result<(Vec<PreparedResource>, Vec<(usize, String)>), String> {
     let parsed =
         ParsedResource::parse_bytes(bytes, max_json_depth).map_err(|error| error.to_string())?;
@@ -567,7 +586,12 @@ fn prepare_document(
             .clone()
             .ok_or_else(|| format!("{} has no id", parsed.resource_type))?;
         return Ok((
-            vec![PreparedResource::new(parsed.resource_type, id, parsed.json)],
+            vec![PreparedResource::new(
+                parsed.resource_type,
+                id,
+                parsed.json,
+                local_base,
+            )],
             Vec::new(),
         ));
     }
@@ -595,7 +619,12 @@ fn prepare_document(
     for (index, resource_type, id, mut resource) in identified {
         rewrite_references(&mut resource, &full_url_targets);
         match ParsedResource::from_value(resource, max_json_depth) {
-            Ok(parsed) => resources.push(PreparedResource::new(resource_type, id, parsed.json)),
+            Ok(parsed) => resources.push(PreparedResource::new(
+                resource_type,
+                id,
+                parsed.json,
+                local_base,
+            )),
             Err(error) => problems.push((index, error.to_string())),
         }
     }

@@ -11,6 +11,7 @@ fn options(paths: Vec<PathBuf>, on_error: OnError) -> LoadOptions {
         max_json_depth: DEFAULT_MAX_JSON_DEPTH,
         show_progress: false,
         max_document_bytes: DEFAULT_MAX_DOCUMENT_BYTES,
+        local_base: LocalBase::relative_only(),
     }
 }
 

@@ -325,6 +325,20 @@ impl Store {
         }
     }
 
+    /// Whether `(resource_type, seq)` is in the scratch set `namespace`.
+    pub fn scratch_contains(
+        &self,
+        namespace: &str,
+        resource_type: ResourceType,
+        seq: u64,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .keyspaces()
+            .scratch
+            .get(scratch_key(namespace, resource_type, seq))?
+            .is_some())
+    }
+
     /// The first and last scratch seq of `resource_type`.
     pub fn scratch_bounds(
         &self,

@@ -1,11 +1,16 @@
 use super::*;
 use crate::fhir::canonical::{DEFAULT_MAX_JSON_DEPTH, ParsedResource};
-use crate::fhir::{ResourceId, ResourceType};
+use crate::fhir::{LocalBase, ResourceId, ResourceType};
 
 fn prepared(text: &str) -> PreparedResource {
     let parsed = ParsedResource::parse_bytes(text.as_bytes(), DEFAULT_MAX_JSON_DEPTH).unwrap();
     let id = parsed.id.clone().unwrap();
-    PreparedResource::new(parsed.resource_type, id, parsed.json)
+    PreparedResource::new(
+        parsed.resource_type,
+        id,
+        parsed.json,
+        &LocalBase::relative_only(),
+    )
 }
 
 fn update(text: &str) -> WriteOperation {

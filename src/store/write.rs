@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::fhir::canonical::{PreparedBody, ResourceFields};
 use crate::fhir::compartment::PatientCompartment;
-use crate::fhir::{Instant, ResourceId, ResourceType};
+use crate::fhir::{Instant, LocalBase, ResourceId, ResourceType};
 
 /// A resource in canonical form with everything the commit needs computed up front, so the
 /// single committer thread does no JSON work.
@@ -19,10 +19,13 @@ pub struct PreparedResource {
 }
 
 impl PreparedResource {
+    /// Prepares `json` as resource `id`; its compartment patients come from the references
+    /// `local_base` deems local.
     pub fn new(
         resource_type: ResourceType,
         id: ResourceId,
         mut json: Map<String, Value>,
+        local_base: &LocalBase,
     ) -> PreparedResource {
         json.insert("id".to_owned(), Value::String(id.as_str().to_owned()));
         json.insert(
@@ -30,7 +33,8 @@ impl PreparedResource {
             Value::String(resource_type.as_str().to_owned()),
         );
         let json_value = Value::Object(json);
-        let compartment_patients = PatientCompartment::r4().patient_ids(resource_type, &json_value);
+        let compartment_patients =
+            PatientCompartment::r4().patient_ids(resource_type, &json_value, local_base);
         let Value::Object(json) = json_value else {
             unreachable!("built as an object above")
         };
