@@ -603,3 +603,31 @@ fn last_updated_searches_read_the_commit_log_window_and_match_their_definition()
         assert_eq!(ids, expected, "{path}");
     }
 }
+
+#[test]
+fn references_under_this_servers_base_are_found_by_their_relative_form_and_others_servers_are_not()
+{
+    let app = spawn_app();
+    put(&app, &patient("p1", "One"));
+    let ours = format!("{}/Patient/p1", app.base_url);
+    for (id, reference) in [
+        ("relative", "Patient/p1".to_owned()),
+        ("ours-absolute", ours.clone()),
+        ("theirs", "http://other.example/fhir/Patient/p1".to_owned()),
+    ] {
+        let mut resource = observation(id, "p1", "8302-2", "vital-signs");
+        resource["subject"]["reference"] = json!(reference);
+        put(&app, &resource);
+    }
+
+    for path in [
+        "/Observation?subject=Patient/p1".to_owned(),
+        "/Observation?patient=p1".to_owned(),
+        "/Observation?patient=p1&code=8302-2".to_owned(),
+        format!("/Observation?subject={ours}"),
+    ] {
+        let mut ids: Vec<String> = all_pages(&app, &path).iter().flat_map(entry_ids).collect();
+        ids.sort();
+        assert_eq!(ids, ["ours-absolute", "relative"], "{path}");
+    }
+}

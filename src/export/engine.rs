@@ -100,8 +100,14 @@ impl ExportEngine {
             threads: Vec::new(),
         };
         let scheduler_store = shared.store.clone();
+        let scheduler_local_base = shared.settings.local_base.clone();
         engine.spawn("fhirlog-export-scheduler".to_owned(), move || {
-            run_scheduler(&scheduler_store, &scheduler_messages, work);
+            run_scheduler(
+                &scheduler_store,
+                &scheduler_local_base,
+                &scheduler_messages,
+                work,
+            );
         })?;
         for worker_index in 0..workers {
             let worker_shared = Arc::clone(&shared);

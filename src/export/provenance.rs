@@ -52,6 +52,7 @@ pub fn run_provenance_collection(
         store,
         job_id: job.id(),
         request: &request,
+        local_base,
         window,
         compartment_types: covered_types(&request).into_iter().collect(),
         type_filters: HashMap::new(),
@@ -145,6 +146,7 @@ struct ExportedTargets<'a> {
     store: &'a Store,
     job_id: &'a str,
     request: &'a ExportRequest,
+    local_base: &'a LocalBase,
     window: SeqWindow,
     compartment_types: HashSet<ResourceType>,
     type_filters: HashMap<ResourceType, Option<TypeFilter>>,
@@ -190,7 +192,7 @@ impl ExportedTargets<'_> {
                 let parsed = self
                     .request
                     .type_filters
-                    .filter_for(resource_type)
+                    .filter_for(resource_type, self.local_base)
                     .map_err(|problem| {
                         ExportError::invalid_request(format!("_typeFilter: {problem}"))
                     })?;

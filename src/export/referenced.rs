@@ -78,7 +78,7 @@ pub fn run_referenced_collection(
     while let Some(&resource_type) = walked_types.get(cursor.type_index) {
         let type_filter = request
             .type_filters
-            .filter_for(resource_type)
+            .filter_for(resource_type, local_base)
             .map_err(|problem| ExportError::invalid_request(format!("_typeFilter: {problem}")))?;
         let walk = ReferenceWalk {
             store,

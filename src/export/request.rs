@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::fhir::compartment::{LiteralReference, PatientCompartment};
-use crate::fhir::{Instant, ResourceId, ResourceType};
+use crate::fhir::{Instant, LocalBase, ResourceId, ResourceType};
 use crate::search::elements::ElementsSelection;
 use crate::search::matching::prefilter::RawBody;
 use crate::search::query::{SearchQuery, SearchQueryError};
@@ -97,17 +97,22 @@ impl TypeFilters {
             .map(|(resource_type, queries)| (*resource_type, queries.as_slice()))
     }
 
-    /// The parsed filter for `resource_type`; `None` when its resources are not filtered.
+    /// The parsed filter for `resource_type`, run on the server at `local_base`; `None` when
+    /// its resources are not filtered.
     pub fn filter_for(
         &self,
         resource_type: ResourceType,
+        local_base: &LocalBase,
     ) -> Result<Option<TypeFilter>, SearchQueryError> {
         let Some(queries) = self.0.get(&resource_type) else {
             return Ok(None);
         };
         let parsed = queries
             .iter()
-            .map(|query| SearchQuery::parse(resource_type, query))
+            .map(|query| {
+                SearchQuery::parse(resource_type, query)
+                    .map(|parsed| parsed.on_local_base(local_base.clone()))
+            })
             .collect::<Result<_, _>>()?;
         Ok(Some(TypeFilter(parsed)))
     }
@@ -840,7 +845,7 @@ mod tests {
         let observation = ResourceType::parse("Observation").unwrap();
         let filter = request
             .type_filters
-            .filter_for(observation)
+            .filter_for(observation, &LocalBase::relative_only())
             .unwrap()
             .unwrap();
         let vital = serde_json::json!({"resourceType": "Observation", "status": "final",
@@ -858,7 +863,7 @@ mod tests {
         assert!(
             request
                 .type_filters
-                .filter_for(ResourceType::PATIENT)
+                .filter_for(ResourceType::PATIENT, &LocalBase::relative_only())
                 .unwrap()
                 .is_none()
         );

@@ -11,6 +11,7 @@ use super::error::ExportError;
 use super::job::{JobState, UnitCheckpoint};
 use super::registry::JobHandle;
 use super::worker::{UnitAssignment, UnitSettings};
+use crate::fhir::LocalBase;
 use crate::store::Store;
 
 /// Work a worker thread does.
@@ -43,8 +44,14 @@ pub const WORK_CHANNEL_CAPACITY_PER_WORKER: usize = 2;
 pub const SCHEDULER_CHANNEL_CAPACITY: usize = 1024;
 
 /// Runs until told to stop: receives messages and hands queued items to workers as they
-/// take them. Dropping `work` at the end tells the workers to exit.
-pub fn run_scheduler(store: &Store, messages: &Receiver<SchedulerMessage>, work: Sender<WorkItem>) {
+/// take them. Dropping `work` at the end tells the workers to exit. `local_base` is this
+/// server's base, handed to every unit.
+pub fn run_scheduler(
+    store: &Store,
+    local_base: &LocalBase,
+    messages: &Receiver<SchedulerMessage>,
+    work: Sender<WorkItem>,
+) {
     let mut queue: VecDeque<WorkItem> = VecDeque::new();
     loop {
         let message = if queue.is_empty() {
@@ -76,7 +83,7 @@ pub fn run_scheduler(store: &Store, messages: &Receiver<SchedulerMessage>, work:
             SchedulerMessage::Stop => return,
             SchedulerMessage::Queue(item) => queue.push_back(item),
             SchedulerMessage::Schedule(job) => {
-                if let Err(error) = queue_remaining(store, &job, &mut queue) {
+                if let Err(error) = queue_remaining(store, local_base, &job, &mut queue) {
                     job.fail(store, &error);
                     queue.push_back(WorkItem::Cleanup(job));
                 }
@@ -88,6 +95,7 @@ pub fn run_scheduler(store: &Store, messages: &Receiver<SchedulerMessage>, work:
 /// Queues the work a job still needs, from its state and saved checkpoints.
 fn queue_remaining(
     store: &Store,
+    local_base: &LocalBase,
     job: &Arc<JobHandle>,
     queue: &mut VecDeque<WorkItem>,
 ) -> Result<(), ExportError> {
@@ -97,6 +105,7 @@ fn queue_remaining(
             snapshot_through_seq: record.window.through_seq,
             wants_deleted: record.request.since.is_some(),
             max_resources_per_file: record.max_resources_per_file,
+            local_base: local_base.clone(),
         };
         (record.state.clone(), record.units.clone(), settings)
     };
@@ -117,7 +126,7 @@ fn queue_remaining(
                         unit_index,
                         unit,
                         checkpoint,
-                        settings,
+                        settings: settings.clone(),
                     });
                 }
             }

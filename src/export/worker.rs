@@ -12,7 +12,7 @@ use super::files;
 use super::job::{FileKind, StreamCheckpoint, UnitCheckpoint, UnitSource, WorkUnit, WrittenPart};
 use super::registry::JobHandle;
 use super::request::TypeFilter;
-use crate::fhir::ResourceType;
+use crate::fhir::{LocalBase, ResourceType};
 use crate::search::matching::prefilter::RawBody;
 use crate::sink::{ContainerStore, ObjectUpload};
 use crate::store::{EventView, ScanControl, SeqWindow, Store, StoreError};
@@ -21,13 +21,15 @@ use crate::store::{EventView, ScanControl, SeqWindow, Store, StoreError};
 const CANCEL_CHECK_INTERVAL: u64 = 256;
 
 /// What a unit needs of its job, fixed when the job was planned.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct UnitSettings {
     /// The job's snapshot: newer versions do not count.
     pub snapshot_through_seq: u64,
     /// Deletions are exported (to `deleted` files) only when `_since` was given.
     pub wants_deleted: bool,
     pub max_resources_per_file: u64,
+    /// This server's base, for `_typeFilter` reference values.
+    pub local_base: LocalBase,
 }
 
 /// One unit of one job, with its checkpoint as last saved.
@@ -155,7 +157,7 @@ pub fn run_unit(
         return Ok(());
     }
     let unit = assignment.unit.clone();
-    let settings = assignment.settings;
+    let settings = assignment.settings.clone();
     let run = UnitRun {
         job,
         files,
@@ -183,7 +185,7 @@ pub fn run_unit(
         .record()
         .request
         .type_filters
-        .filter_for(unit.resource_type)
+        .filter_for(unit.resource_type, &settings.local_base)
         .map_err(|problem| ExportError::invalid_request(format!("_typeFilter: {problem}")))?;
     let mut failure: Option<ExportError> = None;
     let mut visited = 0u64;

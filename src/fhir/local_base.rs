@@ -49,6 +49,15 @@ impl LocalBase {
         Some(type_name)
     }
 
+    /// `reference` as a relative reference when it is an absolute URL under this server's
+    /// base (`{base}/Patient/x` → `Patient/x`); any other reference unchanged.
+    pub fn relative_form<'reference>(&self, reference: &'reference str) -> &'reference str {
+        self.base_url
+            .as_deref()
+            .and_then(|base_url| reference.strip_prefix(base_url)?.strip_prefix('/'))
+            .unwrap_or(reference)
+    }
+
     /// The type and id a reference names when it names a resource of this server:
     /// `Type/id`, or `{base}/Type/id`, each optionally `/_history/version`; `None` for other
     /// servers' URLs, contained (`#id`), `urn:` and conditional references.

@@ -29,6 +29,7 @@ pub struct SearchInput {
 pub async fn search(state: Arc<AppState>, input: SearchInput) -> Result<WarpResponse, ApiError> {
     let store = state.store.clone();
     let base_url = state.base_url.as_str().to_owned();
+    let local_base = state.local_base.clone();
     let bundle = run_blocking(move || {
         let resource_type = input.resource_type;
         let mut pairs = split_query(&input.query)?;
@@ -52,7 +53,7 @@ pub async fn search(state: Arc<AppState>, input: SearchInput) -> Result<WarpResp
                 index += 1;
             }
         }
-        let query = SearchQuery::from_pairs(resource_type, &pairs)?;
+        let query = SearchQuery::from_pairs(resource_type, &pairs)?.on_local_base(local_base);
         let snapshot_seq = paging::resolve_snapshot(&store, &paging)?;
         let page = execute::search_page(
             &store,

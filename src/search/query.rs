@@ -6,7 +6,6 @@ use percent_encoding::percent_decode_str;
 use serde_json::Value;
 
 use super::fhirpath::CompiledFhirPath;
-use super::matching::Criterion;
 use super::matching::date::{DateRange, DateSearchValue};
 use super::matching::prefilter::{BodyRequirement, RawBody};
 use super::matching::prefix::Prefix;
@@ -16,10 +15,11 @@ use super::matching::string::{StringMatch, StringSearchValue};
 use super::matching::text::fold;
 use super::matching::token::TokenSearchValue;
 use super::matching::uri::{UriMatch, UriSearchValue};
+use super::matching::{Criterion, MatchContext};
 use super::registry::{
     ParameterLookup, SearchParameter, SearchParameterRegistry, SearchParameterType,
 };
-use crate::fhir::{Instant, ResourceType};
+use crate::fhir::{Instant, LocalBase, ResourceType};
 
 /// Parameters that shape results rather than select resources; this boundary refuses them
 /// (the search API handles the ones it supports before parsing the rest).
@@ -141,9 +141,9 @@ impl SearchClause {
         &self.criterion
     }
 
-    fn matches(&self, resource: &Value, now: Instant) -> bool {
+    fn matches(&self, resource: &Value, context: &MatchContext<'_>) -> bool {
         let nodes = self.expression.evaluate(resource);
-        self.criterion.matches(&nodes, now)
+        self.criterion.matches_in(&nodes, context)
     }
 }
 
@@ -155,6 +155,7 @@ pub struct SearchQuery {
     /// What the clauses need of a raw body, for those that need something checkable.
     body_requirements: Vec<BodyRequirement>,
     now: Instant,
+    local_base: LocalBase,
 }
 
 impl SearchQuery {
@@ -176,12 +177,20 @@ impl SearchQuery {
             clauses,
             body_requirements,
             now: Instant::now(),
+            local_base: LocalBase::relative_only(),
         })
     }
 
     /// Splits and parses a raw query string such as `category=laboratory&date=ge2020`.
     pub fn parse(resource_type: ResourceType, raw: &str) -> Result<SearchQuery, SearchQueryError> {
         SearchQuery::from_pairs(resource_type, &split_query(raw)?)
+    }
+
+    /// The query as run on the server at `local_base`: absolute references under it match
+    /// their relative form (without, only relative references are local).
+    pub fn on_local_base(mut self, local_base: LocalBase) -> SearchQuery {
+        self.local_base = local_base;
+        self
     }
 
     pub fn resource_type(&self) -> ResourceType {
@@ -202,9 +211,13 @@ impl SearchQuery {
 
     /// Whether `resource` (of this query's type) satisfies every clause.
     pub fn matches(&self, resource: &Value) -> bool {
+        let context = MatchContext {
+            now: self.now,
+            local_base: &self.local_base,
+        };
         self.clauses
             .iter()
-            .all(|clause| clause.matches(resource, self.now))
+            .all(|clause| clause.matches(resource, &context))
     }
 }
 

@@ -19,7 +19,14 @@ use string::StringSearchValue;
 use token::TokenSearchValue;
 use uri::UriSearchValue;
 
-use crate::fhir::Instant;
+use crate::fhir::{Instant, LocalBase};
+
+/// What matching needs besides the values: the clock for `ap`, and this server's base, so
+/// that `{base}/Patient/x` and `Patient/x` name the same resource.
+pub struct MatchContext<'a> {
+    pub now: Instant,
+    pub local_base: &'a LocalBase,
+}
 
 /// What one clause asks of a resource: any of its values (comma = OR).
 #[derive(Clone, Debug, PartialEq)]
@@ -40,9 +47,22 @@ pub enum Criterion {
 }
 
 impl Criterion {
-    /// Whether the nodes one resource yields for the parameter satisfy this criterion;
-    /// `now` anchors the `ap` prefix.
+    /// Whether the nodes one resource yields for the parameter satisfy this criterion, on a
+    /// server whose base is unknown (only relative references are local); `now` anchors
+    /// the `ap` prefix.
     pub fn matches(&self, nodes: &[TypedNode<'_>], now: Instant) -> bool {
+        self.matches_in(
+            nodes,
+            &MatchContext {
+                now,
+                local_base: &LocalBase::relative_only(),
+            },
+        )
+    }
+
+    /// Whether the nodes one resource yields for the parameter satisfy this criterion.
+    pub fn matches_in(&self, nodes: &[TypedNode<'_>], context: &MatchContext<'_>) -> bool {
+        let now = context.now;
         let any = |test: &dyn Fn(&TypedNode<'_>) -> bool| nodes.iter().any(test);
         match self {
             Criterion::Missing(wanted_missing) => nodes.is_empty() == *wanted_missing,
@@ -60,9 +80,11 @@ impl Criterion {
                     .iter()
                     .any(|text| token::node_text_starts_with(node, text))
             }),
-            Criterion::Reference(values) => {
-                any(&|node| values.iter().any(|value| value.matches_node(node)))
-            }
+            Criterion::Reference(values) => any(&|node| {
+                values
+                    .iter()
+                    .any(|value| value.matches_node(node, context.local_base))
+            }),
             Criterion::Date(values) => any(&|node| {
                 DateRange::of_node(node)
                     .is_some_and(|range| values.iter().any(|value| value.matches(range, now)))

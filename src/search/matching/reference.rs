@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::fhir::ResourceType;
+use crate::fhir::{LocalBase, ResourceType};
 use crate::search::fhirpath::TypedNode;
 
 /// One reference search value.
@@ -56,8 +56,9 @@ impl ReferenceSearchValue {
         }
     }
 
-    /// Whether a node refers to what this value names.
-    pub fn matches_node(&self, node: &TypedNode<'_>) -> bool {
+    /// Whether a node refers to what this value names; references (stored and searched)
+    /// under `local_base` compare in their relative form.
+    pub fn matches_node(&self, node: &TypedNode<'_>, local_base: &LocalBase) -> bool {
         let reference = match node.fhir_type {
             "Reference" => node.value.get("reference").and_then(Value::as_str),
             "canonical" | "uri" | "url" | "string" => node.value.as_str(),
@@ -66,9 +67,9 @@ impl ReferenceSearchValue {
         let Some(reference) = reference else {
             return false;
         };
-        let reference = strip_history(reference);
+        let reference = local_base.relative_form(strip_history(reference));
         match self {
-            ReferenceSearchValue::Absolute(url) => reference == url,
+            ReferenceSearchValue::Absolute(url) => reference == local_base.relative_form(url),
             ReferenceSearchValue::Local { resource_type, id } => reference
                 .split_once('/')
                 .is_some_and(|(type_name, reference_id)| {

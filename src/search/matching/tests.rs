@@ -270,6 +270,56 @@ fn reference(text: &str, type_modifier: Option<&str>) -> Criterion {
 }
 
 #[test]
+fn references_under_this_servers_base_match_their_relative_form() {
+    let local_base = LocalBase::at("https://ours.example/fhir");
+    let context = MatchContext {
+        now: now(),
+        local_base: &local_base,
+    };
+    let ours_absolute = json!({"reference": "https://ours.example/fhir/Patient/123"});
+    let ours_relative = json!({"reference": "Patient/123"});
+    let theirs = json!({"reference": "http://other.example/fhir/Patient/123"});
+    let rows = [
+        ("Patient/123", &ours_absolute, true),
+        ("123", &ours_absolute, true),
+        (
+            "https://ours.example/fhir/Patient/123",
+            &ours_relative,
+            true,
+        ),
+        (
+            "https://ours.example/fhir/Patient/123",
+            &ours_absolute,
+            true,
+        ),
+        ("Patient/123", &theirs, false),
+        ("123", &theirs, false),
+        ("https://ours.example/fhir/Patient/123", &theirs, false),
+    ];
+    for (searched, stored, expected) in rows {
+        let nodes = [TypedNode {
+            value: stored,
+            fhir_type: "Reference",
+        }];
+        assert_eq!(
+            reference(searched, None).matches_in(&nodes, &context),
+            expected,
+            "{searched} on {stored}"
+        );
+    }
+    assert!(
+        !reference("Patient/123", None).matches(
+            &[TypedNode {
+                value: &ours_absolute,
+                fhir_type: "Reference",
+            }],
+            now()
+        ),
+        "without a known base only relative references are local"
+    );
+}
+
+#[test]
 fn reference_matching_by_form() {
     let local = json!({"reference": "Patient/123"});
     let versioned = json!({"reference": "Patient/123/_history/4"});
