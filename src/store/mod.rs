@@ -79,6 +79,10 @@ pub struct StoreOptions {
     pub max_journal_bytes: u64,
     pub events_memtable_bytes: u64,
     pub index_memtable_bytes: u64,
+    /// Memtable bytes, active and sealed, above which the committer holds groups back while
+    /// sealed memtables wait for their flush: fjall's single worker flushes only between
+    /// compactions, which take longer as the store grows.
+    pub max_write_buffer_bytes: u64,
     /// Commit requests waiting for the committer; a writer that finds the queue full
     /// waits for room, so a burst of writers cannot grow memory without bound.
     pub max_queued_commits: usize,
@@ -90,7 +94,8 @@ impl Default for StoreOptions {
             block_cache_bytes: 32 << 20,
             max_journal_bytes: 256 << 20,
             events_memtable_bytes: 8 << 20,
-            index_memtable_bytes: 8 << 20,
+            index_memtable_bytes: 16 << 20,
+            max_write_buffer_bytes: 96 << 20,
             max_queued_commits: DEFAULT_MAX_QUEUED_COMMITS,
         }
     }
