@@ -329,18 +329,26 @@ impl Committer {
     }
 
     /// Holds the group back, in 1 ms steps, while a keyspace has as many sealed memtables as
-    /// make fjall halt writes: fjall would sleep 100 ms at a time, and those halts cost a
-    /// late 2.2M-resource load about a sixth of its time although a flush takes ~25 ms.
+    /// make fjall halt writes (fjall would sleep 100 ms at a time, and those halts cost a
+    /// late 2.2M-resource load about a sixth of its time although a flush takes ~25 ms), or
+    /// while sealed memtables wait for a flush and all memtables together hold more than
+    /// [`super::StoreOptions::max_write_buffer_bytes`]; only a flush frees memtable memory, so
+    /// without a sealed memtable there is nothing to wait for.
     /// Stops waiting once fjall refuses writes (its flush failed): the commit then fails
     /// and the committer repairs the store.
     fn wait_while_flushes_are_behind(&self) {
         let keyspaces = &self.keyspaces;
+        let max_write_buffer_bytes = self.slot.options.max_write_buffer_bytes;
         let flushes_are_behind = || {
-            std::iter::once(&keyspaces.events)
+            let (most_sealed, total_sealed) = std::iter::once(&keyspaces.events)
                 .chain(keyspaces.projections().map(|(_, keyspace)| keyspace))
-                .any(|keyspace| {
-                    keyspace.sealed_memtable_count() >= FJALL_SEALED_MEMTABLES_HALTING_WRITES
-                })
+                .map(fjall::Keyspace::sealed_memtable_count)
+                .fold((0, 0), |(most, total), count| {
+                    (most.max(count), total + count)
+                });
+            most_sealed >= FJALL_SEALED_MEMTABLES_HALTING_WRITES
+                || (total_sealed > 0
+                    && keyspaces.database.write_buffer_size() > max_write_buffer_bytes)
         };
         let mut next_health_check = std::time::Instant::now() + FLUSH_WAIT_BEFORE_HEALTH_CHECK;
         while flushes_are_behind() {

@@ -777,3 +777,39 @@ fn journals_count_as_closed_only_once_the_database_is() {
     journal_cut::wait_until_journals_closed(&store_dir, std::time::Duration::from_millis(50))
         .unwrap();
 }
+
+#[test]
+fn a_write_buffer_budget_below_one_memtable_still_lets_every_commit_through() {
+    let directory = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        events_memtable_bytes: 16 << 10,
+        index_memtable_bytes: 4 << 10,
+        max_write_buffer_bytes: 1,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(directory.path(), &options).unwrap();
+    let writer = store.clone();
+    let (done_sender, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for commit in 0..40 {
+            let operations = (0..10)
+                .map(|index| {
+                    update(&format!(
+                        r#"{{"resourceType":"Patient","id":"p{commit}-{index}","active":true}}"#
+                    ))
+                })
+                .collect();
+            writer.commit(operations).unwrap();
+        }
+        done_sender.send(()).unwrap();
+    });
+    done.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the commits finished instead of waiting for a flush nobody asked for");
+    assert_eq!(store.high_water_seq().unwrap(), 400);
+    assert!(
+        store
+            .read_current(ResourceType::PATIENT, &id("p39-9"))
+            .unwrap()
+            .is_some()
+    );
+}
