@@ -32,7 +32,7 @@ use crate::fhir::{Instant, LocalBase, ResourceType};
 use crate::store::{ScanControl, SeqWindow, Store, StoreError};
 
 /// Provenance read between durable checkpoints.
-const PROVENANCE_PER_CHECKPOINT: usize = 2048;
+pub(super) const PROVENANCE_PER_CHECKPOINT: usize = 2048;
 
 /// Whether a Patient or Group export collects Provenance: when it covers the type.
 pub fn collects_provenance(request: &ExportRequest) -> bool {

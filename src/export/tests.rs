@@ -65,6 +65,28 @@ impl Harness {
         }
     }
 
+    /// Writes `texts` in one commit.
+    fn put_all(&self, texts: &[String]) {
+        let operations = texts
+            .iter()
+            .map(|text| {
+                let parsed =
+                    ParsedResource::parse_bytes(text.as_bytes(), DEFAULT_MAX_JSON_DEPTH).unwrap();
+                WriteOperation::Update {
+                    resource: PreparedResource::new(
+                        parsed.resource_type,
+                        parsed.id.clone().unwrap(),
+                        parsed.json,
+                        &LocalBase::relative_only(),
+                    ),
+                    expected_version: None,
+                    unchanged: UnchangedContent::NewVersion,
+                }
+            })
+            .collect();
+        self.store.commit(operations).unwrap();
+    }
+
     fn delete(&self, type_name: &str, id: &str) -> Instant {
         let operation = WriteOperation::Delete {
             resource_type: ResourceType::parse(type_name).unwrap(),
@@ -810,4 +832,53 @@ fn a_type_filter_dropped_under_lenient_handling_reaches_the_error_file() {
         .find(|file| file.kind == FileKind::Error)
         .unwrap();
     assert!(contents[&error_file.name][0].contains("_sort"));
+}
+
+fn provenance_recorded(id: &str, targets: &[&str], recorded: &str) -> String {
+    let target: Vec<Value> = targets
+        .iter()
+        .map(|reference| serde_json::json!({"reference": reference}))
+        .collect();
+    serde_json::json!({"resourceType": "Provenance", "id": id, "target": target,
+        "recorded": recorded, "agent": [{"who": {"reference": "Practitioner/doc"}}]})
+    .to_string()
+}
+
+#[test]
+fn latest_provenance_is_kept_across_checkpoint_chunks() {
+    let harness = Harness::new();
+    harness.put(r#"{"resourceType":"Patient","id":"p"}"#);
+    harness.put(&observation("latest-read-first", &["p"]));
+    harness.put(&observation("latest-read-last", &["p"]));
+    let both = [
+        "Observation/latest-read-first",
+        "Observation/latest-read-last",
+    ];
+    harness.put(&provenance_recorded(
+        "first",
+        &both[..1],
+        "2030-01-01T00:00:00Z",
+    ));
+    let older: Vec<String> = (0..provenance::PROVENANCE_PER_CHECKPOINT + 10)
+        .map(|index| {
+            let recorded = Instant::from_micros_since_epoch(index as i64 * 1_000_000);
+            provenance_recorded(&format!("older-{index}"), &both, &recorded.to_fhir_string())
+        })
+        .collect();
+    harness.put_all(&older);
+    harness.put(&provenance_recorded(
+        "last",
+        &both[1..],
+        "2030-01-01T00:00:00Z",
+    ));
+    let engine = harness.engine(small_settings(100));
+    let mut request = ExportRequest::everything_at(ExportLevel::AllPatients);
+    request.associated_data = Some(request::AssociatedData {
+        latest_provenance: true,
+        ..request::AssociatedData::default()
+    });
+
+    let (_, latest) = harness.run(&engine, request);
+
+    assert_eq!(ids_in(&latest, "Provenance-"), ids(&["first", "last"]));
 }
