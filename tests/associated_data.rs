@@ -643,3 +643,112 @@ fn a_referenced_export_killed_while_collecting_resumes_and_equals_an_uninterrupt
         .collect();
     assert_eq!(associated.len(), 3, "{associated:?}");
 }
+
+fn provenance_recorded_at(id: &str, targets: &[&str], recorded: Option<&str>) -> Value {
+    let mut resource = provenance(id, targets);
+    match recorded {
+        Some(recorded) => resource["recorded"] = json!(recorded),
+        None => {
+            resource
+                .as_object_mut()
+                .expect("a Provenance object")
+                .remove("recorded");
+        }
+    }
+    resource
+}
+
+#[test]
+fn latest_provenance_exports_each_exported_resource_s_most_recent_provenance_once() {
+    let app = spawn_app_with_export_settings(export_settings());
+    build_referencing_world(&app.client);
+    put(&app.client, &group("pair", &["p2", "p3"]));
+    for (id, targets, recorded) in [
+        (
+            "obs-late",
+            vec!["Observation/o-p1"],
+            Some("2024-06-01T00:00:00Z"),
+        ),
+        (
+            "obs-early",
+            vec!["Observation/o-p1"],
+            Some("2024-01-01T00:00:00Z"),
+        ),
+        (
+            "shared",
+            vec!["Observation/o-p2", "Patient/p2"],
+            Some("2024-03-01T00:00:00+02:00"),
+        ),
+        ("p2-old", vec!["Patient/p2"], Some("2023-01-01T00:00:00Z")),
+        (
+            "o-p3-recorded",
+            vec!["Observation/o-p3"],
+            Some("2020-01-01T00:00:00Z"),
+        ),
+        ("o-p3-unrecorded", vec!["Observation/o-p3"], None),
+        (
+            "dr-new",
+            vec!["Practitioner/dr"],
+            Some("2024-02-01T00:00:00Z"),
+        ),
+        (
+            "dr-old",
+            vec!["Practitioner/dr"],
+            Some("2023-02-01T00:00:00Z"),
+        ),
+    ] {
+        put(&app.client, &provenance_recorded_at(id, &targets, recorded));
+    }
+    let bulk = BulkClient::new(&app.base_url);
+    let every_compartment_one = [
+        "obs-late",
+        "obs-early",
+        "shared",
+        "p2-old",
+        "o-p3-recorded",
+        "o-p3-unrecorded",
+    ];
+    let cases = [
+        ("/Patient/$export", ids(&every_compartment_one)),
+        (
+            "/Patient/$export?includeAssociatedData=LatestProvenanceResources",
+            ids(&["obs-late", "shared", "o-p3-recorded"]),
+        ),
+        (
+            "/Patient/$export?includeAssociatedData=_referenced,LatestProvenanceResources",
+            ids(&["obs-late", "shared", "o-p3-recorded", "dr-new"]),
+        ),
+        (
+            "/Patient/$export?includeAssociatedData=_referenced,LatestProvenanceResources,RelevantProvenanceResources",
+            ids(&[every_compartment_one.as_slice(), &["dr-new", "dr-old"]].concat()),
+        ),
+        (
+            "/Group/pair/$export?includeAssociatedData=LatestProvenanceResources",
+            ids(&["shared", "o-p3-recorded"]),
+        ),
+        (
+            "/Patient/$export?_type=Observation,Provenance&includeAssociatedData=LatestProvenanceResources",
+            ids(&["obs-late", "shared", "o-p3-recorded"]),
+        ),
+    ];
+    for (path, expected) in cases {
+        let exported = export(&bulk, &KickOffRequest::get(path));
+        assert_each_resource_once(&exported);
+        assert_eq!(provenance_ids(&exported), expected, "{path}");
+    }
+
+    bulk.send_kick_off(&KickOffRequest::get(
+        "/Patient/$export?includeAssociatedData=LatestProvenance",
+    ))
+    .expect_operation_outcome(
+        StatusCode::BAD_REQUEST,
+        &["includeAssociatedData", "LatestProvenance"],
+    );
+    bulk.send_kick_off(&KickOffRequest::get(
+        "/$export?includeAssociatedData=LatestProvenanceResources",
+    ))
+    .expect_operation_outcome(
+        StatusCode::BAD_REQUEST,
+        &["LatestProvenanceResources", "system"],
+    );
+}

@@ -153,7 +153,7 @@ fn collect_members(store: &Store, job: &JobHandle) -> Result<(), ExportError> {
         (record.request.clone(), record.window, next_member)
     };
     let members = load_members(store, job.id())?;
-    let covered: HashSet<ResourceType> = covered_types(&request).into_iter().collect();
+    let covered: HashSet<ResourceType> = compartment_export_types(&request).into_iter().collect();
     while next_member < members.len() {
         let chunk_end = (next_member + MEMBERS_PER_COLLECTION_CHECKPOINT).min(members.len());
         let mut collected = Vec::new();
@@ -229,6 +229,17 @@ pub fn covered_types(request: &ExportRequest) -> Vec<ResourceType> {
     }
 }
 
+/// The covered types exported as compartment resources: under `LatestProvenanceResources`
+/// without Provenance, which then come from the Provenance stage alone (only the latest of
+/// each exported resource, v3: "other Provenance resources will not be returned").
+fn compartment_export_types(request: &ExportRequest) -> Vec<ResourceType> {
+    let mut types = covered_types(request);
+    if request.wants_latest_provenance() {
+        types.retain(|resource_type| *resource_type != ResourceType::PROVENANCE);
+    }
+    types
+}
+
 /// Units over the events of each covered type (system and all-patients exports).
 pub fn plan_event_units(
     store: &Store,
@@ -240,7 +251,7 @@ pub fn plan_event_units(
         _ => UnitSource::CompartmentEvents,
     };
     let mut units = Vec::new();
-    for resource_type in covered_types(request) {
+    for resource_type in compartment_export_types(request) {
         if let Some(bounds) = store.type_seq_bounds(resource_type, window)? {
             split_into_units(resource_type, bounds, source, &mut units);
         }

@@ -55,14 +55,18 @@ pub struct AssociatedData {
     /// resource, the referenced ones included (without it, only those targeting a
     /// compartment resource).
     pub relevant_provenance: bool,
+    /// `LatestProvenanceResources` (v3): for each exported non-Provenance resource, only
+    /// the most recent Provenance naming it; `RelevantProvenanceResources` overrides it.
+    #[serde(default)]
+    pub latest_provenance: bool,
 }
 
 /// Our custom `includeAssociatedData` value: the resources the compartments reference.
 pub const REFERENCED_VALUE: &str = "_referenced";
 /// The Bulk Data v3 value for every Provenance whose target is an exported resource.
 pub const RELEVANT_PROVENANCE_VALUE: &str = "RelevantProvenanceResources";
-/// The Bulk Data v3 `includeAssociatedData` values this server knows but does not honour.
-const UNSUPPORTED_ASSOCIATED_DATA_VALUES: [&str; 1] = ["LatestProvenanceResources"];
+/// The Bulk Data v3 value for the most recent Provenance of each exported resource.
+pub const LATEST_PROVENANCE_VALUE: &str = "LatestProvenanceResources";
 
 /// The `_typeFilter` queries of a request, per resource type, kept as the query text after
 /// `Type?` (so the job record stays plain data); each was parsed when the request was made
@@ -208,6 +212,7 @@ impl ExportRequest {
             self.associated_data = Some(AssociatedData {
                 referenced: true,
                 relevant_provenance: false,
+                latest_provenance: false,
             });
         }
         self
@@ -217,6 +222,15 @@ impl ExportRequest {
     pub fn wants_relevant_provenance(&self) -> bool {
         self.associated_data
             .is_some_and(|associated_data| associated_data.relevant_provenance)
+    }
+
+    /// Whether the export holds only the most recent Provenance of each exported
+    /// non-Provenance resource: under `LatestProvenanceResources` unless
+    /// `RelevantProvenanceResources` is named too (v3: the least restrictive value wins).
+    pub fn wants_latest_provenance(&self) -> bool {
+        self.associated_data.is_some_and(|associated_data| {
+            associated_data.latest_provenance && !associated_data.relevant_provenance
+        })
     }
 
     /// Whether the export adds the resources its compartment resources reference.
@@ -382,9 +396,9 @@ impl ExportRequest {
     }
 }
 
-/// Reads the `includeAssociatedData` values: `_referenced` and `RelevantProvenanceResources`
-/// at Patient and Group level; `LatestProvenanceResources` (not supported yet), unknown
-/// values and both at system level (which already holds every resource) are refused, or
+/// Reads the `includeAssociatedData` values: `_referenced`, `RelevantProvenanceResources`
+/// and `LatestProvenanceResources` at Patient and Group level; unknown values and those
+/// at system level (which already holds every resource) are refused, or
 /// under lenient handling dropped and reported. `None` when no value was given.
 fn parse_associated_data(
     values: &[String],
@@ -400,6 +414,7 @@ fn parse_associated_data(
         let slot = match value.as_str() {
             REFERENCED_VALUE => Some(&mut associated_data.referenced),
             RELEVANT_PROVENANCE_VALUE => Some(&mut associated_data.relevant_provenance),
+            LATEST_PROVENANCE_VALUE => Some(&mut associated_data.latest_provenance),
             _ => None,
         };
         let problem = if let Some(slot) = slot {
@@ -410,13 +425,9 @@ fn parse_associated_data(
             format!(
                 "includeAssociatedData={value} applies to Patient and Group exports; a system export already holds every resource"
             )
-        } else if UNSUPPORTED_ASSOCIATED_DATA_VALUES.contains(&value.as_str()) {
-            format!(
-                "includeAssociatedData={value} is not supported yet; this server supports {REFERENCED_VALUE} and {RELEVANT_PROVENANCE_VALUE}"
-            )
         } else {
             format!(
-                "includeAssociatedData value '{value}' is unknown; this server supports {REFERENCED_VALUE} and {RELEVANT_PROVENANCE_VALUE}"
+                "includeAssociatedData value '{value}' is unknown; this server supports {REFERENCED_VALUE}, {RELEVANT_PROVENANCE_VALUE} and {LATEST_PROVENANCE_VALUE}"
             )
         };
         if !lenient {
@@ -693,6 +704,21 @@ mod tests {
                     .wants_referenced()
             );
             assert!(plain.with_default_associated_data(true).wants_referenced());
+            let latest = at_level(
+                level.clone(),
+                "includeAssociatedData=LatestProvenanceResources",
+                false,
+            )
+            .unwrap();
+            assert!(latest.wants_latest_provenance());
+            let least_restrictive = at_level(
+                level.clone(),
+                "includeAssociatedData=LatestProvenanceResources,RelevantProvenanceResources",
+                false,
+            )
+            .unwrap();
+            assert!(!least_restrictive.wants_latest_provenance());
+            assert!(least_restrictive.wants_relevant_provenance());
         }
         for (level, query, named) in [
             (
@@ -702,9 +728,9 @@ mod tests {
             ),
             (group(), "includeAssociatedData=_referenced,Bogus", "Bogus"),
             (
-                ExportLevel::AllPatients,
+                ExportLevel::System,
                 "includeAssociatedData=LatestProvenanceResources",
-                "LatestProvenanceResources",
+                "system",
             ),
             (
                 ExportLevel::System,

@@ -65,6 +65,28 @@ impl Harness {
         }
     }
 
+    /// Writes `texts` in one commit.
+    fn put_all(&self, texts: &[String]) {
+        let operations = texts
+            .iter()
+            .map(|text| {
+                let parsed =
+                    ParsedResource::parse_bytes(text.as_bytes(), DEFAULT_MAX_JSON_DEPTH).unwrap();
+                WriteOperation::Update {
+                    resource: PreparedResource::new(
+                        parsed.resource_type,
+                        parsed.id.clone().unwrap(),
+                        parsed.json,
+                        &LocalBase::relative_only(),
+                    ),
+                    expected_version: None,
+                    unchanged: UnchangedContent::NewVersion,
+                }
+            })
+            .collect();
+        self.store.commit(operations).unwrap();
+    }
+
     fn delete(&self, type_name: &str, id: &str) -> Instant {
         let operation = WriteOperation::Delete {
             resource_type: ResourceType::parse(type_name).unwrap(),
@@ -810,4 +832,118 @@ fn a_type_filter_dropped_under_lenient_handling_reaches_the_error_file() {
         .find(|file| file.kind == FileKind::Error)
         .unwrap();
     assert!(contents[&error_file.name][0].contains("_sort"));
+}
+
+fn provenance_recorded(id: &str, targets: &[&str], recorded: &str) -> String {
+    let target: Vec<Value> = targets
+        .iter()
+        .map(|reference| serde_json::json!({"reference": reference}))
+        .collect();
+    serde_json::json!({"resourceType": "Provenance", "id": id, "target": target,
+        "recorded": recorded, "agent": [{"who": {"reference": "Practitioner/doc"}}]})
+    .to_string()
+}
+
+/// A patient with observations `latest-read-first` and `latest-read-last`, whose latest
+/// Provenance (`first`, `last`) are read first and last, with `older_count` older ones
+/// naming both in between.
+fn put_latest_provenance_world(harness: &Harness, older_count: usize) {
+    harness.put(r#"{"resourceType":"Patient","id":"p"}"#);
+    harness.put(&observation("latest-read-first", &["p"]));
+    harness.put(&observation("latest-read-last", &["p"]));
+    let both = [
+        "Observation/latest-read-first",
+        "Observation/latest-read-last",
+    ];
+    harness.put(&provenance_recorded(
+        "first",
+        &both[..1],
+        "2030-01-01T00:00:00Z",
+    ));
+    let older: Vec<String> = (0..older_count)
+        .map(|index| {
+            let recorded = Instant::from_micros_since_epoch(index as i64 * 1_000_000);
+            provenance_recorded(&format!("older-{index}"), &both, &recorded.to_fhir_string())
+        })
+        .collect();
+    harness.put_all(&older);
+    harness.put(&provenance_recorded(
+        "last",
+        &both[1..],
+        "2030-01-01T00:00:00Z",
+    ));
+}
+
+fn latest_provenance_request() -> ExportRequest {
+    let mut request = ExportRequest::everything_at(ExportLevel::AllPatients);
+    request.associated_data = Some(request::AssociatedData {
+        latest_provenance: true,
+        ..request::AssociatedData::default()
+    });
+    request
+}
+
+#[test]
+fn latest_provenance_is_kept_across_checkpoint_chunks() {
+    let harness = Harness::new();
+    put_latest_provenance_world(&harness, provenance::PROVENANCE_PER_CHECKPOINT + 10);
+    let engine = harness.engine(small_settings(100));
+
+    let (_, latest) = harness.run(&engine, latest_provenance_request());
+
+    assert_eq!(ids_in(&latest, "Provenance-"), ids(&["first", "last"]));
+}
+
+#[test]
+fn a_latest_provenance_collection_stopped_between_checkpoints_resumes_to_the_same_output() {
+    let harness = Harness::new();
+    put_latest_provenance_world(&harness, 4 * provenance::PROVENANCE_PER_CHECKPOINT);
+    let uninterrupted = {
+        let engine = harness.engine(small_settings(100));
+        harness.run(&engine, latest_provenance_request()).1
+    };
+    let past_a_checkpoint = |record: &job::JobRecord| matches!(record.state, job::JobState::CollectingProvenance { after_seq } if after_seq > 0);
+    let job_id = {
+        let engine = harness.engine(small_settings(100));
+        let job_id = engine
+            .submit(latest_provenance_request(), "x".to_owned())
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !job::JobRecord::load_all(&harness.store)
+            .unwrap()
+            .iter()
+            .any(|record| record.id == job_id && past_a_checkpoint(record))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the job never checkpointed its Provenance collection"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        job_id
+    };
+    let stopped = job::JobRecord::load_all(&harness.store)
+        .unwrap()
+        .into_iter()
+        .find(|record| record.id == job_id)
+        .unwrap();
+    assert!(
+        past_a_checkpoint(&stopped),
+        "the job was not stopped inside its Provenance collection: {:?}",
+        stopped.state
+    );
+    let engine = harness.engine(small_settings(100));
+    let JobStatus::Completed { record, .. } = engine.wait(&job_id, |_| {}).unwrap() else {
+        panic!("the resumed job did not complete")
+    };
+    let resumed: BTreeMap<String, Vec<String>> = record
+        .files
+        .iter()
+        .map(|file| {
+            let lines = harness.file_lines(&engine, &job_id, &file.name);
+            (file.name.clone(), lines)
+        })
+        .collect();
+    assert_eq!(resumed, uninterrupted);
+    assert_eq!(ids_in(&resumed, "Provenance-"), ids(&["first", "last"]));
 }

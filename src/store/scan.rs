@@ -67,6 +67,23 @@ fn scratch_key(namespace: &str, resource_type: ResourceType, seq: u64) -> Vec<u8
     key
 }
 
+/// Sets a scratch namespace's map (a (type, seq) to a value) apart from its set: resource
+/// type codes never reach it, and clearing the namespace clears the map too.
+const SCRATCH_MAP_MARKER: [u8; 2] = [0xFF, 0xFF];
+
+fn scratch_map_prefix(namespace: &str) -> Vec<u8> {
+    let mut key = scratch_namespace_prefix(namespace);
+    key.extend_from_slice(&SCRATCH_MAP_MARKER);
+    key
+}
+
+fn scratch_map_key(namespace: &str, resource_type: ResourceType, seq: u64) -> Vec<u8> {
+    let mut key = scratch_map_prefix(namespace);
+    key.extend_from_slice(&keys::type_prefix(resource_type));
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
 fn scratch_type_prefix(namespace: &str, resource_type: ResourceType) -> Vec<u8> {
     let mut key = scratch_namespace_prefix(namespace);
     key.extend_from_slice(&keys::type_prefix(resource_type));
@@ -337,6 +354,78 @@ impl Store {
             .scratch
             .get(scratch_key(namespace, resource_type, seq))?
             .is_some())
+    }
+
+    /// The value the scratch map of `namespace` holds for `(resource_type, seq)`.
+    pub fn scratch_map_get(
+        &self,
+        namespace: &str,
+        resource_type: ResourceType,
+        seq: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .keyspaces()
+            .scratch
+            .get(scratch_map_key(namespace, resource_type, seq))?
+            .map(|value| value.to_vec()))
+    }
+
+    /// Sets, in one batch, the scratch map values of `namespace` for each `(type, seq)`.
+    pub fn scratch_map_put(
+        &self,
+        namespace: &str,
+        entries: &[((ResourceType, u64), Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        self.refuse_while_failed()?;
+        let keyspaces = self.keyspaces();
+        let mut batch = keyspaces.database.batch();
+        for ((resource_type, seq), value) in entries {
+            batch.insert(
+                &keyspaces.scratch,
+                scratch_map_key(namespace, *resource_type, *seq),
+                value.as_slice(),
+            );
+        }
+        batch
+            .commit()
+            .map_err(|error| self.write_failed(error, None))
+    }
+
+    /// Visits, in key order, every value of the scratch map of `namespace`; pauses like
+    /// [`Store::scan_newest_in_window`] while the store is reopened.
+    pub fn scratch_map_values(
+        &self,
+        namespace: &str,
+        mut visit: impl FnMut(&[u8]) -> Result<ScanControl, StoreError>,
+    ) -> Result<(), StoreError> {
+        let prefix = scratch_map_prefix(namespace);
+        let mut after_key: Option<Vec<u8>> = None;
+        'passes: loop {
+            let keyspaces = self.keyspaces();
+            let entries = match &after_key {
+                Some(after_key) => keyspaces.scratch.range::<Vec<u8>, _>((
+                    std::ops::Bound::Excluded(after_key.clone()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => keyspaces.scratch.range::<Vec<u8>, _>(prefix.clone()..),
+            };
+            for entry in entries {
+                if self.is_reopening() {
+                    drop(keyspaces);
+                    self.wait_out_reopen();
+                    continue 'passes;
+                }
+                let (key, value) = entry.into_inner()?;
+                if !key.starts_with(&prefix) {
+                    return Ok(());
+                }
+                after_key = Some(key.to_vec());
+                if visit(&value)? == ScanControl::Stop {
+                    return Ok(());
+                }
+            }
+            return Ok(());
+        }
     }
 
     /// The first and last scratch seq of `resource_type`.
