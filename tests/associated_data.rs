@@ -33,19 +33,7 @@ fn export_settings() -> ExportSettings {
 
 /// PUTs `resource` and returns the stored body the server answered with.
 fn put(client: &FhirClient, resource: &Value) -> Value {
-    let path = format!(
-        "/{}/{}",
-        resource["resourceType"].as_str().expect("a resourceType"),
-        resource["id"].as_str().expect("an id")
-    );
-    let reply = client.put_json(&path, resource);
-    assert!(
-        reply.status == StatusCode::OK || reply.status == StatusCode::CREATED,
-        "PUT {path}: {} {}",
-        reply.status,
-        reply.text
-    );
-    reply.json()
+    client.put_resource(resource)
 }
 
 fn patient(id: &str) -> Value {

@@ -31,18 +31,7 @@ fn observation(id: &str, patient_id: &str, code: &str, category: &str) -> Value 
 }
 
 fn put(app: &TestApp, resource: &Value) {
-    let path = format!(
-        "/{}/{}",
-        resource["resourceType"].as_str().unwrap(),
-        resource["id"].as_str().unwrap()
-    );
-    let reply = app.client.put_json(&path, resource);
-    assert!(
-        reply.status.is_success(),
-        "PUT {path}: {} {}",
-        reply.status,
-        reply.text
-    );
+    app.client.put_resource(resource);
 }
 
 fn get_json(app: &TestApp, path: &str) -> Value {

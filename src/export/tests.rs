@@ -580,24 +580,10 @@ fn files_of_an_export_completed_before_a_restart_are_readable_at_once() {
 #[test]
 fn an_export_running_while_the_store_refuses_writes_completes_once_it_takes_them_again() {
     let harness = Harness::new();
-    let patients = (0..1500)
-        .map(|index| {
-            let text = format!(r#"{{"resourceType":"Patient","id":"p{index}"}}"#);
-            let parsed =
-                ParsedResource::parse_bytes(text.as_bytes(), DEFAULT_MAX_JSON_DEPTH).unwrap();
-            WriteOperation::Update {
-                resource: PreparedResource::new(
-                    parsed.resource_type,
-                    parsed.id.clone().unwrap(),
-                    parsed.json,
-                    &LocalBase::relative_only(),
-                ),
-                expected_version: None,
-                unchanged: UnchangedContent::NewVersion,
-            }
-        })
+    let patients: Vec<String> = (0..1500)
+        .map(|index| format!(r#"{{"resourceType":"Patient","id":"p{index}"}}"#))
         .collect();
-    harness.store.commit(patients).unwrap();
+    harness.put_all(&patients);
     let engine = harness.engine(small_settings(1));
     let job_id = engine
         .submit(

@@ -368,6 +368,24 @@ impl FhirClient {
         self.send_json(Method::PUT, path, &[], resource)
     }
 
+    /// PUTs `resource` at `/{resourceType}/{id}`, asserts it was stored (200 or 201) and
+    /// returns the stored body the server answered with.
+    pub fn put_resource(&self, resource: &Value) -> Value {
+        let path = format!(
+            "/{}/{}",
+            resource["resourceType"].as_str().expect("a resourceType"),
+            resource["id"].as_str().expect("an id")
+        );
+        let reply = self.put_json(&path, resource);
+        assert!(
+            reply.status == StatusCode::OK || reply.status == StatusCode::CREATED,
+            "PUT {path}: {} {}",
+            reply.status,
+            reply.text
+        );
+        reply.json()
+    }
+
     pub fn post_json(&self, path: &str, resource: &Value) -> Reply {
         self.send_json(Method::POST, path, &[], resource)
     }

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Associated data on the 1,000-patient set (gen --copies 50): Patient-level `fhirlog export`
+# without and with `--include-referenced` (includeAssociatedData=_referenced), alternating,
+# ROUNDS times each (default 3): seconds, resources/s, resources added, peak RSS.
+# Usage: benches/measure_associated.sh [ROUNDS]
+set -euo pipefail
+repository_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repository_root"
+# shellcheck source=benches/bench_common.sh
+source benches/bench_common.sh
+rounds="${1:-3}"
+if [ -z "${FHIRLOG_BIN:-}" ]; then
+    cargo build --release --bin fhirlog
+fi
+scratch="$(mktemp -d "${SCRATCH_PARENT:-/tmp}/fhirlog-measure-associated.XXXXXX")"
+trap 'rm -rf "$scratch"' EXIT
+binary="$scratch/fhirlog"
+cp "${FHIRLOG_BIN:-$repository_root/target/release/fhirlog}" "$binary"
+
+"$binary" gen --from data/sample --copies 50 --out "$scratch/ndjson" | tail -n 1
+"$binary" load "$scratch/ndjson" --data-dir "$scratch/store" | tail -n 1
+rm -rf "$scratch/ndjson"
+sync
+
+patient_export() {
+    local name="$1" busy_before exported seconds_taken
+    shift
+    busy_before=$(machine_busy_seconds)
+    /usr/bin/time -v -o "$scratch/$name.time" "$binary" export --data-dir "$scratch/store" \
+        --out "$scratch/$name" --level patient "$@" > "$scratch/$name.json" 2>/dev/null
+    exported=$(python3 -c 'import json,sys; print(sum(o["count"] for o in json.load(open(sys.argv[1]))["output"]))' "$scratch/$name.json")
+    seconds_taken=$(seconds "$scratch/$name.time")
+    echo "$name: $exported resources in ${seconds_taken}s = $(rate "$exported" "$seconds_taken") resources/s; peak RSS $(peak_megabytes "$scratch/$name.time") MB; others' CPU $(other_cpu_seconds "$busy_before" "$(machine_busy_seconds)" "$(cpu_seconds "$scratch/$name.time")") s"
+    rm -rf "${scratch:?}/$name"
+    echo "$exported $seconds_taken" >> "$scratch/$name.runs"
+}
+
+for _ in $(seq 1 "$rounds"); do
+    patient_export plain
+    patient_export referenced --include-referenced
+done
+python3 - "$scratch/plain.runs" "$scratch/referenced.runs" <<'PYTHON'
+import statistics, sys
+def load(path):
+    runs = [line.split() for line in open(path)]
+    return int(runs[0][0]), statistics.median(float(seconds) for _, seconds in runs)
+plain_count, plain_seconds = load(sys.argv[1])
+referenced_count, referenced_seconds = load(sys.argv[2])
+print(f"associated resources added: {referenced_count - plain_count}; median time with/without: "
+      f"{referenced_seconds:.2f}/{plain_seconds:.2f} s = {referenced_seconds / plain_seconds:.2f}x")
+PYTHON
