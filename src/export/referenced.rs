@@ -139,6 +139,15 @@ struct ReferenceChunk {
 }
 
 impl ReferenceChunk {
+    /// A chunk that has read nothing yet; a read that stops early marks the type unfinished.
+    fn empty() -> ReferenceChunk {
+        ReferenceChunk {
+            targets: BTreeSet::new(),
+            last_seq: None,
+            type_finished: true,
+        }
+    }
+
     /// Whether the chunk, `read` resources long, takes no more.
     fn is_full(&self, read: usize) -> bool {
         read >= RESOURCES_PER_REFERENCED_CHUNK || self.targets.len() >= TARGETS_PER_CHUNK
@@ -161,11 +170,7 @@ impl ReferenceWalk<'_> {
         resource_type: ResourceType,
         window: SeqWindow,
     ) -> Result<ReferenceChunk, ExportError> {
-        let mut chunk = ReferenceChunk {
-            targets: BTreeSet::new(),
-            last_seq: None,
-            type_finished: true,
-        };
+        let mut chunk = ReferenceChunk::empty();
         let mut read = 0usize;
         let mut failure = None;
         self.store
@@ -199,11 +204,7 @@ impl ReferenceWalk<'_> {
         resource_type: ResourceType,
         window: SeqWindow,
     ) -> Result<ReferenceChunk, ExportError> {
-        let mut chunk = ReferenceChunk {
-            targets: BTreeSet::new(),
-            last_seq: None,
-            type_finished: true,
-        };
+        let mut chunk = ReferenceChunk::empty();
         let mut read = 0usize;
         let mut failure = None;
         self.store
