@@ -45,14 +45,6 @@ fn observation_about(id: &str, subject_reference: &str) -> Value {
            "subject": {"reference": subject_reference}})
 }
 
-fn group(id: &str, members: &[&str]) -> Value {
-    let member: Vec<Value> = members
-        .iter()
-        .map(|patient| json!({"entity": {"reference": format!("Patient/{patient}")}}))
-        .collect();
-    json!({"resourceType": "Group", "id": id, "type": "person", "actual": true, "member": member})
-}
-
 fn export(bulk: &BulkClient, request: &KickOffRequest) -> Export {
     bulk.export(request, Polling::Eagerly, Downloads::PlainOnly, FILE_LIMIT)
 }
@@ -81,7 +73,7 @@ fn only_references_on_this_servers_base_put_a_resource_in_a_patients_compartment
         &app.client,
         &observation_about("ours-relative", "Patient/x"),
     );
-    put(&app.client, &group("just-x", &["x"]));
+    put(&app.client, &support::person_group("just-x", &["x"]));
     let bulk = BulkClient::new(&app.base_url);
     let expected = BTreeSet::from([
         key("Observation", "ours-absolute"),
@@ -263,7 +255,7 @@ fn a_patient_export_with_referenced_adds_each_referenced_resource_once_and_repor
 fn a_group_export_of_two_patients_sharing_a_practitioner_holds_it_once() {
     let app = spawn_app_with_export_settings(export_settings());
     build_referencing_world(&app.client);
-    put(&app.client, &group("pair", &["p2", "p3"]));
+    put(&app.client, &support::person_group("pair", &["p2", "p3"]));
     let bulk = BulkClient::new(&app.base_url);
 
     let by_get = export(&bulk, &referenced_request("/Group/pair/$export"));
@@ -422,7 +414,7 @@ fn include_associated_data_values_are_checked_and_include_referenced_sets_the_de
         ..export_settings()
     });
     build_referencing_world(&app.client);
-    put(&app.client, &group("pair", &["p2", "p3"]));
+    put(&app.client, &support::person_group("pair", &["p2", "p3"]));
     let bulk = BulkClient::new(&app.base_url);
 
     for path in ["/Patient/$export", "/Group/pair/$export"] {
@@ -492,7 +484,7 @@ fn ids(names: &[&str]) -> BTreeSet<String> {
 fn provenance_of_exported_compartment_resources_is_exported_and_relevant_adds_referenced_ones() {
     let app = spawn_app_with_export_settings(export_settings());
     build_referencing_world(&app.client);
-    put(&app.client, &group("pair", &["p2", "p3"]));
+    put(&app.client, &support::person_group("pair", &["p2", "p3"]));
     let foreign_target = "http://other.example/fhir/Observation/o-p1".to_owned();
     for (id, targets) in [
         (
@@ -650,7 +642,7 @@ fn provenance_recorded_at(id: &str, targets: &[&str], recorded: Option<&str>) ->
 fn latest_provenance_exports_each_exported_resource_s_most_recent_provenance_once() {
     let app = spawn_app_with_export_settings(export_settings());
     build_referencing_world(&app.client);
-    put(&app.client, &group("pair", &["p2", "p3"]));
+    put(&app.client, &support::person_group("pair", &["p2", "p3"]));
     for (id, targets, recorded) in [
         (
             "obs-late",

@@ -189,14 +189,6 @@ fn spawn_app_with_sample(settings: ExportSettings) -> TestApp {
     spawn_app_in_data_dir_with_export_settings(data_dir_with_sample(), settings)
 }
 
-fn group(id: &str, members: &[&str]) -> Value {
-    let member: Vec<Value> = members
-        .iter()
-        .map(|patient| json!({"entity": {"reference": format!("Patient/{patient}")}}))
-        .collect();
-    json!({"resourceType": "Group", "id": id, "type": "person", "actual": true, "member": member})
-}
-
 fn patient(id: &str, family_name: &str) -> Value {
     json!({"resourceType": "Patient", "id": id, "name": [{"family": family_name}]})
 }
@@ -347,7 +339,7 @@ fn build_small_world(client: &FhirClient) -> World {
     );
     world.put(
         client,
-        group(SMALL_WORLD_GROUP, &SMALL_WORLD_GROUP_MEMBERS),
+        support::person_group(SMALL_WORLD_GROUP, &SMALL_WORLD_GROUP_MEMBERS),
         &SMALL_WORLD_GROUP_MEMBERS,
     );
     world.put(
@@ -596,7 +588,10 @@ fn a_resource_in_two_patients_compartments_appears_once_in_patient_and_group_exp
                 "subject": {"reference": "Patient/twin-a"},
                 "participant": [{"individual": {"reference": "Patient/twin-b"}}]}),
     );
-    put(&app.client, &group("twins", &["twin-a", "twin-b"]));
+    put(
+        &app.client,
+        &support::person_group("twins", &["twin-a", "twin-b"]),
+    );
     let bulk = BulkClient::new(&app.base_url);
     for path in ["/Patient/$export", "/Group/twins/$export"] {
         let export = bulk.export(
@@ -1290,7 +1285,7 @@ fn until_exports_versions_as_they_were_at_system_patient_and_group_level() {
     put(client, &patient("u-a", "Before"));
     put(client, &patient("u-b", "Before"));
     put(client, &observation("obs-u-a", "u-a", "before"));
-    put(client, &group("grp-u", &["u-a", "u-b"]));
+    put(client, &support::person_group("grp-u", &["u-a", "u-b"]));
     let until = last_updated_of(&put(client, &observation("obs-u-b", "u-b", "before")));
 
     put(
@@ -1301,7 +1296,7 @@ fn until_exports_versions_as_they_were_at_system_patient_and_group_level() {
     delete(client, "Observation/obs-u-b");
     put(client, &patient("u-c", "Created after"));
     put(client, &observation("obs-u-c", "u-c", "after"));
-    put(client, &group("grp-u", &["u-a", "u-c"]));
+    put(client, &support::person_group("grp-u", &["u-a", "u-c"]));
 
     let bulk = BulkClient::new(&app.base_url);
     let query = format!("_until={}", encode(&until));
@@ -1354,7 +1349,10 @@ fn since_exports_exactly_what_changed_after_the_instant_and_lists_deletions_in_d
             &observation(&format!("obs-s-{index}"), &format!("s-{index}"), "before"),
         );
     }
-    let since = last_updated_of(&put(client, &group("grp-s", &["s-1", "s-2", "s-3"])));
+    let since = last_updated_of(&put(
+        client,
+        &support::person_group("grp-s", &["s-1", "s-2", "s-3"]),
+    ));
 
     put(client, &patient("s-1", "After"));
     put(client, &observation("obs-s-5", "s-2", "new"));
@@ -1423,8 +1421,11 @@ fn group_export_with_until_uses_the_membership_as_it_was_then() {
             &observation(&format!("obs-{member}"), member, "data"),
         );
     }
-    let until = last_updated_of(&put(client, &group("grp-m", &["m-x", "m-y"])));
-    put(client, &group("grp-m", &["m-y", "m-z"]));
+    let until = last_updated_of(&put(
+        client,
+        &support::person_group("grp-m", &["m-x", "m-y"]),
+    ));
+    put(client, &support::person_group("grp-m", &["m-y", "m-z"]));
 
     let bulk = BulkClient::new(&app.base_url);
     let keys_for = |members: &[&str]| -> BTreeSet<ResourceKey> {
@@ -1749,7 +1750,7 @@ fn four_concurrent_exports_with_concurrent_writes_all_complete_and_are_each_cons
         .take(10)
         .map(String::as_str)
         .collect();
-    put(&app.client, &group("concurrent", &members));
+    put(&app.client, &support::person_group("concurrent", &members));
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(Mutex::new(Vec::<AcknowledgedWrite>::new()));
     let writer = {
@@ -1939,7 +1940,7 @@ fn group_export_follows_nested_groups_and_skips_inactive_members() {
             &observation(&format!("obs-{member}"), member, "data"),
         );
     }
-    put(client, &group("inner", &["n-1", "n-2"]));
+    put(client, &support::person_group("inner", &["n-1", "n-2"]));
     put(
         client,
         &json!({"resourceType": "Group", "id": "outer", "type": "person", "actual": true, "member": [
@@ -2118,7 +2119,7 @@ fn a_group_export_collecting_patients_is_not_failed_by_job_timeout() {
     });
     let members = sample_patient_ids();
     let members: Vec<&str> = members.iter().map(String::as_str).collect();
-    put(&app.client, &group("everyone", &members));
+    put(&app.client, &support::person_group("everyone", &members));
     let bulk = BulkClient::new(&app.base_url);
     assert_export_completes(
         &bulk,
@@ -2196,7 +2197,7 @@ fn inferno_like_checks_report_no_failures_against_the_sample_with_a_group() {
     let app = spawn_app_with_sample(export_settings(5_000));
     let members: Vec<String> = sample_patient_ids().into_iter().take(5).collect();
     let members: Vec<&str> = members.iter().map(String::as_str).collect();
-    put(&app.client, &group("inferno", &members));
+    put(&app.client, &support::person_group("inferno", &members));
 
     let output = Command::new("python3")
         .arg(&script)

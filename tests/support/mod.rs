@@ -43,6 +43,15 @@ pub struct TestApp {
     data_dir: Option<TempDir>,
 }
 
+/// An actual `person` Group whose members are these patients.
+pub fn person_group(id: &str, members: &[&str]) -> Value {
+    let member: Vec<Value> = members
+        .iter()
+        .map(|patient| serde_json::json!({"entity": {"reference": format!("Patient/{patient}")}}))
+        .collect();
+    serde_json::json!({"resourceType": "Group", "id": id, "type": "person", "actual": true, "member": member})
+}
+
 pub fn spawn_app() -> TestApp {
     spawn_app_with_limits(RequestLimits::default())
 }
