@@ -26,7 +26,8 @@ const GATE_DIRECTORY_VARIABLE: &str = "FHIRLOG_FSYNC_GATE_DIR";
 const HOLD_FILE: &str = "hold";
 /// Created by the gate while a journal fsync is waiting.
 const HELD_FILE: &str = "held";
-/// While this file exists in the gate directory, journal fsyncs fail with EIO.
+/// While this file exists in the gate directory, the next journal fsync fails with EIO and
+/// removes it (a transient disk error), so the store's repair that follows can succeed.
 const FAIL_FILE: &str = "fail";
 
 /// Longest bounded wait for a condition another thread or process brings about.
@@ -63,6 +64,9 @@ static int gate(int fd) {
     const char *directory = getenv("FHIRLOG_FSYNC_GATE_DIR");
     if (directory == NULL || !is_journal(fd)) return 0;
     if (control_file_exists(directory, "fail")) {
+        char fail[PATH_MAX];
+        snprintf(fail, sizeof fail, "%s/fail", directory);
+        unlink(fail);
         errno = EIO;
         return -1;
     }
@@ -258,7 +262,7 @@ fn child_a_write_whose_fsync_fails_never_becomes_visible() {
             "a write whose fsync failed is visible"
         );
         assert_eq!(store.high_water_seq().expect("high-water seq"), first_seq);
-        std::fs::remove_file(&fail).expect("letting fsyncs succeed");
+        assert!(!fail.exists(), "the gate failed exactly one journal fsync");
         first_seq
     };
     let reopened = Store::open(directory.path(), &StoreOptions::default()).expect("reopening");
