@@ -587,12 +587,7 @@ fn a_referenced_export_killed_while_collecting_resumes_and_equals_an_uninterrupt
     let (status_url, progress_at_kill) = kick_off_and_kill_while_collecting_referenced(&mut server)
         .expect("an export caught while collecting referenced resources");
 
-    let server = ServerProcess::start_on_port(&data_dir, port, &arguments);
-    assert!(
-        server.log().contains("resuming export after restart"),
-        "the restarted server did not resume the export; its log:\n{}",
-        server.log()
-    );
+    let server = ServerProcess::restart_resuming_export(&data_dir, port, &arguments);
     let bulk = BulkClient::new(&server.base_url);
     let resumed_completion = bulk.poll_until_complete(&status_url, Polling::Eagerly);
     let resumed = bulk.download(resumed_completion, Downloads::PlainOnly);

@@ -1597,12 +1597,7 @@ fn a_system_export_killed_with_sigkill_resumes_after_restart_and_equals_an_unint
         "killed at {progress_at_kill}"
     );
 
-    let server = ServerProcess::start_on_port(&data_dir, port, &arguments);
-    assert!(
-        server.log().contains("resuming export after restart"),
-        "the restarted server did not resume the export; its log:\n{}",
-        server.log()
-    );
+    let server = ServerProcess::restart_resuming_export(&data_dir, port, &arguments);
     let bulk = BulkClient::new(&server.base_url);
     let resumed_completion = bulk.poll_until_complete(&status_url, Polling::Eagerly);
     assert_manifest_shape(

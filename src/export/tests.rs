@@ -120,6 +120,22 @@ impl Harness {
         (record, contents)
     }
 
+    /// Every file of a completed job, by name, with its lines.
+    fn contents_of(
+        &self,
+        engine: &ExportEngine,
+        record: &job::JobRecord,
+    ) -> BTreeMap<String, Vec<String>> {
+        record
+            .files
+            .iter()
+            .map(|file| {
+                let lines = self.file_lines(engine, &record.id, &file.name);
+                (file.name.clone(), lines)
+            })
+            .collect()
+    }
+
     /// The lines of a completed job's file, read through the engine as a download would.
     fn file_lines(&self, engine: &ExportEngine, job_id: &str, file_name: &str) -> Vec<String> {
         let (files, object) = engine.file(job_id, file_name).unwrap();
@@ -483,14 +499,7 @@ fn a_job_interrupted_by_shutdown_resumes_to_the_same_output() {
     let JobStatus::Completed { record, .. } = engine.wait(&job_id, |_| {}).unwrap() else {
         panic!()
     };
-    let resumed: BTreeMap<String, Vec<String>> = record
-        .files
-        .iter()
-        .map(|file| {
-            let lines = harness.file_lines(&engine, &job_id, &file.name);
-            (file.name.clone(), lines)
-        })
-        .collect();
+    let resumed = harness.contents_of(&engine, &record);
     assert_eq!(resumed, uninterrupted);
 }
 
@@ -922,14 +931,7 @@ fn a_latest_provenance_collection_stopped_between_checkpoints_resumes_to_the_sam
     let JobStatus::Completed { record, .. } = engine.wait(&job_id, |_| {}).unwrap() else {
         panic!("the resumed job did not complete")
     };
-    let resumed: BTreeMap<String, Vec<String>> = record
-        .files
-        .iter()
-        .map(|file| {
-            let lines = harness.file_lines(&engine, &job_id, &file.name);
-            (file.name.clone(), lines)
-        })
-        .collect();
+    let resumed = harness.contents_of(&engine, &record);
     assert_eq!(resumed, uninterrupted);
     assert_eq!(ids_in(&resumed, "Provenance-"), ids(&["first", "last"]));
 }

@@ -506,6 +506,22 @@ impl ServerProcess {
         ServerProcess::start_on_port_with_environment(data_dir, port, extra_arguments, &[])
     }
 
+    /// Restarts the server on a store that holds an interrupted export, and asserts that it
+    /// resumed the export.
+    pub fn restart_resuming_export(
+        data_dir: &Path,
+        port: u16,
+        extra_arguments: &[&str],
+    ) -> ServerProcess {
+        let server = ServerProcess::start_on_port(data_dir, port, extra_arguments);
+        assert!(
+            server.log().contains("resuming export after restart"),
+            "the restarted server did not resume the export; its log:\n{}",
+            server.log()
+        );
+        server
+    }
+
     /// Like [`ServerProcess::start_with_arguments`], with extra environment variables
     /// (such as storage credentials or `AZURITE_BLOB_STORAGE_URL`).
     pub fn start_with_environment(

@@ -7,6 +7,8 @@
 //! the raw bytes. And a body that is pure ASCII folds (case and accents) to its ASCII
 //! lowercase form, so a folded needle is found by an ASCII-caseless search.
 
+use std::cell::OnceCell;
+
 use memchr::memmem;
 
 use super::Criterion;
@@ -30,20 +32,31 @@ pub struct BodyRequirement {
     needles: Vec<BodyNeedle>,
 }
 
-/// Facts about one raw body, computed once however many requirements test it.
+/// Facts about one raw body, computed on first need and once however many requirements
+/// test it (a query with no checkable requirement costs nothing).
 pub struct RawBody<'a> {
     bytes: &'a [u8],
-    has_unicode_escape: bool,
-    is_ascii: bool,
+    has_unicode_escape: OnceCell<bool>,
+    is_ascii: OnceCell<bool>,
 }
 
 impl<'a> RawBody<'a> {
     pub fn new(bytes: &'a [u8]) -> RawBody<'a> {
         RawBody {
             bytes,
-            has_unicode_escape: memmem::find(bytes, b"\\u").is_some(),
-            is_ascii: bytes.is_ascii(),
+            has_unicode_escape: OnceCell::new(),
+            is_ascii: OnceCell::new(),
         }
+    }
+
+    fn has_unicode_escape(&self) -> bool {
+        *self
+            .has_unicode_escape
+            .get_or_init(|| memmem::find(self.bytes, b"\\u").is_some())
+    }
+
+    fn is_ascii(&self) -> bool {
+        *self.is_ascii.get_or_init(|| self.bytes.is_ascii())
     }
 }
 
@@ -68,13 +81,13 @@ impl BodyRequirement {
 
     /// False only when no decoded string of `body` can hold any needle.
     pub fn may_hold(&self, body: &RawBody<'_>) -> bool {
-        if body.has_unicode_escape {
+        if body.has_unicode_escape() {
             return true;
         }
         self.needles.iter().any(|needle| match needle {
             BodyNeedle::Exact(bytes) => memmem::find(body.bytes, bytes).is_some(),
             BodyNeedle::AsciiCaseless(folded) => {
-                !body.is_ascii || contains_ignoring_ascii_case(body.bytes, folded)
+                !body.is_ascii() || contains_ignoring_ascii_case(body.bytes, folded)
             }
         })
     }
