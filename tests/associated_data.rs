@@ -548,8 +548,9 @@ fn load_sample(data_dir: &Path) {
     );
 }
 
-/// Kicks off `_referenced` Patient exports until one is caught collecting referenced
-/// resources, then kills the server with SIGKILL; `None` when every attempt got past it.
+/// Kicks off `_referenced` Patient exports until one is caught in its first pass, after
+/// some compartment resources were exported and their references collected, then kills
+/// the server with SIGKILL; `None` when every attempt got past it.
 fn kick_off_and_kill_while_collecting_referenced(
     server: &mut ServerProcess,
 ) -> Option<(String, String)> {
@@ -562,11 +563,12 @@ fn kick_off_and_kill_while_collecting_referenced(
                 break;
             }
             let progress = reply.required_header("x-progress").to_owned();
-            if progress.starts_with("collecting referenced resources (") {
+            let first_pass = "exporting compartments and collecting referenced resources: ";
+            if progress.starts_with(first_pass) && !progress.contains("(0 resources;") {
                 server.kill_hard();
                 return Some((status_url, progress));
             }
-            if !progress.starts_with("collecting") {
+            if !progress.starts_with(first_pass) && !progress.starts_with("collecting") {
                 break;
             }
             std::thread::sleep(Duration::from_millis(2));

@@ -276,10 +276,7 @@ impl ExportEngine {
                 kind: *kind,
                 message: message.clone(),
             },
-            JobState::Collecting { .. }
-            | JobState::CollectingReferenced { .. }
-            | JobState::CollectingProvenance { .. }
-            | JobState::Exporting => {
+            _ => {
                 drop(record);
                 JobStatus::InProgress {
                     progress: job.progress(),
@@ -433,6 +430,15 @@ impl EngineShared {
                 Ok(())
             }),
             WorkItem::Finalize(job) => job.run_task(|| {
+                if job.record().state == JobState::ExportingCompartments {
+                    planner::finish_stage(
+                        &self.store,
+                        &job,
+                        planner::CollectionStage::CompartmentExport,
+                    )?;
+                    self.send(SchedulerMessage::Schedule(Arc::clone(&job)));
+                    return Ok(());
+                }
                 let container = self.container_of(&job)?;
                 retrying_transient_failures(&job, self.settings.destination_timeout, || {
                     finalizer::finalize(&self.store, &container, &job)

@@ -56,11 +56,28 @@ pub enum JobState {
     CollectingProvenance {
         after_seq: u64,
     },
+    /// Exporting the compartment resources of a `_referenced` export while adding the
+    /// resources they reference to the scratch set, in the same pass; the Provenance and
+    /// the referenced resources are exported by later units.
+    ExportingCompartments,
+    /// The `_referenced` walk over the compartment resources whose export waits for the
+    /// referenced set (Provenance; see [`super::planner::deferred_compartment_types`]),
+    /// from `cursor` on.
+    CollectingDeferredReferenced {
+        cursor: ReferencedCursor,
+    },
 }
 
-/// How far the walk over the compartment resources for `_referenced` got: the index of
-/// the type being walked (in [`super::planner::covered_types`] order) and the seq of the
-/// last resource of that type read.
+impl JobState {
+    /// Whether the job is still being planned or exported.
+    pub fn is_in_progress(&self) -> bool {
+        !matches!(self, JobState::Completed { .. } | JobState::Failed { .. })
+    }
+}
+
+/// How far a walk over the compartment resources for `_referenced` got: the index of
+/// the type being walked (in the walk's type order) and the seq of the last resource of
+/// that type read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReferencedCursor {
     pub type_index: usize,
@@ -251,10 +268,7 @@ impl JobRecord {
     }
 
     pub fn is_finished(&self) -> bool {
-        matches!(
-            self.state,
-            JobState::Completed { .. } | JobState::Failed { .. }
-        )
+        !self.state.is_in_progress()
     }
 }
 

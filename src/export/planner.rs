@@ -52,7 +52,12 @@ pub fn plan_new_job(
     let (units, state) = match &members {
         Some(_) => (Vec::new(), JobState::Collecting { next_member: 0 }),
         None => {
-            let units = plan_event_units(store, request, snapshot.window)?;
+            let units = plan_event_units(
+                store,
+                request,
+                first_pass_compartment_types(request),
+                snapshot.window,
+            )?;
             let state = next_stage(request, snapshot.window, CollectionStage::Members)
                 .unwrap_or(JobState::Exporting);
             (units, state)
@@ -67,9 +72,10 @@ pub fn plan_new_job(
 }
 
 /// Runs the collection stages a job still has, from where the last checkpoint left off:
-/// the members' compartments, the resources they reference (under `_referenced`), then
-/// the Provenance of the exported resources. Runs on a worker; stops at once when the job
-/// must stop.
+/// the members' compartments, the resources they reference (under `_referenced`, after
+/// the units of [`JobState::ExportingCompartments`] collected most of them), then the
+/// Provenance of the exported resources. Runs on a worker; stops at once when the job
+/// must stop or its next stage is exporting.
 pub fn run_collection(
     store: &Store,
     job: &JobHandle,
@@ -85,7 +91,10 @@ pub fn run_collection(
 pub enum CollectionStage {
     /// The members' compartments (Group and `patient=` exports).
     Members,
-    /// The resources the compartment resources reference (`_referenced`).
+    /// Exporting the compartments' first-pass types while collecting the resources they
+    /// reference (`_referenced`).
+    CompartmentExport,
+    /// The resources the other compartment resources reference (`_referenced`).
     Referenced,
     /// The Provenance whose targets are exported.
     Provenance,
@@ -98,8 +107,11 @@ fn next_stage(
     window: SeqWindow,
     finished: CollectionStage,
 ) -> Option<JobState> {
+    if finished < CollectionStage::CompartmentExport && request.wants_referenced() {
+        return Some(JobState::ExportingCompartments);
+    }
     if finished < CollectionStage::Referenced && request.wants_referenced() {
-        return Some(JobState::CollectingReferenced {
+        return Some(JobState::CollectingDeferredReferenced {
             cursor: ReferencedCursor::default(),
         });
     }
@@ -111,9 +123,11 @@ fn next_stage(
     None
 }
 
-/// Moves the job from the `finished` stage to the next one it needs or, when collecting is
-/// over, plans its units (the compartment units planned at kick-off, plus units over the
-/// scratch set) and moves it on to exporting.
+/// Moves the job from the `finished` stage to the next one it needs. Exporting the
+/// compartments first plans their units; when collecting is over, the units still missing
+/// are planned (those of the compartment types not exported yet, and those over the
+/// scratch set's referenced resources and Provenance) after the ones planned before,
+/// and the job moves on to exporting.
 pub fn finish_stage(
     store: &Store,
     job: &JobHandle,
@@ -123,23 +137,60 @@ pub fn finish_stage(
         let record = job.record();
         (record.request.clone(), record.window, record.units.clone())
     };
-    if let Some(state) = next_stage(&request, window, finished) {
-        return job.persist(store, |record| record.state = state);
+    match next_stage(&request, window, finished) {
+        Some(JobState::ExportingCompartments) if collects_members(&request) => {
+            let units =
+                plan_collected_units(store, job.id(), first_pass_compartment_types(&request))?;
+            job.persist(store, |record| {
+                record.units = units;
+                record.state = JobState::ExportingCompartments;
+            })
+        }
+        Some(state) => job.persist(store, |record| record.state = state),
+        None => {
+            let units = plan_remaining_units(store, job.id(), &request, window, planned_units)?;
+            job.persist(store, |record| {
+                record.units = units;
+                record.state = JobState::Exporting;
+            })
+        }
     }
-    let mut scratch_types: BTreeSet<ResourceType> =
-        associated_types(&request).into_iter().collect();
-    let mut units = if collects_members(&request) {
-        scratch_types.extend(covered_types(&request));
-        Vec::new()
+}
+
+/// `planned_units` followed by the units of every type still without units: the event
+/// units of compartment types not planned yet (all-patients exports), then units over the
+/// scratch set for the referenced types, Provenance, and (Group and `patient=` exports)
+/// the compartment types not planned yet. A type planned before keeps its units, so a
+/// compartment type exported in the first pass is not exported again.
+fn plan_remaining_units(
+    store: &Store,
+    job_id: &str,
+    request: &ExportRequest,
+    window: SeqWindow,
+    planned_units: Vec<WorkUnit>,
+) -> Result<Vec<WorkUnit>, StoreError> {
+    let planned_types: HashSet<ResourceType> = planned_units
+        .iter()
+        .map(|unit| unit.resource_type)
+        .collect();
+    let mut scratch_types: BTreeSet<ResourceType> = associated_types(request).into_iter().collect();
+    let mut units = planned_units;
+    if collects_members(request) {
+        scratch_types.extend(
+            covered_types(request)
+                .into_iter()
+                .filter(|resource_type| !planned_types.contains(resource_type)),
+        );
     } else {
+        let unplanned = compartment_export_types(request)
+            .into_iter()
+            .filter(|resource_type| !planned_types.contains(resource_type))
+            .collect();
+        units.extend(plan_event_units(store, request, unplanned, window)?);
         scratch_types.insert(ResourceType::PROVENANCE);
-        planned_units
-    };
-    units.extend(plan_collected_units(store, job.id(), scratch_types)?);
-    job.persist(store, |record| {
-        record.units = units;
-        record.state = JobState::Exporting;
-    })
+    }
+    units.extend(plan_collected_units(store, job_id, scratch_types)?);
+    Ok(units)
 }
 
 /// Collects the members' compartments into the job's scratch set from where the last
@@ -229,6 +280,27 @@ pub fn covered_types(request: &ExportRequest) -> Vec<ResourceType> {
     }
 }
 
+/// The compartment types a `_referenced` export exports in its first pass, collecting
+/// their references as it goes: all but Provenance, whose export waits for the Provenance
+/// stage, which needs the referenced set. Without `_referenced`, every compartment type.
+pub fn first_pass_compartment_types(request: &ExportRequest) -> Vec<ResourceType> {
+    let mut types = compartment_export_types(request);
+    if request.wants_referenced() {
+        types.retain(|resource_type| *resource_type != ResourceType::PROVENANCE);
+    }
+    types
+}
+
+/// The covered types a `_referenced` export walks for references after its first pass:
+/// those the first pass does not export.
+pub fn deferred_compartment_types(request: &ExportRequest) -> Vec<ResourceType> {
+    let first_pass = first_pass_compartment_types(request);
+    covered_types(request)
+        .into_iter()
+        .filter(|resource_type| !first_pass.contains(resource_type))
+        .collect()
+}
+
 /// The covered types exported as compartment resources: under `LatestProvenanceResources`
 /// without Provenance, which then come from the Provenance stage alone (only the latest of
 /// each exported resource, v3: "other Provenance resources will not be returned").
@@ -240,10 +312,11 @@ fn compartment_export_types(request: &ExportRequest) -> Vec<ResourceType> {
     types
 }
 
-/// Units over the events of each covered type (system and all-patients exports).
+/// Units over the events of `resource_types` (system and all-patients exports).
 pub fn plan_event_units(
     store: &Store,
     request: &ExportRequest,
+    resource_types: Vec<ResourceType>,
     window: SeqWindow,
 ) -> Result<Vec<WorkUnit>, StoreError> {
     let source = match request.level {
@@ -251,7 +324,7 @@ pub fn plan_event_units(
         _ => UnitSource::CompartmentEvents,
     };
     let mut units = Vec::new();
-    for resource_type in compartment_export_types(request) {
+    for resource_type in resource_types {
         if let Some(bounds) = store.type_seq_bounds(resource_type, window)? {
             split_into_units(resource_type, bounds, source, &mut units);
         }

@@ -1,36 +1,44 @@
-//! `includeAssociatedData=_referenced`: after the compartments are known, walks every
-//! exported compartment resource as of the snapshot, follows each local literal reference
-//! one hop to a type outside the Patient compartment, and adds the target's version at the
-//! snapshot to the job's scratch set, so it is exported once however many records point
-//! to it. Targets missing at the snapshot are noted for the `error` file. The walk reads
-//! chunks of at most `RESOURCES_PER_REFERENCED_CHUNK` resources or
-//! `TARGETS_PER_CHUNK` distinct targets (each chunk is a fresh scan, so chunks are
-//! large) and saves its cursor durably after a chunk once `CHECKPOINT_INTERVAL` has
-//! passed, so a restart resumes it (each durable save is an fsync).
+//! `includeAssociatedData=_referenced`: every local literal reference of an exported
+//! compartment resource to a type outside the Patient compartment is followed one hop,
+//! and the target's version at the snapshot joins the job's scratch set, so it is
+//! exported once however many records point to it; targets missing at the snapshot are
+//! noted for the `error` file. The references are collected in the same pass that exports
+//! the compartment resources ([`ReferenceCollector`], used by the units of
+//! [`JobState::ExportingCompartments`]), and each batch reaches the scratch set before the
+//! checkpoint after it. The compartment types whose export waits for the referenced set
+//! (Provenance) are walked afterwards ([`run_referenced_collection`]) in chunks of at
+//! most `RESOURCES_PER_REFERENCED_CHUNK` resources, with the walk's cursor saved durably
+//! after a chunk once `CHECKPOINT_INTERVAL` has passed, so a restart resumes it.
 
-use std::collections::{BTreeSet, HashSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
 
 use super::error::ExportError;
 use super::job::{
     JobState, MissingReason, MissingReference, ReferencedCursor, save_missing_references,
 };
-use super::planner::{CollectionStage, covered_types, finish_stage, version_as_of};
-use super::registry::JobHandle;
+use super::planner::{
+    CollectionStage, covered_types, deferred_compartment_types, finish_stage, version_as_of,
+};
+use super::registry::{JobHandle, lock};
 use super::request::{ExportLevel, ExportRequest, TypeFilter};
+use super::worker::body_meets_type_filter;
 use crate::fhir::compartment::PatientCompartment;
 use crate::fhir::{LocalBase, ResourceType};
 use crate::store::{EventView, ScanControl, SeqWindow, Store, StoreError};
 
-/// Most compartment resources read per chunk.
+/// Most compartment resources a walk reads per chunk.
 const RESOURCES_PER_REFERENCED_CHUNK: usize = 65_536;
-/// Most distinct targets held in memory per chunk.
-const TARGETS_PER_CHUNK: usize = 16_384;
-/// Least time between durable saves of the walk's cursor.
+/// Most distinct unresolved targets a collector holds before adding them to the scratch
+/// set.
+const TARGETS_PER_BATCH: usize = 16_384;
+/// Least time between durable saves of a walk's cursor.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-/// Resolved targets remembered across chunks, so a Practitioner that thousands of records
-/// name is looked up about once; the memory is cleared when full, so it stays bounded.
+/// Resolved targets a job remembers, so a Practitioner that thousands of records name is
+/// looked up about once; the memory is cleared when full, so it stays bounded.
 const RESOLVED_TARGETS_REMEMBERED: usize = 65_536;
-/// Compartment resources read between progress reports and cancellation checks.
+/// Compartment resources a walk reads between progress reports and cancellation checks.
 const RESOURCES_PER_PROGRESS_REPORT: usize = 256;
 
 /// The types `_referenced` may add: those outside the Patient compartment, narrowed by
@@ -57,35 +65,185 @@ pub fn collects_members(request: &ExportRequest) -> bool {
 /// One local reference to a type `_referenced` may add.
 type Target = (ResourceType, String);
 
-/// Walks the compartment resources from the job's cursor to the end, then moves the job
-/// on to its next stage. Runs on a worker; stops at once when the job must stop.
+/// The targets a job's collectors have added to its scratch set (or noted missing) in
+/// this run, shared by its workers. Forgetting one only costs a second look-up.
+#[derive(Default)]
+pub struct ResolvedReferences {
+    targets: Mutex<HashSet<Target>>,
+}
+
+impl ResolvedReferences {
+    /// `targets` without those already resolved.
+    fn unresolved(&self, targets: BTreeMap<ResourceType, HashSet<String>>) -> Vec<Target> {
+        let resolved = lock(&self.targets);
+        targets
+            .into_iter()
+            .flat_map(|(resource_type, ids)| ids.into_iter().map(move |id| (resource_type, id)))
+            .filter(|target| !resolved.contains(target))
+            .collect()
+    }
+
+    /// Remembers targets whose resolution is in the store.
+    fn remember(&self, targets: Vec<Target>) {
+        let mut resolved = lock(&self.targets);
+        if resolved.len() + targets.len() > RESOLVED_TARGETS_REMEMBERED {
+            resolved.clear();
+        }
+        resolved.extend(targets);
+    }
+}
+
+/// The types `_referenced` may add, looked up by name without parsing it: every
+/// reference of every exported resource is looked up, and most name compartment types.
+struct AddableTypes {
+    /// The types by the length of their name.
+    by_name_length: Vec<Vec<ResourceType>>,
+}
+
+impl AddableTypes {
+    fn new(types: Vec<ResourceType>) -> AddableTypes {
+        let mut by_name_length: Vec<Vec<ResourceType>> = Vec::new();
+        for resource_type in types {
+            let length = resource_type.as_str().len();
+            if by_name_length.len() <= length {
+                by_name_length.resize_with(length + 1, Vec::new);
+            }
+            by_name_length[length].push(resource_type);
+        }
+        AddableTypes { by_name_length }
+    }
+
+    /// The addable type named `type_name`, if any.
+    fn named(&self, type_name: &[u8]) -> Option<ResourceType> {
+        self.by_name_length
+            .get(type_name.len())?
+            .iter()
+            .copied()
+            .find(|resource_type| resource_type.as_str().as_bytes() == type_name)
+    }
+}
+
+/// Gathers the addable local targets of exported compartment resources and adds their
+/// versions at the job's snapshot to its scratch set. Call
+/// [`ReferenceCollector::add_pending_to_scratch`] before saving a checkpoint that covers
+/// the resources noted, so a restart never skips their targets.
+pub struct ReferenceCollector<'a> {
+    store: &'a Store,
+    job: &'a JobHandle,
+    local_base: &'a LocalBase,
+    addable: AddableTypes,
+    snapshot_through_seq: u64,
+    /// Targets noted since the last batch was added, by type.
+    pending: BTreeMap<ResourceType, HashSet<String>>,
+    pending_count: usize,
+}
+
+impl<'a> ReferenceCollector<'a> {
+    pub fn new(
+        store: &'a Store,
+        job: &'a JobHandle,
+        local_base: &'a LocalBase,
+    ) -> ReferenceCollector<'a> {
+        let (addable, snapshot_through_seq) = {
+            let record = job.record();
+            (
+                AddableTypes::new(associated_types(&record.request)),
+                record.window.through_seq,
+            )
+        };
+        ReferenceCollector {
+            store,
+            job,
+            local_base,
+            addable,
+            snapshot_through_seq,
+            pending: BTreeMap::new(),
+            pending_count: 0,
+        }
+    }
+
+    /// Notes the addable local targets an exported resource's stored body references.
+    pub fn note_references_of(&mut self, body: &[u8]) {
+        for_each_reference_value(body, |value| {
+            let resource_type = self
+                .local_base
+                .local_type_name(value)
+                .and_then(|type_name| self.addable.named(type_name))?;
+            let reference = read_string(value)?;
+            let literal = self.local_base.local_reference(&reference)?;
+            let ids = self.pending.entry(resource_type).or_default();
+            if !ids.contains(literal.id) {
+                ids.insert(literal.id.to_owned());
+                self.pending_count += 1;
+            }
+            Some(())
+        });
+    }
+
+    /// Whether enough targets wait that they should be added now.
+    pub fn is_full(&self) -> bool {
+        self.pending_count >= TARGETS_PER_BATCH
+    }
+
+    /// Resolves the targets noted so far that the job has not resolved yet, adds the
+    /// versions found to the scratch set and notes the missing ones (not fsynced: the
+    /// next checkpoint or record save, written after them, makes them durable).
+    pub fn add_pending_to_scratch(&mut self) -> Result<(), ExportError> {
+        if self.pending_count == 0 {
+            return Ok(());
+        }
+        self.pending_count = 0;
+        let resolved_references = self.job.resolved_references();
+        let fresh = resolved_references.unresolved(std::mem::take(&mut self.pending));
+        let resolved = resolve_targets(self.store, &fresh, self.snapshot_through_seq)?;
+        self.store.scratch_insert(self.job.id(), &resolved.found)?;
+        save_missing_references(self.store, self.job.id(), &resolved.missing)?;
+        resolved_references.remember(fresh);
+        Ok(())
+    }
+}
+
+/// Walks the compartment resources of the walk's types from the job's cursor to the end,
+/// then moves the job on to its next stage. `CollectingReferenced` (jobs planned before
+/// references were collected while exporting) walks every covered type;
+/// `CollectingDeferredReferenced` the types exported after the referenced set is known.
+/// Runs on a worker; stops at once when the job must stop.
 pub fn run_referenced_collection(
     store: &Store,
     job: &JobHandle,
     local_base: &LocalBase,
 ) -> Result<(), ExportError> {
-    let (request, window, mut cursor) = {
+    let (request, window, state) = {
         let record = job.record();
-        let JobState::CollectingReferenced { cursor } = record.state else {
-            return Ok(());
-        };
-        (record.request.clone(), record.window, cursor)
+        (record.request.clone(), record.window, record.state.clone())
     };
-    let walked_types = covered_types(&request);
-    let addable: HashSet<ResourceType> = associated_types(&request).into_iter().collect();
-    let mut resolved: HashSet<Target> = HashSet::new();
+    let (walked_types, mut cursor, save_cursor): (_, _, fn(ReferencedCursor) -> JobState) =
+        match state {
+            JobState::CollectingReferenced { cursor } => {
+                (covered_types(&request), cursor, |cursor| {
+                    JobState::CollectingReferenced { cursor }
+                })
+            }
+            JobState::CollectingDeferredReferenced { cursor } => {
+                (deferred_compartment_types(&request), cursor, |cursor| {
+                    JobState::CollectingDeferredReferenced { cursor }
+                })
+            }
+            _ => return Ok(()),
+        };
+    let mut collector = ReferenceCollector::new(store, job, local_base);
     let mut last_checkpoint = std::time::Instant::now();
     while let Some(&resource_type) = walked_types.get(cursor.type_index) {
         let type_filter = request
             .type_filters
             .filter_for(resource_type, local_base)
             .map_err(|problem| ExportError::invalid_request(format!("_typeFilter: {problem}")))?;
-        let walk = ReferenceWalk {
+        let mut walk = ReferenceWalk {
             store,
             job,
-            local_base,
-            addable: &addable,
+            collector: &mut collector,
             type_filter: type_filter.as_ref(),
+            read: 0,
         };
         let chunk_window = SeqWindow {
             after_seq: cursor.after_seq.max(window.after_seq),
@@ -96,18 +254,7 @@ pub fn run_referenced_collection(
         } else {
             walk.read_compartment_chunk(resource_type, chunk_window)?
         };
-        if resolved.len() + chunk.targets.len() > RESOLVED_TARGETS_REMEMBERED {
-            resolved.clear();
-        }
-        let fresh: Vec<Target> = chunk
-            .targets
-            .into_iter()
-            .filter(|target| !resolved.contains(target))
-            .collect();
-        let resolved_chunk = resolve_targets(store, &fresh, window.through_seq)?;
-        resolved.extend(fresh);
-        store.scratch_insert(job.id(), &resolved_chunk.found)?;
-        save_missing_references(store, job.id(), &resolved_chunk.missing)?;
+        collector.add_pending_to_scratch()?;
         cursor = match chunk.last_seq {
             Some(last_seq) if !chunk.type_finished => ReferencedCursor {
                 type_index: cursor.type_index,
@@ -120,72 +267,68 @@ pub fn run_referenced_collection(
         };
         job.touch();
         if last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
-            job.persist(store, |record| {
-                record.state = JobState::CollectingReferenced { cursor };
-            })?;
+            job.persist(store, |record| record.state = save_cursor(cursor))?;
             last_checkpoint = std::time::Instant::now();
         }
     }
     finish_stage(store, job, CollectionStage::Referenced)
 }
 
-/// The local targets found in one chunk of compartment resources.
-struct ReferenceChunk {
-    targets: BTreeSet<Target>,
+/// Where one chunk of a walk ended.
+struct ChunkEnd {
     /// Seq of the last resource read, if any.
     last_seq: Option<u64>,
     /// Whether the type has no resources after this chunk.
     type_finished: bool,
 }
 
-impl ReferenceChunk {
+impl ChunkEnd {
     /// A chunk that has read nothing yet; a read that stops early marks the type unfinished.
-    fn empty() -> ReferenceChunk {
-        ReferenceChunk {
-            targets: BTreeSet::new(),
+    fn empty() -> ChunkEnd {
+        ChunkEnd {
             last_seq: None,
             type_finished: true,
         }
     }
-
-    /// Whether the chunk, `read` resources long, takes no more.
-    fn is_full(&self, read: usize) -> bool {
-        read >= RESOURCES_PER_REFERENCED_CHUNK || self.targets.len() >= TARGETS_PER_CHUNK
-    }
 }
 
-struct ReferenceWalk<'a> {
+struct ReferenceWalk<'a, 'collector> {
     store: &'a Store,
     job: &'a JobHandle,
-    local_base: &'a LocalBase,
-    addable: &'a HashSet<ResourceType>,
+    collector: &'a mut ReferenceCollector<'collector>,
     type_filter: Option<&'a TypeFilter>,
+    /// Resources read in this chunk.
+    read: usize,
 }
 
-impl ReferenceWalk<'_> {
+impl ReferenceWalk<'_, '_> {
+    /// Whether the chunk takes no more.
+    fn is_full(&self) -> bool {
+        self.read >= RESOURCES_PER_REFERENCED_CHUNK || self.collector.is_full()
+    }
+
     /// Reads up to a chunk of the type's compartment resources current at the snapshot
     /// (the all-patients export's selection) after `window.after_seq`.
     fn read_compartment_chunk(
-        &self,
+        &mut self,
         resource_type: ResourceType,
         window: SeqWindow,
-    ) -> Result<ReferenceChunk, ExportError> {
-        let mut chunk = ReferenceChunk::empty();
-        let mut read = 0usize;
+    ) -> Result<ChunkEnd, ExportError> {
+        let mut chunk = ChunkEnd::empty();
         let mut failure = None;
         self.store
             .scan_newest_in_window(resource_type, window, window.through_seq, |view| {
                 chunk.last_seq = Some(view.seq);
                 let in_compartment =
                     resource_type == ResourceType::PATIENT || !view.compartment_patients.is_empty();
-                if !view.deleted && in_compartment {
-                    read += 1;
-                    if let Err(error) = self.note_targets(view, read, &mut chunk.targets) {
-                        failure = Some(error);
-                        return ScanControl::Stop;
-                    }
+                if !view.deleted
+                    && in_compartment
+                    && let Err(error) = self.note_targets(view)
+                {
+                    failure = Some(error);
+                    return ScanControl::Stop;
                 }
-                if chunk.is_full(read) {
+                if self.is_full() {
                     chunk.type_finished = false;
                     return ScanControl::Stop;
                 }
@@ -200,85 +343,56 @@ impl ReferenceWalk<'_> {
     /// Reads up to a chunk of the type's resources in the job's scratch set after
     /// `window.after_seq`.
     fn read_collected_chunk(
-        &self,
+        &mut self,
         resource_type: ResourceType,
         window: SeqWindow,
-    ) -> Result<ReferenceChunk, ExportError> {
-        let mut chunk = ReferenceChunk::empty();
-        let mut read = 0usize;
+    ) -> Result<ChunkEnd, ExportError> {
+        let mut chunk = ChunkEnd::empty();
         let mut failure = None;
-        self.store
-            .scratch_scan(self.job.id(), resource_type, window, |seq| {
-                chunk.last_seq = Some(seq);
-                read += 1;
-                let noted = self
-                    .store
-                    .with_event(resource_type, seq, |view| {
-                        if view.deleted {
-                            return Ok(());
-                        }
-                        self.note_targets(view, read, &mut chunk.targets)
-                    })?
-                    .ok_or_else(|| {
-                        StoreError::Corrupt(format!("collected event {seq} is missing"))
-                    })?;
-                if let Err(error) = noted {
-                    failure = Some(error);
-                    return Ok(ScanControl::Stop);
-                }
-                if chunk.is_full(read) {
-                    chunk.type_finished = false;
-                    return Ok(ScanControl::Stop);
-                }
-                Ok(ScanControl::Continue)
-            })?;
+        let store = self.store;
+        let job_id = self.job.id();
+        store.scratch_scan(job_id, resource_type, window, |seq| {
+            chunk.last_seq = Some(seq);
+            let noted = store
+                .with_event(resource_type, seq, |view| {
+                    if view.deleted {
+                        return Ok(());
+                    }
+                    self.note_targets(view)
+                })?
+                .ok_or_else(|| StoreError::Corrupt(format!("collected event {seq} is missing")))?;
+            if let Err(error) = noted {
+                failure = Some(error);
+                return Ok(ScanControl::Stop);
+            }
+            if self.is_full() {
+                chunk.type_finished = false;
+                return Ok(ScanControl::Stop);
+            }
+            Ok(ScanControl::Continue)
+        })?;
         match failure {
             Some(error) => Err(error),
             None => Ok(chunk),
         }
     }
 
-    /// Adds the addable local targets of one exported resource (the `read`-th of its
-    /// chunk); a resource its type's `_typeFilter` leaves out adds none.
-    fn note_targets(
-        &self,
-        view: &EventView<'_>,
-        read: usize,
-        targets: &mut BTreeSet<Target>,
-    ) -> Result<(), ExportError> {
-        if read.is_multiple_of(RESOURCES_PER_PROGRESS_REPORT) {
+    /// Notes the addable local targets of one exported resource; a resource its type's
+    /// `_typeFilter` leaves out adds none.
+    fn note_targets(&mut self, view: &EventView<'_>) -> Result<(), ExportError> {
+        self.read += 1;
+        if self.read.is_multiple_of(RESOURCES_PER_PROGRESS_REPORT) {
             self.job.touch();
             if self.job.should_stop() {
                 return Err(ExportError::cancelled());
             }
         }
-        let body = view.body;
-        if let Some(type_filter) = self.type_filter {
-            let resource: serde_json::Value = serde_json::from_slice(body).map_err(|error| {
-                StoreError::Corrupt(format!("stored event {} is not JSON: {error}", view.seq))
-            })?;
-            if !type_filter.matches(&resource) {
-                return Ok(());
-            }
+        if let Some(type_filter) = self.type_filter
+            && !body_meets_type_filter(type_filter, view)?
+        {
+            return Ok(());
         }
-        for_each_reference_string(body, |reference| {
-            let addable = self
-                .local_base
-                .local_type_name(reference)
-                .and_then(|type_name| ResourceType::parse(type_name).ok())
-                .is_some_and(|resource_type| self.addable.contains(&resource_type));
-            if !addable {
-                return;
-            }
-            let Some(literal) = self.local_base.local_reference(reference) else {
-                return;
-            };
-            if let Ok(resource_type) = ResourceType::parse(literal.resource_type_name)
-                && self.addable.contains(&resource_type)
-            {
-                targets.insert((resource_type, literal.id.to_owned()));
-            }
-        });
+        self.collector.note_references_of(view.body);
         Ok(())
     }
 }
@@ -326,28 +440,34 @@ fn resolve_targets(
 /// match is a member named `reference` whose value is a string.
 const REFERENCE_MEMBER: &[u8] = b"\"reference\":\"";
 
-/// Calls `visit` with the value of every `reference` member holding a string, at any
-/// depth; only those values are checked as UTF-8, not the whole body.
-fn for_each_reference_string(body: &[u8], mut visit: impl FnMut(&str)) {
+/// Calls `visit` with the rest of the body from the start of the value of every
+/// `reference` member holding a string, at any depth: the value up to its closing quote
+/// is the reference ([`read_string`]).
+fn for_each_reference_value(body: &[u8], mut visit: impl FnMut(&[u8]) -> Option<()>) {
     static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(REFERENCE_MEMBER));
     let mut rest = body;
     while let Some(found) = FINDER.find(rest) {
-        let value_start = found + REFERENCE_MEMBER.len();
-        let Some(value_length) = string_length(&rest[value_start..]) else {
-            return;
-        };
-        let raw = &rest[value_start..value_start + value_length];
-        if raw.contains(&b'\\') {
-            let quoted = &rest[value_start - 1..value_start + value_length + 1];
-            if let Ok(unescaped) = serde_json::from_slice::<String>(quoted) {
-                visit(&unescaped);
-            }
-        } else if let Ok(text) = std::str::from_utf8(raw) {
-            visit(text);
-        }
-        rest = &rest[value_start + value_length..];
+        rest = &rest[found + REFERENCE_MEMBER.len()..];
+        visit(rest);
     }
+}
+
+/// The JSON string that starts at `value` (just after its opening quote), unescaped;
+/// `None` when it is not terminated or not valid.
+fn read_string(value: &[u8]) -> Option<Cow<'_, str>> {
+    let length = string_length(value)?;
+    let raw = &value[..length];
+    if raw.contains(&b'\\') {
+        let mut quoted = Vec::with_capacity(length + 2);
+        quoted.push(b'"');
+        quoted.extend_from_slice(raw);
+        quoted.push(b'"');
+        return serde_json::from_slice::<String>(&quoted)
+            .ok()
+            .map(Cow::Owned);
+    }
+    std::str::from_utf8(raw).ok().map(Cow::Borrowed)
 }
 
 /// The length of a JSON string's contents up to its closing quote (escapes skipped).
@@ -369,8 +489,9 @@ mod tests {
 
     fn references_in(body: &str) -> Vec<String> {
         let mut found = Vec::new();
-        for_each_reference_string(body.as_bytes(), |reference| {
-            found.push(reference.to_owned())
+        for_each_reference_value(body.as_bytes(), |value| {
+            found.push(read_string(value)?.into_owned());
+            Some(())
         });
         found
     }

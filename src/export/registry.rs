@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::error::{ExportError, ExportErrorKind};
 use super::job::{ExportedFile, JobRecord, JobState, UnitCheckpoint};
+use super::referenced::ResolvedReferences;
 use crate::fhir::Instant;
 use crate::sink::ContainerStore;
 use crate::store::Store;
@@ -41,6 +42,9 @@ pub enum JobProgress {
         units_done: usize,
         units_total: usize,
         resources_exported: u64,
+        /// The units export the compartments and collect what they reference
+        /// (`_referenced`); more units follow.
+        collecting_referenced: bool,
     },
 }
 
@@ -63,8 +67,15 @@ impl fmt::Display for JobProgress {
                 units_done,
                 units_total,
                 resources_exported,
+                collecting_referenced,
             } => {
                 let total = units_total.max(1);
+                if collecting_referenced {
+                    write!(
+                        formatter,
+                        "exporting compartments and collecting referenced resources: "
+                    )?;
+                }
                 write!(
                     formatter,
                     "{}% ({} resources; {units_done}/{units_total} work units)",
@@ -108,6 +119,8 @@ pub struct JobHandle {
     units_remaining: AtomicUsize,
     /// The final checkpoints of finished units, for the finalizer.
     finished_units: Mutex<BTreeMap<usize, UnitCheckpoint>>,
+    /// The `_referenced` targets this run has already added, shared by the job's workers.
+    resolved_references: ResolvedReferences,
 }
 
 impl JobHandle {
@@ -127,6 +140,7 @@ impl JobHandle {
             units_total: AtomicUsize::new(0),
             units_remaining: AtomicUsize::new(0),
             finished_units: Mutex::new(BTreeMap::new()),
+            resolved_references: ResolvedReferences::default(),
         }
     }
 
@@ -137,6 +151,10 @@ impl JobHandle {
     pub fn with_owner(mut self, owner: Option<String>) -> JobHandle {
         self.owner = owner;
         self
+    }
+
+    pub fn resolved_references(&self) -> &ResolvedReferences {
+        &self.resolved_references
     }
 
     pub fn owner(&self) -> Option<&str> {
@@ -232,9 +250,12 @@ impl JobHandle {
                 members_done: next_member,
                 members_total: record.member_count,
             },
-            JobState::CollectingReferenced { cursor } => JobProgress::CollectingReferenced {
-                types_done: cursor.type_index,
-            },
+            JobState::CollectingReferenced { cursor }
+            | JobState::CollectingDeferredReferenced { cursor } => {
+                JobProgress::CollectingReferenced {
+                    types_done: cursor.type_index,
+                }
+            }
             JobState::CollectingProvenance { .. } => JobProgress::CollectingProvenance,
             _ => {
                 let units_total = self.units_total.load(Ordering::SeqCst);
@@ -243,6 +264,7 @@ impl JobHandle {
                     units_done: units_total.saturating_sub(remaining),
                     units_total,
                     resources_exported: self.resources_exported(),
+                    collecting_referenced: record.state == JobState::ExportingCompartments,
                 }
             }
         }
@@ -405,10 +427,7 @@ impl JobRegistry {
                     retained_bytes += record.files.iter().map(|file| file.bytes).sum::<u64>();
                 }
                 JobState::Failed { .. } => {}
-                JobState::Collecting { .. }
-                | JobState::CollectingReferenced { .. }
-                | JobState::CollectingProvenance { .. }
-                | JobState::Exporting => {
+                _ => {
                     unfinished += 1;
                     owned_unfinished += usize::from(owned);
                 }
@@ -624,10 +643,21 @@ mod tests {
             units_done: 3,
             units_total: 10,
             resources_exported: 1_917_000,
+            collecting_referenced: false,
         };
         assert_eq!(
             progress.to_string(),
             "30% (1,917,000 resources; 3/10 work units)"
+        );
+        let first_pass = JobProgress::Exporting {
+            units_done: 3,
+            units_total: 10,
+            resources_exported: 1_917_000,
+            collecting_referenced: true,
+        };
+        assert_eq!(
+            first_pass.to_string(),
+            "exporting compartments and collecting referenced resources: 30% (1,917,000 resources; 3/10 work units)"
         );
     }
 }

@@ -22,7 +22,8 @@ pub enum WorkItem {
     Collect(Arc<JobHandle>),
     /// Run one unit.
     Unit(Arc<JobHandle>, Box<UnitAssignment>),
-    /// Name the files, make them durable and complete the job.
+    /// Every unit is done: plan the next stage (after the first pass of a `_referenced`
+    /// export), or name the files, make them durable and complete the job.
     Finalize(Arc<JobHandle>),
     /// Remove what a cancelled, failed or expired job left behind, once its tasks stopped.
     Cleanup(Arc<JobHandle>),
@@ -106,16 +107,18 @@ fn queue_remaining(
             wants_deleted: record.request.since.is_some(),
             max_resources_per_file: record.max_resources_per_file,
             local_base: local_base.clone(),
+            collects_references: record.state == JobState::ExportingCompartments,
         };
         (record.state.clone(), record.units.clone(), settings)
     };
     match state {
         JobState::Collecting { .. }
         | JobState::CollectingReferenced { .. }
+        | JobState::CollectingDeferredReferenced { .. }
         | JobState::CollectingProvenance { .. } => {
             queue.push_back(WorkItem::Collect(Arc::clone(job)))
         }
-        JobState::Exporting => {
+        JobState::Exporting | JobState::ExportingCompartments => {
             let mut pending = Vec::new();
             for (unit_index, unit) in units.into_iter().enumerate() {
                 let checkpoint = UnitCheckpoint::load(store, job.id(), unit_index)?;

@@ -504,6 +504,85 @@ fn a_job_interrupted_by_shutdown_resumes_to_the_same_output() {
 }
 
 #[test]
+fn a_referenced_export_interrupted_in_its_first_pass_keeps_what_its_written_parts_reference() {
+    let harness = Harness::new();
+    let encounters = 6_000;
+    let mut texts = vec![r#"{"resourceType":"Patient","id":"p1"}"#.to_owned()];
+    for index in 0..encounters {
+        texts.push(format!(
+            r#"{{"resourceType":"Practitioner","id":"pr{index:05}"}}"#
+        ));
+        texts.push(format!(
+            r#"{{"resourceType":"Encounter","id":"e{index:05}","subject":{{"reference":"Patient/p1"}},"participant":[{{"individual":{{"reference":"Practitioner/pr{index:05}"}}}}]}}"#
+        ));
+    }
+    harness.put_all(&texts);
+    let request = || {
+        ExportRequest::everything_at(ExportLevel::AllPatients).with_default_associated_data(true)
+    };
+    let uninterrupted = {
+        let engine = harness.engine(small_settings(7));
+        harness.run(&engine, request()).1
+    };
+    let practitioners_in = |contents: &BTreeMap<String, Vec<String>>| {
+        contents
+            .iter()
+            .filter(|(name, _)| name.starts_with("Practitioner-"))
+            .map(|(_, lines)| lines.len())
+            .sum::<usize>()
+    };
+    assert_eq!(practitioners_in(&uninterrupted), encounters);
+    let job_id = {
+        let engine = harness.engine(small_settings(7));
+        let job_id = engine.submit(request(), "x".to_owned()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match engine.status(&job_id).unwrap() {
+                JobStatus::InProgress {
+                    progress:
+                        JobProgress::Exporting {
+                            resources_exported,
+                            collecting_referenced: true,
+                            ..
+                        },
+                } if resources_exported >= 70 => break,
+                JobStatus::InProgress { .. } => {}
+                other => panic!("the job ended before it could be interrupted: {other:?}"),
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the job made no progress"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        job_id
+    };
+    let interrupted = job::JobRecord::load_all(&harness.store)
+        .unwrap()
+        .into_iter()
+        .find(|record| record.id == job_id)
+        .unwrap();
+    let encounter_unit = interrupted
+        .units
+        .iter()
+        .position(|unit| unit.resource_type.as_str() == "Encounter")
+        .unwrap();
+    let interrupted_unit =
+        job::UnitCheckpoint::load(&harness.store, &job_id, encounter_unit).unwrap();
+    assert!(
+        !interrupted_unit.done && !interrupted_unit.output.parts.is_empty(),
+        "the job was not stopped in the middle of its Encounter unit: {interrupted_unit:?}"
+    );
+    let engine = harness.engine(small_settings(7));
+    let JobStatus::Completed { record, .. } = engine.wait(&job_id, |_| {}).unwrap() else {
+        panic!()
+    };
+    let resumed = harness.contents_of(&engine, &record);
+    assert_eq!(practitioners_in(&resumed), encounters);
+    assert_eq!(resumed, uninterrupted);
+}
+
+#[test]
 fn lenient_problems_become_the_error_file() {
     let harness = Harness::new();
     harness.put(r#"{"resourceType":"Patient","id":"p1"}"#);

@@ -31,10 +31,7 @@ pub fn inspect(
         let finished_at = match job.record().state {
             JobState::Completed { completed_at } => Some(completed_at),
             JobState::Failed { failed_at, .. } => Some(failed_at),
-            JobState::Collecting { .. }
-            | JobState::CollectingReferenced { .. }
-            | JobState::CollectingProvenance { .. }
-            | JobState::Exporting => None,
+            _ => None,
         };
         match finished_at {
             Some(finished_at) => {

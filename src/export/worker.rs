@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use super::error::ExportError;
 use super::files;
 use super::job::{FileKind, StreamCheckpoint, UnitCheckpoint, UnitSource, WorkUnit, WrittenPart};
+use super::referenced::ReferenceCollector;
 use super::registry::JobHandle;
 use super::request::TypeFilter;
 use crate::fhir::{LocalBase, ResourceType};
@@ -28,8 +29,11 @@ pub struct UnitSettings {
     /// Deletions are exported (to `deleted` files) only when `_since` was given.
     pub wants_deleted: bool,
     pub max_resources_per_file: u64,
-    /// This server's base, for `_typeFilter` reference values.
+    /// This server's base, for `_typeFilter` reference values and `_referenced` targets.
     pub local_base: LocalBase,
+    /// The unit adds what its exported resources reference to the job's scratch set
+    /// (`_referenced`, [`super::job::JobState::ExportingCompartments`]).
+    pub collects_references: bool,
 }
 
 /// One unit of one job, with its checkpoint as last saved.
@@ -165,11 +169,15 @@ pub fn run_unit(
     };
     let mut output = PartStream::new(FileKind::Output, assignment.checkpoint.output.clone());
     let mut deleted = PartStream::new(FileKind::Deleted, assignment.checkpoint.deleted.clone());
-    let resume_after = output
-        .checkpoint
-        .resume_after_seq
-        .min(deleted.checkpoint.resume_after_seq)
-        .max(unit.seqs.after_seq);
+    let resume_after = if settings.wants_deleted {
+        output
+            .checkpoint
+            .resume_after_seq
+            .min(deleted.checkpoint.resume_after_seq)
+    } else {
+        output.checkpoint.resume_after_seq
+    }
+    .max(unit.seqs.after_seq);
     let window = SeqWindow {
         after_seq: resume_after,
         through_seq: unit.seqs.through_seq,
@@ -187,6 +195,9 @@ pub fn run_unit(
         .type_filters
         .filter_for(unit.resource_type, &settings.local_base)
         .map_err(|problem| ExportError::invalid_request(format!("_typeFilter: {problem}")))?;
+    let mut references = settings
+        .collects_references
+        .then(|| ReferenceCollector::new(store, job, &settings.local_base));
     let mut failure: Option<ExportError> = None;
     let mut visited = 0u64;
     let mut handle_event = |view: &EventView<'_>| -> ScanControl {
@@ -220,6 +231,12 @@ pub fn run_unit(
             if pushed {
                 job.count_exported(1);
             }
+            if let Some(references) = references.as_mut().filter(|_| !view.deleted) {
+                references.note_references_of(view.body);
+                if references.is_full() {
+                    references.add_pending_to_scratch()?;
+                }
+            }
             let stream = if view.deleted {
                 &mut deleted
             } else {
@@ -227,6 +244,9 @@ pub fn run_unit(
             };
             if stream.count >= settings.max_resources_per_file {
                 stream.flush(&run)?;
+                if let Some(references) = &mut references {
+                    references.add_pending_to_scratch()?;
+                }
                 save_checkpoint(store, &run, assignment, false, &output, &deleted)?;
                 job.touch();
             }
@@ -265,6 +285,9 @@ pub fn run_unit(
     }
     output.flush(&run)?;
     deleted.flush(&run)?;
+    if let Some(references) = &mut references {
+        references.add_pending_to_scratch()?;
+    }
     save_checkpoint(store, &run, assignment, true, &output, &deleted)?;
     job.touch();
     Ok(())
@@ -316,7 +339,8 @@ fn passes_type_filter(
     deleted_version_met_filter.unwrap_or(Ok(false))
 }
 
-fn body_meets_type_filter(
+/// Whether a live version meets `type_filter`.
+pub(super) fn body_meets_type_filter(
     type_filter: &TypeFilter,
     view: &EventView<'_>,
 ) -> Result<bool, ExportError> {

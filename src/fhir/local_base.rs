@@ -31,22 +31,25 @@ impl LocalBase {
         self.base_url.as_deref()
     }
 
-    /// The type name a reference would name if it is local, read without checking the
-    /// rest: a cheap test before `local_reference` when most references are
-    /// of types the caller skips.
+    /// The type name a reference would name if it is local: the letters and digits that
+    /// start it (after this server's base and `/`) up to a `/`. Reads only that far, so
+    /// `reference` may run past the reference's end: a cheap test on raw JSON before
+    /// `local_reference` when most references are of types the caller skips.
     pub fn local_type_name<'reference>(
         &self,
-        reference: &'reference str,
-    ) -> Option<&'reference str> {
+        reference: &'reference [u8],
+    ) -> Option<&'reference [u8]> {
         let relative = match self.base_url.as_deref() {
-            Some(base_url) => match reference.strip_prefix(base_url) {
-                Some(rest) => rest.strip_prefix('/')?,
+            Some(base_url) => match reference.strip_prefix(base_url.as_bytes()) {
+                Some(rest) => rest.strip_prefix(b"/")?,
                 None => reference,
             },
             None => reference,
         };
-        let (type_name, _) = relative.split_once('/')?;
-        Some(type_name)
+        let type_length = relative
+            .iter()
+            .position(|byte| !byte.is_ascii_alphanumeric())?;
+        (type_length > 0 && relative[type_length] == b'/').then(|| &relative[..type_length])
     }
 
     /// `reference` as a relative reference when it is an absolute URL under this server's
@@ -112,12 +115,19 @@ mod tests {
                 "https://ours.example/fhir/Organization/o",
                 Some("Organization"),
             ),
-            ("http://other.example/fhir/Organization/o", Some("http:")),
+            ("http://other.example/fhir/Organization/o", None),
             ("#inline", None),
+            ("Practitioner", None),
         ] {
             assert_eq!(
-                local_base.local_type_name(reference),
-                type_name,
+                local_base.local_type_name(reference.as_bytes()),
+                type_name.map(str::as_bytes),
+                "{reference}"
+            );
+            let running_past_its_end = format!("{reference}\"}},{{\"reference\":\"Patient/x");
+            assert_eq!(
+                local_base.local_type_name(running_past_its_end.as_bytes()),
+                type_name.map(str::as_bytes),
                 "{reference}"
             );
             if let Some(literal) = local_base.local_reference(reference) {
