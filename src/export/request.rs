@@ -136,6 +136,8 @@ pub struct KickOff<'a> {
     pub prefer: Vec<&'a str>,
     pub body: &'a [u8],
     pub now: Instant,
+    /// This server's base: a `patient` reference must name a patient stored here.
+    pub local_base: &'a LocalBase,
 }
 
 const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
@@ -361,7 +363,7 @@ impl ExportRequest {
                         types.insert(resource_type);
                     }
                 }
-                "patient" => typed.patients.push(parse_patient_reference(&value)?),
+                "patient" => typed.patients.push(parse_patient_reference(&value, kick_off.local_base)?),
                 "_typeFilter" => typed.type_filters.push(value),
                 "includeAssociatedData" => typed.include_associated_data.extend(
                     value.split(',').map(str::trim).filter(|item| !item.is_empty()).map(str::to_owned),
@@ -525,13 +527,23 @@ fn parse_instant(name: &str, value: &str) -> Result<Instant, InvalidExportReques
     Instant::parse(value).map_err(|error| invalid(format!("{name}: {error}")))
 }
 
-fn parse_patient_reference(value: &str) -> Result<ResourceId, InvalidExportRequest> {
+/// A `patient` reference: `Patient/id`, or an absolute URL under this server's base.
+fn parse_patient_reference(
+    value: &str,
+    local_base: &LocalBase,
+) -> Result<ResourceId, InvalidExportRequest> {
     let not_a_patient = || {
         invalid(format!(
             "patient '{value}' is not a reference like Patient/123"
         ))
     };
     let reference = LiteralReference::parse(value).ok_or_else(not_a_patient)?;
+    if local_base.local_reference(value).is_none() {
+        return Err(invalid(format!(
+            "patient '{value}' names a resource on another server; use Patient/id or a URL under {}",
+            local_base.base_url().unwrap_or("this server's base")
+        )));
+    }
     if reference.resource_type_name != "Patient" {
         return Err(not_a_patient());
     }
@@ -598,6 +610,7 @@ mod tests {
             prefer,
             body: b"",
             now: Instant::parse("2030-01-01T00:00:00Z").unwrap(),
+            local_base: &TEST_BASE,
         }
     }
 
@@ -606,6 +619,9 @@ mod tests {
     }
 
     /// A POST kick-off at `level` with this Parameters body.
+    static TEST_BASE: std::sync::LazyLock<LocalBase> =
+        std::sync::LazyLock::new(|| LocalBase::at("https://ours.example/fhir"));
+
     fn parse_post(level: ExportLevel, body: &[u8]) -> Result<ExportRequest, InvalidExportRequest> {
         let mut post = kick_off("", vec!["respond-async"]);
         post.is_post = true;
@@ -958,6 +974,39 @@ mod tests {
     }
 
     #[test]
+    fn patient_references_must_name_a_patient_on_this_server() {
+        let body_naming = |reference: &str| {
+            format!(
+                r#"{{"resourceType":"Parameters","parameter":[{{"name":"patient","valueReference":{{"reference":"{reference}"}}}}]}}"#
+            )
+        };
+        for local in ["Patient/p1", "https://ours.example/fhir/Patient/p1"] {
+            let request = parse_post(ExportLevel::AllPatients, body_naming(local).as_bytes())
+                .unwrap_or_else(|error| panic!("{local}: {error:?}"));
+            assert_eq!(request.patients[0].as_str(), "p1", "{local}");
+        }
+        for foreign in [
+            "https://other.example/fhir/Patient/p1",
+            "https://ours.example/Patient/p1",
+        ] {
+            let refused = parse_post(ExportLevel::AllPatients, body_naming(foreign).as_bytes())
+                .expect_err(foreign);
+            assert!(
+                refused.0.contains("another server"),
+                "{foreign}: {refused:?}"
+            );
+        }
+        for malformed in ["Observation/o1", "p1", "#p1"] {
+            let refused = parse_post(ExportLevel::AllPatients, body_naming(malformed).as_bytes())
+                .expect_err(malformed);
+            assert!(
+                refused.0.contains("is not a reference like Patient/123"),
+                "{malformed}"
+            );
+        }
+    }
+
+    #[test]
     fn post_parameters_carry_patients() {
         let body = br#"{"resourceType":"Parameters","parameter":[
             {"name":"_type","valueString":"Observation"},
@@ -1007,6 +1056,7 @@ mod tests {
                     {"name":"patient","valueReference":{"reference":"Patient/b"}},
                     {"name":"patient","valueReference":{"reference":"Patient/a"}}]}"#,
                 now,
+                local_base: &TEST_BASE,
             })
             .unwrap()
         );

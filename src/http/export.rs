@@ -56,6 +56,7 @@ pub async fn kick_off(
         prefer,
         body: &kick_off.body,
         now: Instant::now(),
+        local_base: &state.local_base,
     })
     .map_err(|error| ApiError::BadRequest(error.0))?;
     if let Some(caller) = &caller {
