@@ -415,7 +415,8 @@ impl Committer {
             // per compartment patient (a large Group's peak).
             let record = event.record(planned.instant, &[]);
             self.event_bytes_since_rotation += encoded.len() as u64;
-            self.index_bytes_since_rotation += approximate_index_bytes(&record);
+            self.index_bytes_since_rotation +=
+                approximate_index_bytes(&record, event.previous.is_some());
             batch.insert(
                 &self.keyspaces.events,
                 keys::event(event.resource_type, event.seq),
@@ -580,13 +581,17 @@ fn seal(keyspace: &fjall::Keyspace) {
     }
 }
 
-/// What one event adds to `current`, `history` and `compartment`: keys, values and
-/// fjall's per-entry overhead, roughly.
-fn approximate_index_bytes(record: &EventRecord<'_>) -> u64 {
+/// What one event adds to `current`, `history` (only when it supersedes a version) and
+/// `compartment`: keys, values and fjall's per-entry overhead, roughly.
+fn approximate_index_bytes(record: &EventRecord<'_>, supersedes: bool) -> u64 {
     const PER_ENTRY_OVERHEAD: u64 = 16;
     let id_bytes = record.id.len() as u64;
     let current = 2 + id_bytes + 48 + PER_ENTRY_OVERHEAD;
-    let history = 2 + id_bytes + 1 + 8 + 8 + PER_ENTRY_OVERHEAD;
+    let history = if supersedes {
+        2 + id_bytes + 1 + 8 + 8 + PER_ENTRY_OVERHEAD
+    } else {
+        0
+    };
     let compartment: u64 = record
         .compartment_patients
         .iter()

@@ -98,7 +98,9 @@ impl Default for StoreOptions {
             // set it made `Observation?patient=…&code=…` 2.8× slower (p50 15.6 vs 5.6 ms) and
             // the load slower (51.9k vs 56.2k res/s, peak RSS 257 vs 243 MB).
             index_memtable_bytes: 8 << 20,
-            max_write_buffer_bytes: 96 << 20,
+            // 96 MiB peaked at 310 MB RSS in the last quarter of a 13.5M-resource load
+            // (31.5k res/s); 64 MiB peaked at 284 MB (28.4k res/s).
+            max_write_buffer_bytes: 64 << 20,
             max_queued_commits: DEFAULT_MAX_QUEUED_COMMITS,
         }
     }
@@ -109,8 +111,9 @@ impl Default for StoreOptions {
 const DEFAULT_MAX_QUEUED_COMMITS: usize = committer::MAX_REQUESTS_PER_GROUP;
 
 /// The version of the key and record layout; a store written with another one is refused
-/// at open rather than misread. 2: `events` keys lead with a seq bucket.
-const STORE_LAYOUT_VERSION: u32 = 2;
+/// at open rather than misread. 2: `events` keys lead with a seq bucket. 3: `history` holds
+/// only superseded versions; the newest is in `current`.
+const STORE_LAYOUT_VERSION: u32 = 3;
 
 /// The `meta` entry holding the layout version.
 const STORE_LAYOUT_KEY: &[u8] = b"layout";
@@ -153,8 +156,39 @@ enum KeyOrder {
     RandomIds,
 }
 
-fn keyspace_options(memtable_bytes: u64, key_order: KeyOrder) -> KeyspaceCreateOptions {
+/// Which point reads a keyspace serves, which decides its Bloom filters.
+#[derive(Debug, Clone, Copy)]
+enum PointReads {
+    /// fjall's defaults: filters on every level, pinned in memory on level 0 only.
+    Some,
+    /// `current`: looked up for every written resource, and in a load of new resources
+    /// every lookup misses. Filters pinned on every level, so a miss reads no table block
+    /// (unpinned, the 32 MiB block cache held only a part of them and lookups kept
+    /// reading them back); they take ~1.5 bytes per resource.
+    EveryWrite,
+    /// `history`: read only for versions known to exist, so the last level, which holds
+    /// most keys, has no filter.
+    Hits,
+    /// `compartment`: only prefix scans, which filters cannot serve.
+    None,
+}
+
+fn keyspace_options(
+    memtable_bytes: u64,
+    key_order: KeyOrder,
+    point_reads: PointReads,
+) -> KeyspaceCreateOptions {
     let options = KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes);
+    let options = match point_reads {
+        PointReads::Some => options,
+        PointReads::EveryWrite => {
+            options.filter_block_pinning_policy(fjall::config::PinningPolicy::all(true))
+        }
+        PointReads::Hits => options.expect_point_read_hits(true),
+        PointReads::None => options.filter_policy(fjall::config::FilterPolicy::all(
+            fjall::config::FilterPolicyEntry::None,
+        )),
+    };
     let leveled = fjall::compaction::Leveled::default().with_table_target_size(TABLE_TARGET_BYTES);
     let all_blocks = fjall::config::CompressionPolicy::all;
     let (options, leveled) = match key_order {
@@ -195,20 +229,23 @@ impl Keyspaces {
         let events_bytes = options.events_memtable_bytes;
         let index_bytes = options.index_memtable_bytes;
         let small_index_bytes = (index_bytes / 4).max(1 << 20);
-        let open = |name: &str, memtable_bytes: u64, key_order: KeyOrder| {
-            database.keyspace(name, || keyspace_options(memtable_bytes, key_order))
+        let open = |name: &str, memtable_bytes: u64, key_order: KeyOrder, reads: PointReads| {
+            database.keyspace(name, || keyspace_options(memtable_bytes, key_order, reads))
         };
+        let ascending = KeyOrder::Ascending;
+        let random_ids = KeyOrder::RandomIds;
+        let some = PointReads::Some;
         Ok(Keyspaces {
-            events: open("events", events_bytes, KeyOrder::EventBuckets)?,
-            log: open("log", small_index_bytes, KeyOrder::Ascending)?,
-            superseded: open("superseded", small_index_bytes, KeyOrder::Ascending)?,
-            current: open("current", index_bytes, KeyOrder::RandomIds)?,
-            history: open("history", index_bytes, KeyOrder::RandomIds)?,
-            compartment: open("compartment", index_bytes, KeyOrder::RandomIds)?,
-            clock: open("clock", small_index_bytes, KeyOrder::Ascending)?,
-            jobs: open("jobs", small_index_bytes, KeyOrder::Ascending)?,
-            scratch: open("scratch", index_bytes, KeyOrder::Ascending)?,
-            meta: open("meta", small_index_bytes, KeyOrder::Ascending)?,
+            events: open("events", events_bytes, KeyOrder::EventBuckets, some)?,
+            log: open("log", small_index_bytes, ascending, some)?,
+            superseded: open("superseded", small_index_bytes, ascending, some)?,
+            current: open("current", index_bytes, random_ids, PointReads::EveryWrite)?,
+            history: open("history", index_bytes, random_ids, PointReads::Hits)?,
+            compartment: open("compartment", index_bytes, random_ids, PointReads::None)?,
+            clock: open("clock", small_index_bytes, ascending, some)?,
+            jobs: open("jobs", small_index_bytes, ascending, some)?,
+            scratch: open("scratch", index_bytes, ascending, some)?,
+            meta: open("meta", small_index_bytes, ascending, some)?,
             database,
         })
     }

@@ -71,6 +71,11 @@ pub(super) fn stage_projections(
             keys::type_seq(resource_type, previous.seq),
             keys::seq(event.seq),
         );
+        batch.insert(
+            &keyspaces.history,
+            keys::history(resource_type, event.id, previous.version),
+            keys::seq(previous.seq),
+        );
     }
     let entry = CurrentEntry {
         seq: event.seq,
@@ -81,11 +86,6 @@ pub(super) fn stage_projections(
     let current_key = keys::type_id(resource_type, event.id);
     overlay.pending.insert(current_key.clone(), entry);
     batch.insert(&keyspaces.current, current_key, record::encode(&entry));
-    batch.insert(
-        &keyspaces.history,
-        keys::history(resource_type, event.id, event.version),
-        keys::seq(event.seq),
-    );
     for patient_id in &event.compartment_patients {
         batch.insert(
             &keyspaces.compartment,

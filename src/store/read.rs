@@ -1,4 +1,5 @@
-//! Point reads: current version, a given version, and a resource's history.
+//! Point reads: current version, a given version, and a resource's history (`current`
+//! holds the newest version, `history` the superseded ones).
 
 use super::record::{self, CurrentEntry, EventOperation, EventRecord};
 use super::{Keyspaces, Store, StoreError, keys};
@@ -51,14 +52,9 @@ impl Store {
         resource_type: ResourceType,
         id: &ResourceId,
     ) -> Result<Option<StoredVersion>, StoreError> {
-        let keyspaces = self.keyspaces();
-        let Some(bytes) = keyspaces
-            .current
-            .get(keys::type_id(resource_type, id.as_str()))?
-        else {
+        let Some(entry) = self.keyspaces().current_entry(resource_type, id.as_str())? else {
             return Ok(None);
         };
-        let entry: CurrentEntry = record::decode(&bytes)?;
         self.read_event(resource_type, entry.seq).map(Some)
     }
 
@@ -69,15 +65,24 @@ impl Store {
         version: u64,
     ) -> Result<Option<StoredVersion>, StoreError> {
         let keyspaces = self.keyspaces();
-        let Some(seq_bytes) =
-            keyspaces
-                .history
-                .get(keys::history(resource_type, id.as_str(), version))?
-        else {
+        let Some(newest) = keyspaces.current_entry(resource_type, id.as_str())? else {
             return Ok(None);
         };
-        let seq = keys::parse_seq(&seq_bytes)
-            .ok_or_else(|| StoreError::Corrupt("bad history entry".to_owned()))?;
+        let seq = if version == newest.version {
+            newest.seq
+        } else if version > newest.version {
+            return Ok(None);
+        } else {
+            let Some(seq_bytes) =
+                keyspaces
+                    .history
+                    .get(keys::history(resource_type, id.as_str(), version))?
+            else {
+                return Ok(None);
+            };
+            keys::parse_seq(&seq_bytes)
+                .ok_or_else(|| StoreError::Corrupt("bad history entry".to_owned()))?
+        };
         self.read_event(resource_type, seq).map(Some)
     }
 
@@ -274,6 +279,18 @@ impl Store {
 }
 
 impl Keyspaces {
+    /// The `current` entry of a resource; `None` if it never existed.
+    pub(super) fn current_entry(
+        &self,
+        resource_type: ResourceType,
+        id: &str,
+    ) -> Result<Option<CurrentEntry>, StoreError> {
+        match self.current.get(keys::type_id(resource_type, id))? {
+            Some(bytes) => Ok(Some(record::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
     /// Calls `visit` with the decoded event `seq` of `resource_type`; `None` if there is no
     /// such event.
     pub(super) fn with_event_record<R>(
