@@ -136,6 +136,53 @@ impl Harness {
             .collect()
     }
 
+    /// Submits `request` on an engine that shuts down as soon as the job's progress meets
+    /// `stop_when`; the job stays saved, to resume on the next engine.
+    fn submit_and_shut_down_when(
+        &self,
+        settings: ExportSettings,
+        request: ExportRequest,
+        stop_when: impl Fn(&JobProgress) -> bool,
+    ) -> String {
+        let engine = self.engine(settings);
+        let job_id = engine.submit(request, "x".to_owned()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match engine.status(&job_id).unwrap() {
+                JobStatus::InProgress { progress } if stop_when(&progress) => return job_id,
+                JobStatus::InProgress { .. } => {}
+                other => panic!("the job ended before it could be interrupted: {other:?}"),
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the job made no progress"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The job's record as saved in the store.
+    fn saved_record(&self, job_id: &str) -> job::JobRecord {
+        job::JobRecord::load_all(&self.store)
+            .unwrap()
+            .into_iter()
+            .find(|record| record.id == job_id)
+            .unwrap()
+    }
+
+    /// Resumes the saved job on a new engine and returns its files once it completes.
+    fn resume_to_completion(
+        &self,
+        settings: ExportSettings,
+        job_id: &str,
+    ) -> BTreeMap<String, Vec<String>> {
+        let engine = self.engine(settings);
+        let JobStatus::Completed { record, .. } = engine.wait(job_id, |_| {}).unwrap() else {
+            panic!("the resumed job did not complete")
+        };
+        self.contents_of(&engine, &record)
+    }
+
     /// The lines of a completed job's file, read through the engine as a download would.
     fn file_lines(&self, engine: &ExportEngine, job_id: &str, file_name: &str) -> Vec<String> {
         let (files, object) = engine.file(job_id, file_name).unwrap();
@@ -462,44 +509,19 @@ fn a_job_interrupted_by_shutdown_resumes_to_the_same_output() {
             .run(&engine, ExportRequest::everything_at(ExportLevel::System))
             .1
     };
-    let job_id = {
-        let engine = harness.engine(small_settings(7));
-        let job_id = engine
-            .submit(
-                ExportRequest::everything_at(ExportLevel::System),
-                "x".to_owned(),
-            )
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            match engine.status(&job_id).unwrap() {
-                JobStatus::InProgress {
-                    progress:
-                        JobProgress::Exporting {
-                            resources_exported, ..
-                        },
-                } if resources_exported >= 70 => break,
-                JobStatus::InProgress { .. } => {}
-                other => panic!("the job ended before it could be interrupted: {other:?}"),
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the job made no progress"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        job_id
-    };
+    let job_id = harness.submit_and_shut_down_when(
+        small_settings(7),
+        ExportRequest::everything_at(ExportLevel::System),
+        |progress| {
+            matches!(progress, JobProgress::Exporting { resources_exported, .. } if *resources_exported >= 70)
+        },
+    );
     let interrupted_unit = job::UnitCheckpoint::load(&harness.store, &job_id, 0).unwrap();
     assert!(
         !interrupted_unit.done && !interrupted_unit.output.parts.is_empty(),
         "the job was not stopped in the middle of its unit: {interrupted_unit:?}"
     );
-    let engine = harness.engine(small_settings(7));
-    let JobStatus::Completed { record, .. } = engine.wait(&job_id, |_| {}).unwrap() else {
-        panic!()
-    };
-    let resumed = harness.contents_of(&engine, &record);
+    let resumed = harness.resume_to_completion(small_settings(7), &job_id);
     assert_eq!(resumed, uninterrupted);
 }
 
@@ -532,37 +554,15 @@ fn a_referenced_export_interrupted_in_its_first_pass_keeps_what_its_written_part
             .sum::<usize>()
     };
     assert_eq!(practitioners_in(&uninterrupted), encounters);
-    let job_id = {
-        let engine = harness.engine(small_settings(7));
-        let job_id = engine.submit(request(), "x".to_owned()).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            match engine.status(&job_id).unwrap() {
-                JobStatus::InProgress {
-                    progress:
-                        JobProgress::Exporting {
-                            resources_exported,
-                            collecting_referenced: true,
-                            ..
-                        },
-                } if resources_exported >= 70 => break,
-                JobStatus::InProgress { .. } => {}
-                other => panic!("the job ended before it could be interrupted: {other:?}"),
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the job made no progress"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        job_id
-    };
-    let interrupted = job::JobRecord::load_all(&harness.store)
-        .unwrap()
-        .into_iter()
-        .find(|record| record.id == job_id)
-        .unwrap();
-    let encounter_unit = interrupted
+    let job_id = harness.submit_and_shut_down_when(small_settings(7), request(), |progress| {
+        matches!(
+            progress,
+            JobProgress::Exporting { resources_exported, collecting_referenced: true, .. }
+                if *resources_exported >= 70
+        )
+    });
+    let encounter_unit = harness
+        .saved_record(&job_id)
         .units
         .iter()
         .position(|unit| unit.resource_type.as_str() == "Encounter")
@@ -573,11 +573,7 @@ fn a_referenced_export_interrupted_in_its_first_pass_keeps_what_its_written_part
         !interrupted_unit.done && !interrupted_unit.output.parts.is_empty(),
         "the job was not stopped in the middle of its Encounter unit: {interrupted_unit:?}"
     );
-    let engine = harness.engine(small_settings(7));
-    let JobStatus::Completed { record, .. } = engine.wait(&job_id, |_| {}).unwrap() else {
-        panic!()
-    };
-    let resumed = harness.contents_of(&engine, &record);
+    let resumed = harness.resume_to_completion(small_settings(7), &job_id);
     assert_eq!(practitioners_in(&resumed), encounters);
     assert_eq!(resumed, uninterrupted);
 }
@@ -983,11 +979,7 @@ fn a_latest_provenance_collection_stopped_between_checkpoints_resumes_to_the_sam
             .submit(latest_provenance_request(), "x".to_owned())
             .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !job::JobRecord::load_all(&harness.store)
-            .unwrap()
-            .iter()
-            .any(|record| record.id == job_id && past_a_checkpoint(record))
-        {
+        while !past_a_checkpoint(&harness.saved_record(&job_id)) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the job never checkpointed its Provenance collection"
@@ -996,21 +988,13 @@ fn a_latest_provenance_collection_stopped_between_checkpoints_resumes_to_the_sam
         }
         job_id
     };
-    let stopped = job::JobRecord::load_all(&harness.store)
-        .unwrap()
-        .into_iter()
-        .find(|record| record.id == job_id)
-        .unwrap();
+    let stopped = harness.saved_record(&job_id);
     assert!(
         past_a_checkpoint(&stopped),
         "the job was not stopped inside its Provenance collection: {:?}",
         stopped.state
     );
-    let engine = harness.engine(small_settings(100));
-    let JobStatus::Completed { record, .. } = engine.wait(&job_id, |_| {}).unwrap() else {
-        panic!("the resumed job did not complete")
-    };
-    let resumed = harness.contents_of(&engine, &record);
+    let resumed = harness.resume_to_completion(small_settings(100), &job_id);
     assert_eq!(resumed, uninterrupted);
     assert_eq!(ids_in(&resumed, "Provenance-"), ids(&["first", "last"]));
 }
