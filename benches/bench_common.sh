@@ -85,3 +85,23 @@ serve_and_http_export() {
     pkill -TERM -f "^$binary serve .*127.0.0.1:$port"
     wait "$server_pid" || true
 }
+
+# Builds the release binary unless FHIRLOG_BIN names one, makes the scratch directory
+# fhirlog-$1.XXXXXX (removed at exit, with any background job, and page reporting
+# restored) and copies the binary into it: sets $scratch and $binary.
+enter_scratch_with_binary() {
+    if [ -z "${FHIRLOG_BIN:-}" ]; then
+        cargo build --release --bin fhirlog
+    fi
+    scratch="$(mktemp -d "${SCRATCH_PARENT:-/tmp}/fhirlog-$1.XXXXXX")"
+    trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$scratch"; restore_guest_pages' EXIT
+    binary="$scratch/fhirlog"
+    cp "${FHIRLOG_BIN:-$repository_root/target/release/fhirlog}" "$binary"
+}
+
+# Generates the 1,000-patient set (gen --copies 50) into $scratch/ndjson and loads it into
+# $scratch/store.
+load_thousand_patients() {
+    "$binary" gen --from data/sample --copies 50 --out "$scratch/ndjson" | tail -n 1
+    "$binary" load "$scratch/ndjson" --data-dir "$scratch/store" | tail -n 1
+}

@@ -9,16 +9,9 @@ cd "$repository_root"
 # shellcheck source=benches/bench_common.sh
 source benches/bench_common.sh
 rounds="${1:-3}"
-if [ -z "${FHIRLOG_BIN:-}" ]; then
-    cargo build --release --bin fhirlog
-fi
-scratch="$(mktemp -d "${SCRATCH_PARENT:-/tmp}/fhirlog-measure-associated.XXXXXX")"
-trap 'rm -rf "$scratch"' EXIT
-binary="$scratch/fhirlog"
-cp "${FHIRLOG_BIN:-$repository_root/target/release/fhirlog}" "$binary"
-
-"$binary" gen --from data/sample --copies 50 --out "$scratch/ndjson" | tail -n 1
-"$binary" load "$scratch/ndjson" --data-dir "$scratch/store" | tail -n 1
+enter_scratch_with_binary measure-associated
+keep_guest_pages
+load_thousand_patients
 rm -rf "$scratch/ndjson"
 sync
 

@@ -10,16 +10,9 @@ cd "$repository_root"
 # shellcheck source=benches/bench_common.sh
 source benches/bench_common.sh
 search_requests="${1:-200}"
-if [ -z "${FHIRLOG_BIN:-}" ]; then
-    cargo build --release --bin fhirlog
-fi
-scratch="$(mktemp -d "${SCRATCH_PARENT:-/tmp}/fhirlog-measure-type-filter.XXXXXX")"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$scratch"' EXIT
-binary="$scratch/fhirlog"
-cp "${FHIRLOG_BIN:-$repository_root/target/release/fhirlog}" "$binary"
-
-"$binary" gen --from data/sample --copies 50 --out "$scratch/ndjson" | tail -n 1
-"$binary" load "$scratch/ndjson" --data-dir "$scratch/store" | tail -n 1
+enter_scratch_with_binary measure-type-filter
+keep_guest_pages
+load_thousand_patients
 total=$(cat "$scratch"/ndjson/*.ndjson | wc -l)
 sync
 
