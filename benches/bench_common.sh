@@ -105,3 +105,18 @@ load_thousand_patients() {
     "$binary" gen --from data/sample --copies 50 --out "$scratch/ndjson" | tail -n 1
     "$binary" load "$scratch/ndjson" --data-dir "$scratch/store" | tail -n 1
 }
+
+# Runs `fhirlog export` of $scratch/store into $scratch/$1 (further arguments passed on)
+# under /usr/bin/time and removes its files; sets $exported (resources in the manifest),
+# $seconds_taken and $export_costs ("peak RSS … MB; others' CPU … s").
+timed_export() {
+    local name="$1" busy_before
+    shift
+    busy_before=$(machine_busy_seconds)
+    /usr/bin/time -v -o "$scratch/$name.time" "$binary" export --data-dir "$scratch/store" \
+        --out "$scratch/$name" "$@" > "$scratch/$name.json" 2>/dev/null
+    exported=$(python3 -c 'import json,sys; print(sum(o["count"] for o in json.load(open(sys.argv[1]))["output"]))' "$scratch/$name.json")
+    seconds_taken=$(seconds "$scratch/$name.time")
+    export_costs="peak RSS $(peak_megabytes "$scratch/$name.time") MB; others' CPU $(other_cpu_seconds "$busy_before" "$(machine_busy_seconds)" "$(cpu_seconds "$scratch/$name.time")") s"
+    rm -rf "${scratch:?}/$name"
+}

@@ -16,15 +16,10 @@ rm -rf "$scratch/ndjson"
 sync
 
 patient_export() {
-    local name="$1" busy_before exported seconds_taken
+    local name="$1"
     shift
-    busy_before=$(machine_busy_seconds)
-    /usr/bin/time -v -o "$scratch/$name.time" "$binary" export --data-dir "$scratch/store" \
-        --out "$scratch/$name" --level patient "$@" > "$scratch/$name.json" 2>/dev/null
-    exported=$(python3 -c 'import json,sys; print(sum(o["count"] for o in json.load(open(sys.argv[1]))["output"]))' "$scratch/$name.json")
-    seconds_taken=$(seconds "$scratch/$name.time")
-    echo "$name: $exported resources in ${seconds_taken}s = $(rate "$exported" "$seconds_taken") resources/s; peak RSS $(peak_megabytes "$scratch/$name.time") MB; others' CPU $(other_cpu_seconds "$busy_before" "$(machine_busy_seconds)" "$(cpu_seconds "$scratch/$name.time")") s"
-    rm -rf "${scratch:?}/$name"
+    timed_export "$name" --level patient "$@"
+    echo "$name: $exported resources in ${seconds_taken}s = $(rate "$exported" "$seconds_taken") resources/s; $export_costs"
     echo "$exported $seconds_taken" >> "$scratch/$name.runs"
 }
 

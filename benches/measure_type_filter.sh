@@ -17,15 +17,10 @@ total=$(cat "$scratch"/ndjson/*.ndjson | wc -l)
 sync
 
 export_with() {
-    local name="$1" exported seconds_taken busy_before
+    local name="$1"
     shift
-    busy_before=$(machine_busy_seconds)
-    /usr/bin/time -v -o "$scratch/$name.time" "$binary" export --data-dir "$scratch/store" \
-        --out "$scratch/$name" "$@" > "$scratch/$name.json" 2>/dev/null
-    exported=$(python3 -c 'import json,sys; print(sum(o["count"] for o in json.load(open(sys.argv[1]))["output"]))' "$scratch/$name.json")
-    seconds_taken=$(seconds "$scratch/$name.time")
-    echo "$name: scanned $total resources in ${seconds_taken}s = $(rate "$total" "$seconds_taken") scanned/s; exported $exported; peak RSS $(peak_megabytes "$scratch/$name.time") MB; others' CPU $(other_cpu_seconds "$busy_before" "$(machine_busy_seconds)" "$(cpu_seconds "$scratch/$name.time")") s"
-    rm -rf "${scratch:?}/$name"
+    timed_export "$name" "$@"
+    echo "$name: scanned $total resources in ${seconds_taken}s = $(rate "$total" "$seconds_taken") scanned/s; exported $exported; $export_costs"
 }
 
 export_with "unfiltered"
