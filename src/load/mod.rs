@@ -15,7 +15,7 @@ use std::time::{Duration, Instant as WallClock};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use serde_json::Value;
 
-use crate::fhir::canonical::ParsedResource;
+use crate::fhir::canonical::{BodyId, ParsedResource, ResourceFields};
 use crate::fhir::references::rewrite_references;
 use crate::fhir::{LocalBase, ResourceId, ResourceType};
 use crate::store::{
@@ -543,11 +543,29 @@ fn prepare_chunks(
     }
 }
 
+/// Prepares one ndjson line: in one pass without a JSON tree when it opens with its
+/// `resourceType`, as bulk-data ndjson does; otherwise, and for every line that pass
+/// refuses (so that the reported reason is the same either way), through the tree.
 fn prepare_line(
     line: &[u8],
     max_json_depth: usize,
     local_base: &LocalBase,
 ) -> Result<PreparedResource, String> {
+    let prepared_in_one_pass = leading_resource_type(line).and_then(|resource_type| {
+        let fields = ResourceFields::read(
+            line,
+            resource_type,
+            BodyId::Validate,
+            max_json_depth,
+            local_base,
+        )
+        .ok()?;
+        let id = fields.id.clone()?;
+        Some(PreparedResource::from_fields(fields, id))
+    });
+    if let Some(resource) = prepared_in_one_pass {
+        return Ok(resource);
+    }
     if let Err(error) = std::str::from_utf8(line) {
         return Err(format!(
             "the line is not valid UTF-8 (at byte {})",
@@ -568,6 +586,22 @@ fn prepare_line(
         parsed.json,
         local_base,
     ))
+}
+
+/// The type a line names in its first member, when that member is `resourceType` with a
+/// string value free of escapes.
+fn leading_resource_type(line: &[u8]) -> Option<ResourceType> {
+    let after_brace = line.trim_ascii_start().strip_prefix(b"{")?;
+    let after_name = after_brace
+        .trim_ascii_start()
+        .strip_prefix(b"\"resourceType\"")?;
+    let after_colon = after_name.trim_ascii_start().strip_prefix(b":")?;
+    let value = after_colon.trim_ascii_start().strip_prefix(b"\"")?;
+    let end = value.iter().position(|byte| matches!(byte, b'"' | b'\\'))?;
+    if value[end] != b'"' {
+        return None;
+    }
+    ResourceType::parse(std::str::from_utf8(&value[..end]).ok()?).ok()
 }
 
 /// A JSON document: a Bundle (entries loaded, `urn:uuid:` and absolute fullUrls rewritten

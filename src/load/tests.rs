@@ -303,3 +303,66 @@ fn a_line_or_document_over_the_cap_is_refused_with_a_clear_error() {
         "{aborted}"
     );
 }
+
+/// The tree path the loader takes for lines that do not open with their type.
+fn prepared_through_the_tree(line: &str) -> Result<PreparedResource, String> {
+    let parsed = ParsedResource::parse_bytes(line.as_bytes(), DEFAULT_MAX_JSON_DEPTH)
+        .map_err(|error| error.to_string())?;
+    let id = parsed.id.clone().ok_or("no id")?;
+    Ok(PreparedResource::new(
+        parsed.resource_type,
+        id,
+        parsed.json,
+        &LocalBase::relative_only(),
+    ))
+}
+
+#[test]
+fn lines_that_open_with_their_type_are_prepared_in_one_pass_as_the_tree_would() {
+    let one_pass_lines = [
+        r#"{"resourceType":"Observation","id":"o1","subject":{"reference":"Patient/p1"},"valueQuantity":{"value":1.50,"unit":"mg"},"meta":{"tag":[{"code":"b"},{"code":"a"}]}}"#,
+        " { \"resourceType\" : \"Patient\" , \"id\":\"p1\",\"name\":[{\"family\":\"\\u00e9\"}]}",
+    ];
+    for line in one_pass_lines {
+        assert!(leading_resource_type(line.as_bytes()).is_some(), "{line}");
+        let in_one_pass = prepare_line(
+            line.as_bytes(),
+            DEFAULT_MAX_JSON_DEPTH,
+            &LocalBase::relative_only(),
+        )
+        .unwrap();
+        let through_the_tree = prepared_through_the_tree(line).unwrap();
+        assert_eq!(in_one_pass.resource_type, through_the_tree.resource_type);
+        assert_eq!(in_one_pass.id, through_the_tree.id);
+        assert_eq!(in_one_pass.digest, through_the_tree.digest, "{line}");
+        assert_eq!(
+            in_one_pass.compartment_patients,
+            through_the_tree.compartment_patients
+        );
+    }
+    for line in [
+        r#"{"id":"p1","resourceType":"Patient"}"#,
+        r#"{"resourceType":"Pat\u0069ent","id":"p1"}"#,
+        r#"{"resourceType":"Nope","id":"p1"}"#,
+    ] {
+        assert_eq!(leading_resource_type(line.as_bytes()), None, "{line}");
+    }
+    for refused in [
+        r#"{"resourceType":"Patient","id":"p1","active":}"#,
+        r#"{"resourceType":"Patient","id":"p 1"}"#,
+        r#"{"resourceType":"Patient","id":"p1","resourceType":"Observation"}"#,
+        r#"{"resourceType":"Patient","id":"p1"} trailing"#,
+    ] {
+        let in_one_pass = prepare_line(
+            refused.as_bytes(),
+            DEFAULT_MAX_JSON_DEPTH,
+            &LocalBase::relative_only(),
+        );
+        let through_the_tree = prepared_through_the_tree(refused);
+        assert_eq!(
+            in_one_pass.map(|resource| resource.digest),
+            through_the_tree.map(|resource| resource.digest),
+            "{refused}"
+        );
+    }
+}
