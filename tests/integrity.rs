@@ -328,6 +328,10 @@ fn child_writers_wait_while_the_commit_queue_is_full() {
         hold,
         stuck_writer,
     } = HeldCommitter::start(QUEUE_CAPACITY);
+    // The committer stages the next group while the held one is applied, and waits to hand
+    // it over: that group is not in the queue.
+    let staged = store.submit(vec![patient("staged", "Staged")]);
+    std::thread::sleep(Duration::from_millis(300));
     let submitted = Arc::new(AtomicUsize::new(0));
     let submitter = {
         let store = store.clone();
@@ -356,6 +360,7 @@ fn child_writers_wait_while_the_commit_queue_is_full() {
         .join()
         .expect("the stuck writer's thread")
         .expect("the stuck write lands");
+    staged.wait().expect("the staged write lands");
     for pending in submitter.join().expect("the submitter thread") {
         pending.wait().expect("a queued write lands");
     }
@@ -364,7 +369,7 @@ fn child_writers_wait_while_the_commit_queue_is_full() {
     }
     assert_eq!(
         store.high_water_seq().expect("high-water seq"),
-        1 + QUEUED_WRITES as u64
+        2 + QUEUED_WRITES as u64
     );
 }
 

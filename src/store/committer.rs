@@ -1,18 +1,22 @@
-//! The single writer thread: assigns seqs, versions and instants, stages each request's
-//! events and projections into one batch per group, and acknowledges a group only after
-//! its batch is fsynced, which happens before any of it becomes visible to readers.
+//! The single writer: the committer thread assigns seqs, versions and instants and stages
+//! each request's events and projections into one batch per group; the applier thread
+//! commits the groups in order and acknowledges a group only after its batch is fsynced,
+//! which happens before any of it becomes visible to readers. The committer stages the
+//! next group while the applier commits the previous one, reading `current` through the
+//! entries of the groups the applier has not finished.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::RecvTimeoutError;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use fjall::{OwnedWriteBatch, PersistMode};
 use tokio::sync::oneshot;
 
 use super::journal_cut::{cut_failed_writes, wait_until_journals_closed};
 use super::out_of_space::{FailedWrite, PROBE_INTERVAL, exit_unrecoverable, probe_free_space};
-use super::projection::{CurrentOverlay, stage_projections};
+use super::projection::{CurrentOverlay, read_current, stage_projections};
 use super::read::newest_event;
 use super::record::{self, CurrentEntry, EventOperation, EventRecord};
 use super::write::{
@@ -44,9 +48,116 @@ const JOURNAL_CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// long at most before all readers are let in again.
 const READER_DRAIN_WINDOW: Duration = Duration::from_millis(20);
 
+type CommitReply = Result<Vec<WriteOutcome>, StoreError>;
+
 pub(super) struct CommitRequest {
     pub operations: Vec<WriteOperation>,
-    pub reply: oneshot::Sender<Result<Vec<WriteOutcome>, StoreError>>,
+    pub reply: oneshot::Sender<CommitReply>,
+}
+
+/// One group staged into one batch, on its way from the committer to the applier.
+struct StagedGroup {
+    number: u64,
+    keyspaces: Arc<Keyspaces>,
+    batch: OwnedWriteBatch,
+    /// Each request's reply channel with what staging answered for it.
+    answers: Vec<(oneshot::Sender<CommitReply>, CommitReply)>,
+    first_event_key: Option<Vec<u8>>,
+    memtables_to_seal: MemtablesToSeal,
+}
+
+/// Which memtables the applier seals once the group's batch is in them.
+#[derive(Clone, Copy)]
+struct MemtablesToSeal {
+    events: bool,
+    indexes: bool,
+}
+
+/// The committer's ends of the channels to and from the applier thread.
+pub(super) struct ApplierLink {
+    staged: Sender<StagedGroup>,
+    /// The number of every group the applier is done with, committed or refused.
+    applied: Receiver<u64>,
+}
+
+/// Starts the applier thread; it stops once the committer drops its link, after the
+/// groups already handed over.
+pub(super) fn spawn_applier(
+    slot: Arc<DatabaseSlot>,
+) -> std::io::Result<(ApplierLink, JoinHandle<()>)> {
+    let (staged_sender, staged_receiver) = crossbeam_channel::bounded::<StagedGroup>(0);
+    let (applied_sender, applied_receiver) = crossbeam_channel::unbounded();
+    let thread = std::thread::Builder::new()
+        .name("fhirlog-applier".to_owned())
+        .spawn(move || {
+            for group in staged_receiver {
+                let number = group.number;
+                apply_group(&slot, group);
+                if applied_sender.send(number).is_err() {
+                    return;
+                }
+            }
+        })?;
+    let link = ApplierLink {
+        staged: staged_sender,
+        applied: applied_receiver,
+    };
+    Ok((link, thread))
+}
+
+/// Commits one group's batch, which fjall fsyncs to its journal before applying it to the
+/// memtables, so readers never see a write a crash could lose, and then answers the
+/// group's requests. A failed batch leaves nothing visible, and its seqs stay used. While
+/// a failure is not repaired every group is refused: a group staged after a failed one
+/// was staged on top of writes that were never made.
+fn apply_group(slot: &DatabaseSlot, group: StagedGroup) {
+    let StagedGroup {
+        keyspaces,
+        batch,
+        answers,
+        first_event_key,
+        memtables_to_seal,
+        ..
+    } = group;
+    if let Some(refusal) = slot.health.refusal() {
+        let message = refusal.to_string();
+        for (reply, _) in answers {
+            let _ = reply.send(Err(same_refusal(&refusal, &message)));
+        }
+        return;
+    }
+    let min_batch_seqno = keyspaces.database.seqno();
+    if let Err(error) = batch.commit() {
+        tracing::error!(%error, "commit failed; the group's writes were not acknowledged");
+        let failed_write = first_event_key.map(|key| FailedWrite {
+            keyspace_id: keyspaces.events.id(),
+            key,
+            min_batch_seqno,
+        });
+        let refusal = slot
+            .health
+            .note_failure(&slot.data_dir, error, failed_write);
+        let message = refusal.to_string();
+        for (reply, staged) in answers {
+            let _ = reply.send(staged.and(Err(same_refusal(&refusal, &message))));
+        }
+        return;
+    }
+    for (reply, staged) in answers {
+        let _ = reply.send(staged);
+    }
+    if memtables_to_seal.events {
+        seal(&keyspaces.events);
+    }
+    if memtables_to_seal.indexes {
+        for index in [
+            &keyspaces.current,
+            &keyspaces.history,
+            &keyspaces.compartment,
+        ] {
+            seal(index);
+        }
+    }
 }
 
 pub(super) struct Committer {
@@ -60,6 +171,11 @@ pub(super) struct Committer {
     /// Approximate bytes written to the id-keyed indexes since they were last sealed.
     index_bytes_since_rotation: u64,
     index_memtable_bytes: u64,
+    applier: ApplierLink,
+    /// The `current` entries each group handed to the applier wrote, oldest group first,
+    /// until the applier reports the group done.
+    unapplied: VecDeque<(u64, CurrentOverlay)>,
+    last_group_number: u64,
 }
 
 struct PlannedEvent<'request> {
@@ -111,6 +227,7 @@ impl Committer {
     pub fn recover(
         slot: Arc<DatabaseSlot>,
         keyspaces: Arc<Keyspaces>,
+        applier: ApplierLink,
     ) -> Result<Committer, StoreError> {
         let (last_seq, last_instant) = match newest_event(&keyspaces)? {
             Some((resource_type, seq)) => keyspaces
@@ -134,15 +251,19 @@ impl Committer {
             keyspaces,
             last_seq,
             last_instant,
+            applier,
+            unapplied: VecDeque::new(),
+            last_group_number: 0,
         })
     }
 
     /// Commits groups until every sender is gone. After a failed write (its own or
     /// another's) it refuses writes at once until the disk has room, then reopens the
     /// database; it wakes every [`PROBE_INTERVAL`] to notice failures of other writers.
-    pub fn run(mut self, requests: crossbeam_channel::Receiver<CommitRequest>) {
+    pub fn run(mut self, requests: Receiver<CommitRequest>) {
         loop {
             if self.slot.health.has_failed() {
+                self.wait_until_every_group_is_applied();
                 match self.refuse_until_writable(&requests) {
                     Some(reopened) => self = reopened,
                     None => return,
@@ -167,16 +288,56 @@ impl Committer {
                 }
                 continue;
             }
-            self.commit_group(group);
+            self.stage_group(group);
+        }
+    }
+
+    /// Forgets the entries of the groups the applier reported done: `current` has them.
+    fn retire_applied_groups(&mut self) {
+        while let Ok(number) = self.applier.applied.try_recv() {
+            self.retire_groups_up_to(number);
+        }
+    }
+
+    fn wait_until_every_group_is_applied(&mut self) {
+        while !self.unapplied.is_empty() {
+            match self.applier.applied.recv() {
+                Ok(number) => self.retire_groups_up_to(number),
+                Err(_) => self.unapplied.clear(),
+            }
+        }
+    }
+
+    fn retire_groups_up_to(&mut self, number: u64) {
+        while self
+            .unapplied
+            .front()
+            .is_some_and(|(unapplied_number, _)| *unapplied_number <= number)
+        {
+            self.unapplied.pop_front();
+        }
+    }
+
+    /// The `current` entry of a resource as the groups staged so far leave it.
+    fn current_entry(
+        &self,
+        group_overlay: &CurrentOverlay,
+        resource_type: ResourceType,
+        id: &str,
+    ) -> Result<Option<CurrentEntry>, StoreError> {
+        let key = keys::type_id(resource_type, id);
+        let staged = std::iter::once(group_overlay)
+            .chain(self.unapplied.iter().rev().map(|(_, overlay)| overlay))
+            .find_map(|overlay| overlay.pending_entry(&key));
+        match staged {
+            Some(entry) => Ok(Some(entry)),
+            None => read_current(&self.keyspaces, &key),
         }
     }
 
     /// Answers every request with the refusal until a probe finds room on the disk, then
     /// reopens the database. `None` once every sender is gone.
-    fn refuse_until_writable(
-        self,
-        requests: &crossbeam_channel::Receiver<CommitRequest>,
-    ) -> Option<Committer> {
+    fn refuse_until_writable(self, requests: &Receiver<CommitRequest>) -> Option<Committer> {
         let health = &self.slot.health;
         loop {
             let probed = probe_free_space(&self.slot.data_dir);
@@ -212,6 +373,8 @@ impl Committer {
             last_instant,
             events_memtable_bytes,
             index_memtable_bytes,
+            applier,
+            last_group_number,
             ..
         } = self;
         slot.health.set_reopening(true);
@@ -279,13 +442,15 @@ impl Committer {
             events_memtable_bytes,
             index_bytes_since_rotation: 0,
             index_memtable_bytes,
+            applier,
+            unapplied: VecDeque::new(),
+            last_group_number,
         }
     }
 
-    /// Stages the group into one batch that fjall fsyncs to its journal before applying it
-    /// to the memtables, so readers never see a write a crash could lose. A failed batch
-    /// leaves nothing visible, and its seqs stay used: the next group numbers after them.
-    fn commit_group(&mut self, group: Vec<CommitRequest>) {
+    /// Stages the group into one batch and hands it to the applier, once the applier has
+    /// taken the previous one.
+    fn stage_group(&mut self, group: Vec<CommitRequest>) {
         self.wait_while_flushes_are_behind();
         let mut batch = self
             .keyspaces
@@ -304,28 +469,24 @@ impl Committer {
             );
             answers.push((request.reply, staged));
         }
-        let min_batch_seqno = self.keyspaces.database.seqno();
-        if let Err(error) = batch.commit() {
-            tracing::error!(%error, "commit failed; the group's writes were not acknowledged");
-            let failed_write = first_event_key.map(|key| FailedWrite {
-                keyspace_id: self.keyspaces.events.id(),
-                key,
-                min_batch_seqno,
-            });
-            let refusal = self
-                .slot
-                .health
-                .note_failure(&self.slot.data_dir, error, failed_write);
-            let message = refusal.to_string();
-            for (reply, staged) in answers {
-                let _ = reply.send(staged.and(Err(same_refusal(&refusal, &message))));
+        self.last_group_number += 1;
+        let staged_group = StagedGroup {
+            number: self.last_group_number,
+            keyspaces: Arc::clone(&self.keyspaces),
+            batch,
+            answers,
+            first_event_key,
+            memtables_to_seal: self.memtables_to_seal(),
+        };
+        self.unapplied
+            .push_back((self.last_group_number, group_overlay));
+        if let Err(unsent) = self.applier.staged.send(staged_group) {
+            tracing::error!("the applier thread is gone; the group's writes were not made");
+            for (reply, _) in unsent.0.answers {
+                let _ = reply.send(Err(StoreError::Closed));
             }
-            return;
         }
-        for (reply, staged) in answers {
-            let _ = reply.send(staged);
-        }
-        self.seal_full_memtables();
+        self.retire_applied_groups();
     }
 
     /// Holds the group back, in 1 ms steps, while a keyspace has as many sealed memtables as
@@ -362,26 +523,21 @@ impl Committer {
         }
     }
 
-    /// Seals the `events` memtable, and the id-keyed indexes' memtables, once they hold
-    /// their share of bytes. fjall asks its background worker to do this, and while that
-    /// worker compacts the request waits and the memtables keep growing; sealing here lets
-    /// fjall's own limit on sealed memtables hold writes back, which keeps memory bounded.
-    fn seal_full_memtables(&mut self) {
-        let keyspaces = Arc::clone(&self.keyspaces);
-        if self.event_bytes_since_rotation >= self.events_memtable_bytes {
+    /// Whether the `events` memtable, and the id-keyed indexes' memtables, hold their share
+    /// of bytes once this group is in them: then the applier seals them. fjall asks its
+    /// background worker to do this, and while that worker compacts the request waits and
+    /// the memtables keep growing; sealing here lets fjall's own limit on sealed memtables
+    /// hold writes back, which keeps memory bounded.
+    fn memtables_to_seal(&mut self) -> MemtablesToSeal {
+        let events = self.event_bytes_since_rotation >= self.events_memtable_bytes;
+        if events {
             self.event_bytes_since_rotation = 0;
-            seal(&keyspaces.events);
         }
-        if self.index_bytes_since_rotation >= self.index_memtable_bytes * 3 {
+        let indexes = self.index_bytes_since_rotation >= self.index_memtable_bytes * 3;
+        if indexes {
             self.index_bytes_since_rotation = 0;
-            for index in [
-                &keyspaces.current,
-                &keyspaces.history,
-                &keyspaces.compartment,
-            ] {
-                seal(index);
-            }
         }
+        MemtablesToSeal { events, indexes }
     }
 
     /// Validates a whole request, then stages it; a refused request stages nothing.
@@ -467,7 +623,7 @@ impl Committer {
             };
             let previous = match request_current.get(&(resource_type, id.as_str())) {
                 Some(entry) => Some(*entry),
-                None => group_overlay.get(&self.keyspaces, resource_type, id.as_str())?,
+                None => self.current_entry(group_overlay, resource_type, id.as_str())?,
             };
             let live_version = previous
                 .filter(|entry| !entry.deleted)

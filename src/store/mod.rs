@@ -27,7 +27,7 @@ pub use write::{
     PreparedResource, UnchangedContent, VersionInfo, WriteOperation, WriteOutcome, WriteRejection,
 };
 
-use committer::{CommitRequest, Committer};
+use committer::{CommitRequest, Committer, spawn_applier};
 use out_of_space::{FailedWrite, WriteHealth};
 
 /// Store failures a caller can act on.
@@ -83,8 +83,9 @@ pub struct StoreOptions {
     /// sealed memtables wait for their flush: fjall's single worker flushes only between
     /// compactions, which take longer as the store grows.
     pub max_write_buffer_bytes: u64,
-    /// Commit requests waiting for the committer; a writer that finds the queue full
-    /// waits for room, so a burst of writers cannot grow memory without bound.
+    /// Commit requests waiting for the committer, beyond the group it stages while the
+    /// group before is applied; a writer that finds the queue full waits for room, so a
+    /// burst of writers cannot grow memory without bound.
     pub max_queued_commits: usize,
 }
 
@@ -335,12 +336,16 @@ struct StoreShared {
     slot: Arc<DatabaseSlot>,
     commit_sender: Option<crossbeam_channel::Sender<CommitRequest>>,
     committer_thread: Option<JoinHandle<()>>,
+    applier_thread: Option<JoinHandle<()>>,
 }
 
 impl Drop for StoreShared {
     fn drop(&mut self) {
         self.commit_sender.take();
-        if let Some(thread) = self.committer_thread.take() {
+        for thread in [self.committer_thread.take(), self.applier_thread.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = thread.join();
         }
     }
@@ -510,18 +515,21 @@ impl Store {
             current: RwLock::new(Some(Arc::clone(&keyspaces))),
             health: WriteHealth::default(),
         });
-        let committer = Committer::recover(Arc::clone(&slot), keyspaces)?;
+        let thread_error = |error| StoreError::Storage(fjall::Error::Io(error));
+        let (applier, applier_thread) = spawn_applier(Arc::clone(&slot)).map_err(thread_error)?;
+        let committer = Committer::recover(Arc::clone(&slot), keyspaces, applier)?;
         let (commit_sender, commit_receiver) =
             crossbeam_channel::bounded(options.max_queued_commits.max(1));
         let committer_thread = std::thread::Builder::new()
             .name("fhirlog-committer".to_owned())
             .spawn(move || committer.run(commit_receiver))
-            .map_err(|error| StoreError::Storage(fjall::Error::Io(error)))?;
+            .map_err(thread_error)?;
         Ok(Store {
             shared: Arc::new(StoreShared {
                 slot,
                 commit_sender: Some(commit_sender),
                 committer_thread: Some(committer_thread),
+                applier_thread: Some(applier_thread),
             }),
         })
     }

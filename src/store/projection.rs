@@ -30,13 +30,15 @@ impl CurrentOverlay {
         id: &str,
     ) -> Result<Option<CurrentEntry>, StoreError> {
         let key = keys::type_id(resource_type, id);
-        if let Some(entry) = self.pending.get(&key) {
-            return Ok(Some(*entry));
+        match self.pending_entry(&key) {
+            Some(entry) => Ok(Some(entry)),
+            None => read_current(keyspaces, &key),
         }
-        match keyspaces.current.get(key)? {
-            Some(bytes) => Ok(Some(record::decode(&bytes)?)),
-            None => Ok(None),
-        }
+    }
+
+    /// The entry this overlay holds for `current` key `key`, without reading the keyspace.
+    pub fn pending_entry(&self, key: &[u8]) -> Option<CurrentEntry> {
+        self.pending.get(key).copied()
     }
 
     pub fn clear(&mut self) {
@@ -45,6 +47,17 @@ impl CurrentOverlay {
 
     pub fn absorb(&mut self, other: CurrentOverlay) {
         self.pending.extend(other.pending);
+    }
+}
+
+/// The committed `current` entry under `key`.
+pub(super) fn read_current(
+    keyspaces: &Keyspaces,
+    key: &[u8],
+) -> Result<Option<CurrentEntry>, StoreError> {
+    match keyspaces.current.get(key)? {
+        Some(bytes) => Ok(Some(record::decode(&bytes)?)),
+        None => Ok(None),
     }
 }
 

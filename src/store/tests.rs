@@ -116,6 +116,42 @@ fn a_refused_request_changes_nothing() {
     );
 }
 
+/// Requests queued at once span several groups, and the committer stages a group while
+/// the applier still commits the one before: each If-Match must see every earlier update.
+#[test]
+fn a_chain_of_if_match_updates_queued_at_once_sees_every_earlier_request() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    let updates = 3 * committer::MAX_REQUESTS_PER_GROUP as u64;
+    let mut pending = vec![store.submit(vec![update(
+        r#"{"resourceType":"Patient","id":"p1","birthDate":"1900-01-01"}"#,
+    )])];
+    for expected_version in 1..=updates {
+        let text = format!(
+            r#"{{"resourceType":"Patient","id":"p1","multipleBirthInteger":{expected_version}}}"#
+        );
+        pending.push(store.submit(vec![WriteOperation::Update {
+            resource: prepared(&text),
+            expected_version: Some(expected_version),
+            unchanged: UnchangedContent::NewVersion,
+        }]));
+    }
+    for (index, commit) in pending.into_iter().enumerate() {
+        let outcomes = commit
+            .wait()
+            .unwrap_or_else(|error| panic!("request {index} failed: {error}"));
+        let (WriteOutcome::Created { version } | WriteOutcome::Updated { version }) = &outcomes[0]
+        else {
+            panic!("request {index} answered {outcomes:?}");
+        };
+        assert_eq!(version.version, index as u64 + 1);
+    }
+    let current = store
+        .read_current(ResourceType::PATIENT, &id("p1"))
+        .unwrap();
+    assert_eq!(current.unwrap().version, updates + 1);
+}
+
 #[test]
 fn skip_unchanged_appends_nothing_for_identical_content() {
     let directory = tempfile::tempdir().unwrap();
