@@ -66,6 +66,9 @@ struct StagedGroup {
     memtables_to_seal: MemtablesToSeal,
 }
 
+/// The applier thread ended (it panicked); nothing can be committed any more.
+struct ApplierGone;
+
 /// Which memtables the applier seals once the group's batch is in them.
 #[derive(Clone, Copy)]
 struct MemtablesToSeal {
@@ -105,6 +108,38 @@ pub(super) fn spawn_applier(
     Ok((link, thread))
 }
 
+/// Holds the group back, in 1 ms steps, while a keyspace has as many sealed memtables as
+/// make fjall halt writes (fjall would sleep 100 ms at a time, and those halts cost a
+/// late 2.2M-resource load about a sixth of its time although a flush takes ~25 ms), or
+/// while sealed memtables wait for a flush and all memtables together hold more than
+/// [`super::StoreOptions::max_write_buffer_bytes`]; only a flush frees memtable memory, so
+/// without a sealed memtable there is nothing to wait for.
+/// Stops waiting once fjall refuses writes (its flush failed): the commit then fails
+/// and the committer repairs the store. The applier runs it right before each commit, so
+/// it sees the memtables the previous group sealed.
+fn wait_while_flushes_are_behind(keyspaces: &Keyspaces, max_write_buffer_bytes: u64) {
+    let flushes_are_behind = || {
+        let (most_sealed, total_sealed) = std::iter::once(&keyspaces.events)
+            .chain(keyspaces.projections().map(|(_, keyspace)| keyspace))
+            .map(fjall::Keyspace::sealed_memtable_count)
+            .fold((0, 0), |(most, total), count| {
+                (most.max(count), total + count)
+            });
+        most_sealed >= FJALL_SEALED_MEMTABLES_HALTING_WRITES
+            || (total_sealed > 0 && keyspaces.database.write_buffer_size() > max_write_buffer_bytes)
+    };
+    let mut next_health_check = std::time::Instant::now() + FLUSH_WAIT_BEFORE_HEALTH_CHECK;
+    while flushes_are_behind() {
+        if std::time::Instant::now() >= next_health_check {
+            if keyspaces.database.persist(PersistMode::Buffer).is_err() {
+                return;
+            }
+            next_health_check += FLUSH_WAIT_BEFORE_HEALTH_CHECK;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Commits one group's batch, which fjall fsyncs to its journal before applying it to the
 /// memtables, so readers never see a write a crash could lose, and then answers the
 /// group's requests. A failed batch leaves nothing visible, and its seqs stay used. While
@@ -126,6 +161,7 @@ fn apply_group(slot: &DatabaseSlot, group: StagedGroup) {
         }
         return;
     }
+    wait_while_flushes_are_behind(&keyspaces, slot.options.max_write_buffer_bytes);
     let min_batch_seqno = keyspaces.database.seqno();
     if let Err(error) = batch.commit() {
         tracing::error!(%error, "commit failed; the group's writes were not acknowledged");
@@ -288,7 +324,9 @@ impl Committer {
                 }
                 continue;
             }
-            self.stage_group(group);
+            if self.stage_group(group).is_err() {
+                return;
+            }
         }
     }
 
@@ -450,8 +488,7 @@ impl Committer {
 
     /// Stages the group into one batch and hands it to the applier, once the applier has
     /// taken the previous one.
-    fn stage_group(&mut self, group: Vec<CommitRequest>) {
-        self.wait_while_flushes_are_behind();
+    fn stage_group(&mut self, group: Vec<CommitRequest>) -> Result<(), ApplierGone> {
         let mut batch = self
             .keyspaces
             .database
@@ -478,49 +515,17 @@ impl Committer {
             first_event_key,
             memtables_to_seal: self.memtables_to_seal(),
         };
-        self.unapplied
-            .push_back((self.last_group_number, group_overlay));
         if let Err(unsent) = self.applier.staged.send(staged_group) {
-            tracing::error!("the applier thread is gone; the group's writes were not made");
+            tracing::error!("the applier thread is gone; the store takes no more writes");
             for (reply, _) in unsent.0.answers {
                 let _ = reply.send(Err(StoreError::Closed));
             }
+            return Err(ApplierGone);
         }
+        self.unapplied
+            .push_back((self.last_group_number, group_overlay));
         self.retire_applied_groups();
-    }
-
-    /// Holds the group back, in 1 ms steps, while a keyspace has as many sealed memtables as
-    /// make fjall halt writes (fjall would sleep 100 ms at a time, and those halts cost a
-    /// late 2.2M-resource load about a sixth of its time although a flush takes ~25 ms), or
-    /// while sealed memtables wait for a flush and all memtables together hold more than
-    /// [`super::StoreOptions::max_write_buffer_bytes`]; only a flush frees memtable memory, so
-    /// without a sealed memtable there is nothing to wait for.
-    /// Stops waiting once fjall refuses writes (its flush failed): the commit then fails
-    /// and the committer repairs the store.
-    fn wait_while_flushes_are_behind(&self) {
-        let keyspaces = &self.keyspaces;
-        let max_write_buffer_bytes = self.slot.options.max_write_buffer_bytes;
-        let flushes_are_behind = || {
-            let (most_sealed, total_sealed) = std::iter::once(&keyspaces.events)
-                .chain(keyspaces.projections().map(|(_, keyspace)| keyspace))
-                .map(fjall::Keyspace::sealed_memtable_count)
-                .fold((0, 0), |(most, total), count| {
-                    (most.max(count), total + count)
-                });
-            most_sealed >= FJALL_SEALED_MEMTABLES_HALTING_WRITES
-                || (total_sealed > 0
-                    && keyspaces.database.write_buffer_size() > max_write_buffer_bytes)
-        };
-        let mut next_health_check = std::time::Instant::now() + FLUSH_WAIT_BEFORE_HEALTH_CHECK;
-        while flushes_are_behind() {
-            if std::time::Instant::now() >= next_health_check {
-                if keyspaces.database.persist(PersistMode::Buffer).is_err() {
-                    return;
-                }
-                next_health_check += FLUSH_WAIT_BEFORE_HEALTH_CHECK;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        Ok(())
     }
 
     /// Whether the `events` memtable, and the id-keyed indexes' memtables, hold their share

@@ -517,13 +517,23 @@ impl Store {
         });
         let thread_error = |error| StoreError::Storage(fjall::Error::Io(error));
         let (applier, applier_thread) = spawn_applier(Arc::clone(&slot)).map_err(thread_error)?;
-        let committer = Committer::recover(Arc::clone(&slot), keyspaces, applier)?;
         let (commit_sender, commit_receiver) =
             crossbeam_channel::bounded(options.max_queued_commits.max(1));
-        let committer_thread = std::thread::Builder::new()
-            .name("fhirlog-committer".to_owned())
-            .spawn(move || committer.run(commit_receiver))
-            .map_err(thread_error)?;
+        let committer_thread = match Committer::recover(Arc::clone(&slot), keyspaces, applier)
+            .and_then(|committer| {
+                std::thread::Builder::new()
+                    .name("fhirlog-committer".to_owned())
+                    .spawn(move || committer.run(commit_receiver))
+                    .map_err(thread_error)
+            }) {
+            Ok(committer_thread) => committer_thread,
+            Err(error) => {
+                // The committer's end of the applier link is gone, which ends the applier;
+                // joining it releases the database before the error is returned.
+                let _ = applier_thread.join();
+                return Err(error);
+            }
+        };
         Ok(Store {
             shared: Arc::new(StoreShared {
                 slot,
@@ -577,6 +587,14 @@ impl Store {
         {
             let _ = request.reply.send(Err(StoreError::Closed));
         }
+    }
+
+    /// Commit requests waiting in the queue for the committer.
+    pub fn queued_commits(&self) -> usize {
+        self.shared
+            .commit_sender
+            .as_ref()
+            .map_or(0, crossbeam_channel::Sender::len)
     }
 
     /// Commits and waits until durable; blocks the calling thread.
