@@ -746,7 +746,7 @@ fn seal(keyspace: &fjall::Keyspace) {
 /// `compartment`: keys, values and fjall's per-entry overhead, roughly.
 fn approximate_index_bytes(record: &EventRecord<'_>, supersedes: bool) -> u64 {
     const PER_ENTRY_OVERHEAD: u64 = 16;
-    let id_bytes = record.id.len() as u64;
+    let id_bytes = keys::encoded_id_length(record.id) as u64;
     let current = 2 + id_bytes + 48 + PER_ENTRY_OVERHEAD;
     let history = if supersedes {
         2 + id_bytes + 1 + 8 + 8 + PER_ENTRY_OVERHEAD
@@ -756,7 +756,9 @@ fn approximate_index_bytes(record: &EventRecord<'_>, supersedes: bool) -> u64 {
     let compartment: u64 = record
         .compartment_patients
         .iter()
-        .map(|patient| patient.len() as u64 + 1 + 2 + id_bytes + PER_ENTRY_OVERHEAD)
+        .map(|patient| {
+            keys::encoded_id_length(patient) as u64 + 1 + 2 + id_bytes + PER_ENTRY_OVERHEAD
+        })
         .sum();
     current + history + compartment
 }

@@ -214,8 +214,8 @@ impl Store {
                 .ok_or_else(|| StoreError::Corrupt("bad compartment key".to_owned()))?;
             let resource_type = ResourceType::from_code(u16::from_be_bytes(*type_bytes))
                 .ok_or_else(|| StoreError::Corrupt("bad compartment type".to_owned()))?;
-            let id = String::from_utf8(id_bytes.to_vec())
-                .map_err(|_| StoreError::Corrupt("bad compartment id".to_owned()))?;
+            let id = keys::parse_id(id_bytes)
+                .ok_or_else(|| StoreError::Corrupt("bad compartment id".to_owned()))?;
             members.push((resource_type, id));
         }
         Ok(members)
