@@ -670,8 +670,10 @@ impl Committer {
                     ..
                 } => {
                     if *unchanged == UnchangedContent::Skip
-                        && let Some(live) = previous
-                            .filter(|entry| !entry.deleted && entry.digest == resource.digest)
+                        && let Some(live) = previous.filter(|entry| {
+                            !entry.deleted
+                                && entry.digest_prefix == record::digest_prefix(&resource.digest)
+                        })
                     {
                         planned.outcomes.push(WriteOutcome::Unchanged {
                             resource_type,
@@ -711,7 +713,9 @@ impl Committer {
                     seq,
                     version,
                     deleted: put.is_none(),
-                    digest: put.map(|resource| resource.digest).unwrap_or_default(),
+                    digest_prefix: put
+                        .map(|resource| record::digest_prefix(&resource.digest))
+                        .unwrap_or_default(),
                 },
             );
             planned.events.push(PlannedEvent {
@@ -747,7 +751,7 @@ fn seal(keyspace: &fjall::Keyspace) {
 fn approximate_index_bytes(record: &EventRecord<'_>, supersedes: bool) -> u64 {
     const PER_ENTRY_OVERHEAD: u64 = 16;
     let id_bytes = keys::encoded_id_length(record.id) as u64;
-    let current = 2 + id_bytes + 48 + PER_ENTRY_OVERHEAD;
+    let current = 2 + id_bytes + 32 + PER_ENTRY_OVERHEAD;
     let history = if supersedes {
         2 + id_bytes + 1 + 8 + 8 + PER_ENTRY_OVERHEAD
     } else {

@@ -114,7 +114,7 @@ const DEFAULT_MAX_QUEUED_COMMITS: usize = committer::MAX_REQUESTS_PER_GROUP;
 /// The version of the key and record layout; a store written with another one is refused
 /// at open rather than misread. 2: `events` keys lead with a seq bucket. 3: `history` holds
 /// only superseded versions; the newest is in `current`. 4: ids that are lowercase UUIDs are
-/// packed into 16 bytes in the id-keyed indexes.
+/// packed into 16 bytes in the id-keyed indexes, and `current` keeps half the digest.
 const STORE_LAYOUT_VERSION: u32 = 4;
 
 /// The `meta` entry holding the layout version.

@@ -94,7 +94,7 @@ pub(super) fn stage_projections(
         seq: event.seq,
         version: event.version,
         deleted: event.operation == EventOperation::Delete,
-        digest: event.digest,
+        digest_prefix: record::digest_prefix(&event.digest),
     };
     let current_key = keys::type_id(resource_type, event.id);
     overlay.pending.insert(current_key.clone(), entry);

@@ -38,7 +38,20 @@ pub struct CurrentEntry {
     pub seq: u64,
     pub version: u64,
     pub deleted: bool,
-    pub digest: [u8; 32],
+    /// See [`digest_prefix`].
+    pub digest_prefix: [u8; CURRENT_DIGEST_PREFIX_BYTES],
+}
+
+/// How much of a version's content digest `current` keeps: 128 bits of BLAKE3 tell a changed
+/// body from an unchanged one as surely as 256 (the event keeps all of it), and `current`,
+/// written and compacted once per resource with random keys, is a quarter smaller.
+pub const CURRENT_DIGEST_PREFIX_BYTES: usize = 16;
+
+/// The part of `digest` that `current` keeps.
+pub fn digest_prefix(digest: &[u8; 32]) -> [u8; CURRENT_DIGEST_PREFIX_BYTES] {
+    let mut prefix = [0; CURRENT_DIGEST_PREFIX_BYTES];
+    prefix.copy_from_slice(&digest[..CURRENT_DIGEST_PREFIX_BYTES]);
+    prefix
 }
 
 /// Encodes any record the store keeps: the format byte, then postcard.
