@@ -79,7 +79,7 @@ pub struct StoreOptions {
     pub max_journal_bytes: u64,
     pub events_memtable_bytes: u64,
     pub index_memtable_bytes: u64,
-    /// Memtable bytes, active and sealed, above which the committer holds groups back while
+    /// Memtable bytes, active and sealed, above which the applier holds groups back while
     /// sealed memtables wait for their flush: fjall's single worker flushes only between
     /// compactions, which take longer as the store grows.
     pub max_write_buffer_bytes: u64,
