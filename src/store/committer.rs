@@ -570,7 +570,8 @@ impl Committer {
                     .put
                     .map(|resource| resource.body.finish(event.version, planned.instant))
                     .unwrap_or_default();
-                record::encode(&event.record(planned.instant, body.as_bytes()))
+                let record = event.record(planned.instant, body.as_bytes());
+                record::encode_with_capacity(&record, approximate_event_bytes(&record))
             };
             // The projections never read the body: its copy is freed before they stage a key
             // per compartment patient (a large Group's peak).
@@ -744,6 +745,18 @@ fn seal(keyspace: &fjall::Keyspace) {
     if let Err(error) = keyspace.rotate_memtable() {
         tracing::warn!(%error, "could not seal a memtable");
     }
+}
+
+/// An upper bound on the encoded size of `record`: its strings, plus the varints, digest
+/// and length prefixes of its fixed fields.
+fn approximate_event_bytes(record: &EventRecord<'_>) -> usize {
+    const FIXED_FIELDS_AND_PREFIXES: usize = 96;
+    let patients: usize = record
+        .compartment_patients
+        .iter()
+        .map(|patient| patient.len() + 10)
+        .sum();
+    FIXED_FIELDS_AND_PREFIXES + record.id.len() + record.body.len() + patients
 }
 
 /// What one event adds to `current`, `history` (only when it supersedes a version) and

@@ -56,7 +56,14 @@ pub fn digest_prefix(digest: &[u8; 32]) -> [u8; CURRENT_DIGEST_PREFIX_BYTES] {
 
 /// Encodes any record the store keeps: the format byte, then postcard.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
-    let mut bytes = vec![RECORD_FORMAT_VERSION];
+    encode_with_capacity(record, 64)
+}
+
+/// [`encode`] into a buffer that holds `capacity` bytes before it grows: a record with a
+/// large body is then allocated once rather than doubled up to its size.
+pub fn encode_with_capacity<T: Serialize>(record: &T, capacity: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(capacity);
+    bytes.push(RECORD_FORMAT_VERSION);
     postcard::to_io(record, &mut bytes).expect("writing postcard to a Vec cannot fail");
     bytes
 }
