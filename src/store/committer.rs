@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use super::journal_cut::{cut_failed_writes, wait_until_journals_closed};
 use super::out_of_space::{FailedWrite, PROBE_INTERVAL, exit_unrecoverable, probe_free_space};
-use super::projection::{CurrentOverlay, read_current, stage_projections};
+use super::projection::{CurrentOverlay, current_through_overlays, stage_projections};
 use super::read::newest_event;
 use super::record::{self, CurrentEntry, EventOperation, EventRecord};
 use super::write::{
@@ -363,14 +363,9 @@ impl Committer {
         resource_type: ResourceType,
         id: &str,
     ) -> Result<Option<CurrentEntry>, StoreError> {
-        let key = keys::type_id(resource_type, id);
-        let staged = std::iter::once(group_overlay)
-            .chain(self.unapplied.iter().rev().map(|(_, overlay)| overlay))
-            .find_map(|overlay| overlay.pending_entry(&key));
-        match staged {
-            Some(entry) => Ok(Some(entry)),
-            None => read_current(&self.keyspaces, &key),
-        }
+        let staged_overlays = std::iter::once(group_overlay)
+            .chain(self.unapplied.iter().rev().map(|(_, overlay)| overlay));
+        current_through_overlays(&self.keyspaces, staged_overlays, resource_type, id)
     }
 
     /// Answers every request with the refusal until a probe finds room on the disk, then

@@ -29,11 +29,7 @@ impl CurrentOverlay {
         resource_type: ResourceType,
         id: &str,
     ) -> Result<Option<CurrentEntry>, StoreError> {
-        let key = keys::type_id(resource_type, id);
-        match self.pending_entry(&key) {
-            Some(entry) => Ok(Some(entry)),
-            None => read_current(keyspaces, &key),
-        }
+        current_through_overlays(keyspaces, [self], resource_type, id)
     }
 
     /// The entry this overlay holds for `current` key `key`, without reading the keyspace.
@@ -50,11 +46,26 @@ impl CurrentOverlay {
     }
 }
 
-/// The committed `current` entry under `key`.
-pub(super) fn read_current(
+/// The `current` entry of a resource as the first of `overlays` (newest first) that holds
+/// one has it, else as committed.
+pub(super) fn current_through_overlays<'overlay>(
     keyspaces: &Keyspaces,
-    key: &[u8],
+    overlays: impl IntoIterator<Item = &'overlay CurrentOverlay>,
+    resource_type: ResourceType,
+    id: &str,
 ) -> Result<Option<CurrentEntry>, StoreError> {
+    let key = keys::type_id(resource_type, id);
+    match overlays
+        .into_iter()
+        .find_map(|overlay| overlay.pending_entry(&key))
+    {
+        Some(entry) => Ok(Some(entry)),
+        None => read_current(keyspaces, &key),
+    }
+}
+
+/// The committed `current` entry under `key`.
+fn read_current(keyspaces: &Keyspaces, key: &[u8]) -> Result<Option<CurrentEntry>, StoreError> {
     match keyspaces.current.get(key)? {
         Some(bytes) => Ok(Some(record::decode(&bytes)?)),
         None => Ok(None),
