@@ -19,6 +19,7 @@ use super::out_of_space::{FailedWrite, PROBE_INTERVAL, exit_unrecoverable, probe
 use super::projection::{CurrentOverlay, current_through_overlays, stage_projections};
 use super::read::newest_event;
 use super::record::{self, CurrentEntry, EventOperation, EventRecord};
+use super::sorted_writes::SortedWrites;
 use super::write::{
     PreparedResource, UnchangedContent, VersionInfo, WriteOperation, WriteOutcome, WriteRejection,
 };
@@ -489,18 +490,20 @@ impl Committer {
             .database
             .batch()
             .durability(Some(PersistMode::SyncAll));
+        let mut writes = SortedWrites::new();
         let mut group_overlay = CurrentOverlay::new();
         let mut answers = Vec::with_capacity(group.len());
         let mut first_event_key = None;
         for request in group {
             let staged = self.stage_request(
                 &request.operations,
-                &mut batch,
+                &mut writes,
                 &mut group_overlay,
                 &mut first_event_key,
             );
             answers.push((request.reply, staged));
         }
+        writes.append_to(&mut batch);
         self.last_group_number += 1;
         let staged_group = StagedGroup {
             number: self.last_group_number,
@@ -544,7 +547,7 @@ impl Committer {
     fn stage_request(
         &mut self,
         operations: &[WriteOperation],
-        batch: &mut OwnedWriteBatch,
+        writes: &mut SortedWrites,
         group_overlay: &mut CurrentOverlay,
         first_event_key: &mut Option<Vec<u8>>,
     ) -> Result<Vec<WriteOutcome>, StoreError> {
@@ -574,20 +577,20 @@ impl Committer {
             self.event_bytes_since_rotation += encoded.len() as u64;
             self.index_bytes_since_rotation +=
                 approximate_index_bytes(&record, event.previous.is_some());
-            batch.insert(
+            writes.insert(
                 &self.keyspaces.events,
                 keys::event(event.resource_type, event.seq),
                 encoded,
             );
             stage_projections(
                 &self.keyspaces,
-                batch,
+                writes,
                 &mut request_overlay,
                 &record,
                 event.previous,
             )?;
         }
-        batch.insert(
+        writes.insert(
             &self.keyspaces.clock,
             keys::clock(planned.instant),
             keys::seq(last_seq),

@@ -11,6 +11,7 @@ mod read;
 mod rebuild;
 mod record;
 mod scan;
+mod sorted_writes;
 mod write;
 
 use std::path::{Path, PathBuf};

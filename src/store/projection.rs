@@ -3,9 +3,8 @@
 
 use std::collections::HashMap;
 
-use fjall::OwnedWriteBatch;
-
 use super::record::{self, CurrentEntry, EventOperation, EventRecord};
+use super::sorted_writes::SortedWrites;
 use super::{Keyspaces, StoreError, keys};
 use crate::fhir::ResourceType;
 
@@ -72,11 +71,11 @@ fn read_current(keyspaces: &Keyspaces, key: &[u8]) -> Result<Option<CurrentEntry
     }
 }
 
-/// Writes the projections of `event` (but not the event itself, nor `clock`) to `batch`,
+/// Writes the projections of `event` (but not the event itself, nor `clock`) to `writes`,
 /// given the entry `current` held before it.
 pub(super) fn stage_projections(
     keyspaces: &Keyspaces,
-    batch: &mut OwnedWriteBatch,
+    writes: &mut SortedWrites,
     overlay: &mut CurrentOverlay,
     event: &EventRecord<'_>,
     previous: Option<CurrentEntry>,
@@ -84,18 +83,18 @@ pub(super) fn stage_projections(
     let resource_type = ResourceType::from_code(event.resource_type_code).ok_or_else(|| {
         StoreError::Corrupt(format!("unknown type code {}", event.resource_type_code))
     })?;
-    batch.insert(
+    writes.insert(
         &keyspaces.log,
         keys::seq(event.seq),
         event.resource_type_code.to_be_bytes(),
     );
     if let Some(previous) = previous {
-        batch.insert(
+        writes.insert(
             &keyspaces.superseded,
             keys::type_seq(resource_type, previous.seq),
             keys::seq(event.seq),
         );
-        batch.insert(
+        writes.insert(
             &keyspaces.history,
             keys::history(resource_type, event.id, previous.version),
             keys::seq(previous.seq),
@@ -109,9 +108,9 @@ pub(super) fn stage_projections(
     };
     let current_key = keys::type_id(resource_type, event.id);
     overlay.pending.insert(current_key.clone(), entry);
-    batch.insert(&keyspaces.current, current_key, record::encode(&entry));
+    writes.insert(&keyspaces.current, current_key, record::encode(&entry));
     for patient_id in &event.compartment_patients {
-        batch.insert(
+        writes.insert(
             &keyspaces.compartment,
             keys::compartment(patient_id, resource_type, event.id),
             [],

@@ -4,6 +4,7 @@ use fjall::PersistMode;
 
 use super::projection::{CurrentOverlay, stage_projections};
 use super::record::{self, EventRecord};
+use super::sorted_writes::SortedWrites;
 use super::{REBUILD_IN_PROGRESS_KEY, Store, StoreError, keys};
 use crate::fhir::{Instant, ResourceType};
 
@@ -33,7 +34,7 @@ impl Store {
             commits: 0,
         };
         let mut overlay = CurrentOverlay::new();
-        let mut batch = keyspaces.database.batch();
+        let mut writes = SortedWrites::new();
         let mut staged = 0usize;
         let mut clock_pending: std::collections::HashMap<Instant, u64> =
             std::collections::HashMap::new();
@@ -43,22 +44,24 @@ impl Store {
             let resource_type = ResourceType::from_code(event.resource_type_code)
                 .ok_or_else(|| StoreError::Corrupt("bad event type".to_owned()))?;
             let previous = overlay.get(&keyspaces, resource_type, event.id)?;
-            stage_projections(&keyspaces, &mut batch, &mut overlay, &event, previous)?;
+            stage_projections(&keyspaces, &mut writes, &mut overlay, &event, previous)?;
             let instant = Instant::from_micros_since_epoch(event.instant_micros);
             let newest_seq = clock_pending.entry(instant).or_insert(event.seq);
             *newest_seq = (*newest_seq).max(event.seq);
             summary.events += 1;
             staged += 1;
             if staged >= REBUILD_BATCH_EVENTS {
-                stage_clock(self, &mut batch, &mut clock_pending)?;
-                batch.commit()?;
-                batch = keyspaces.database.batch();
+                stage_clock(self, &mut writes, &mut clock_pending)?;
+                commit(
+                    &keyspaces.database,
+                    std::mem::replace(&mut writes, SortedWrites::new()),
+                )?;
                 overlay.clear();
                 staged = 0;
             }
         }
-        stage_clock(self, &mut batch, &mut clock_pending)?;
-        batch.commit()?;
+        stage_clock(self, &mut writes, &mut clock_pending)?;
+        commit(&keyspaces.database, writes)?;
         keyspaces.database.persist(PersistMode::SyncAll)?;
         keyspaces.meta.remove(REBUILD_IN_PROGRESS_KEY)?;
         keyspaces.database.persist(PersistMode::SyncAll)?;
@@ -71,7 +74,7 @@ impl Store {
 /// far apart in `events` key order, so merge with what earlier batches wrote.
 fn stage_clock(
     store: &Store,
-    batch: &mut fjall::OwnedWriteBatch,
+    writes: &mut SortedWrites,
     clock_pending: &mut std::collections::HashMap<Instant, u64>,
 ) -> Result<(), StoreError> {
     let keyspaces = store.keyspaces();
@@ -80,11 +83,17 @@ fn stage_clock(
             Some(bytes) => keys::parse_seq(&bytes).unwrap_or(0),
             None => 0,
         };
-        batch.insert(
+        writes.insert(
             &keyspaces.clock,
             keys::clock(instant),
             keys::seq(seq.max(already)),
         );
     }
     Ok(())
+}
+
+fn commit(database: &fjall::Database, writes: SortedWrites) -> Result<(), StoreError> {
+    let mut batch = database.batch();
+    writes.append_to(&mut batch);
+    Ok(batch.commit()?)
 }
