@@ -298,12 +298,8 @@ fn transaction_actions(
             }
             match entry_action(index, entry, base_url, local_base, limits, assigned_id)? {
                 EntryAction::Write(operation) => {
-                    let target = match &operation {
-                        WriteOperation::Create(resource) | WriteOperation::Update { resource, .. } => {
-                            (resource.resource_type, resource.id.clone())
-                        }
-                        WriteOperation::Delete { resource_type, id, .. } => (*resource_type, id.clone()),
-                    };
+                    let (target_type, target_id) = operation.target();
+                    let target = (target_type, target_id.clone());
                     if !targets.insert(target.clone()) {
                         return Err(ApiError::BadRequest(format!(
                             "Bundle.entry[{index}]: {}/{} is already the target of another entry; a transaction may touch each resource once",

@@ -53,13 +53,21 @@ pub(super) fn current_through_overlays<'overlay>(
     resource_type: ResourceType,
     id: &str,
 ) -> Result<Option<CurrentEntry>, StoreError> {
-    let key = keys::type_id(resource_type, id);
+    current_under_key_through_overlays(keyspaces, overlays, &keys::type_id(resource_type, id))
+}
+
+/// [`current_through_overlays`] for the `current` key `key`.
+pub(super) fn current_under_key_through_overlays<'overlay>(
+    keyspaces: &Keyspaces,
+    overlays: impl IntoIterator<Item = &'overlay CurrentOverlay>,
+    key: &[u8],
+) -> Result<Option<CurrentEntry>, StoreError> {
     match overlays
         .into_iter()
-        .find_map(|overlay| overlay.pending_entry(&key))
+        .find_map(|overlay| overlay.pending_entry(key))
     {
         Some(entry) => Ok(Some(entry)),
-        None => read_current(keyspaces, &key),
+        None => read_current(keyspaces, key),
     }
 }
 

@@ -92,6 +92,20 @@ pub enum WriteOperation {
     },
 }
 
+impl WriteOperation {
+    /// The resource the operation writes.
+    pub fn target(&self) -> (ResourceType, &ResourceId) {
+        match self {
+            WriteOperation::Create(resource) | WriteOperation::Update { resource, .. } => {
+                (resource.resource_type, &resource.id)
+            }
+            WriteOperation::Delete {
+                resource_type, id, ..
+            } => (*resource_type, id),
+        }
+    }
+}
+
 /// Where a committed version sits in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionInfo {
