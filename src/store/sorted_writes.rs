@@ -46,7 +46,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_key_written_twice_in_one_batch_keeps_its_last_value() {
+    fn a_key_written_repeatedly_in_one_batch_keeps_its_last_value() {
         let directory = tempfile::tempdir().unwrap();
         let database = fjall::Database::builder(directory.path()).open().unwrap();
         let first = database
@@ -57,9 +57,15 @@ mod tests {
             .unwrap();
         let mut writes = SortedWrites::new();
         writes.insert(&second, *b"b", *b"second b");
-        writes.insert(&first, *b"k", *b"old");
+        for round in 0..64u8 {
+            writes.insert(&first, *b"k", [b'o', b'l', b'd', round]);
+            writes.insert(&second, [b'x', round], *b"filler");
+        }
         writes.insert(&first, *b"a", *b"first a");
         writes.insert(&first, *b"k", *b"new");
+        for round in 0..64u8 {
+            writes.insert(&first, [b'y', round], *b"filler");
+        }
         let mut batch = database.batch();
         writes.append_to(&mut batch);
         batch.commit().unwrap();
