@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The scale curve: gen, load in four quarters into one growing store, a durable
-# `cp -r && sync` of the same ndjson, `fhirlog export`, and an HTTP kick-off to manifest, at
-# one size, printed as one table.
+# The scale curve: gen, load in four quarters into one growing store and all at once into
+# a new one, a durable `cp -r && sync` of the same ndjson, `fhirlog export`, and an HTTP
+# kick-off to manifest, at one size, printed as one table.
 #
 #   benches/measure_scale.sh           # 300 copies of data/sample: ≈13.5M resources, ≈13 GB
 #   benches/measure_scale.sh 50        # ≈2.25M resources
@@ -59,16 +59,25 @@ split_into_quarters "$scratch/generated" "$scratch/quarter"
 rm -rf "$scratch/generated"
 sync
 
-for quarter in 1 2 3 4; do
+# Loads the paths after $3 into data directory $2 as one `fhirlog load` and adds row $1.
+timed_load() {
+    local step="$1" data_directory="$2" report="$scratch/load-${#rows[@]}" loaded
+    shift 2
     busy_before=$(machine_busy_seconds)
-    /usr/bin/time -v -o "$scratch/load-$quarter.time" "$binary" load "$scratch/quarter-$quarter" \
-        --data-dir "$scratch/store" >"$scratch/load-$quarter.summary" 2>"$scratch/load-$quarter.log"
-    loaded=$(awk '/^[0-9]+ resources in / { print $1 }' "$scratch/load-$quarter.summary")
-    add_row "load quarter $quarter (growing)" "$loaded" "$(seconds "$scratch/load-$quarter.time")" \
-        "$(peak_megabytes "$scratch/load-$quarter.time")" "$(cpu_seconds "$scratch/load-$quarter.time")" \
-        "$(other_cpu_seconds "$busy_before" "$(machine_busy_seconds)" "$(cpu_seconds "$scratch/load-$quarter.time")")"
+    /usr/bin/time -v -o "$report.time" "$binary" load "$@" --data-dir "$data_directory" \
+        >"$report.summary" 2>"$report.log"
+    loaded=$(awk '/^[0-9]+ resources in / { print $1 }' "$report.summary")
+    add_row "$step" "$loaded" "$(seconds "$report.time")" "$(peak_megabytes "$report.time")" \
+        "$(cpu_seconds "$report.time")" \
+        "$(other_cpu_seconds "$busy_before" "$(machine_busy_seconds)" "$(cpu_seconds "$report.time")")"
+}
+
+for quarter in 1 2 3 4; do
+    timed_load "load quarter $quarter (growing)" "$scratch/store" "$scratch/quarter-$quarter"
 done
 store_bytes=$(du -sb "$scratch/store" | cut -f1)
+timed_load "load all in one run" "$scratch/store-one-run" "$scratch"/quarter-{1,2,3,4}
+rm -rf "$scratch/store-one-run"
 sync
 sleep 5
 
