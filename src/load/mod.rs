@@ -195,7 +195,7 @@ pub enum LoadError {
 enum ChunkPayload {
     Lines {
         first_line: u64,
-        lines: Vec<Vec<u8>>,
+        lines: ChunkLines,
     },
     JsonDocument(Vec<u8>),
     /// The file could not be read (further) from this point.
@@ -203,6 +203,32 @@ enum ChunkPayload {
         location: ProblemLocation,
         reason: String,
     },
+}
+
+/// A chunk's lines, one after another in one buffer: one allocation per chunk rather than
+/// per line, and the reader's bytes are copied once.
+#[derive(Default)]
+struct ChunkLines {
+    text: Vec<u8>,
+    /// Where each line ends in `text`; the next line starts there.
+    line_ends: Vec<usize>,
+}
+
+impl ChunkLines {
+    fn len(&self) -> usize {
+        self.line_ends.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.line_ends.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.line_ends.iter().copied());
+        starts
+            .zip(&self.line_ends)
+            .map(|(start, &end)| &self.text[start..end])
+    }
 }
 
 struct RawChunk {
@@ -336,34 +362,41 @@ enum LineEnd {
     EndOfFile,
 }
 
-/// Reads the next line into `line` as raw bytes, without its `\n` (and `\r`), keeping at
-/// most `max_bytes` of it in memory.
+/// Appends the next line to `text` as raw bytes, without its `\n` (and `\r`), keeping at
+/// most `max_bytes` of it in memory. Only a complete line stays appended.
 fn read_capped_line(
     reader: &mut impl BufRead,
-    line: &mut Vec<u8>,
+    text: &mut Vec<u8>,
     max_bytes: usize,
 ) -> std::io::Result<LineEnd> {
-    line.clear();
+    let start = text.len();
     loop {
-        let available = reader.fill_buf()?;
+        let available = match reader.fill_buf() {
+            Ok(available) => available,
+            Err(error) => {
+                text.truncate(start);
+                return Err(error);
+            }
+        };
         if available.is_empty() {
-            return Ok(if line.is_empty() {
+            return Ok(if text.len() == start {
                 LineEnd::EndOfFile
             } else {
                 LineEnd::Complete
             });
         }
-        let newline = available.iter().position(|byte| *byte == b'\n');
+        let newline = memchr::memchr(b'\n', available);
         let content = &available[..newline.unwrap_or(available.len())];
-        if line.len() + content.len() > max_bytes {
+        if text.len() - start + content.len() > max_bytes {
+            text.truncate(start);
             return Ok(LineEnd::TooLong);
         }
-        line.extend_from_slice(content);
+        text.extend_from_slice(content);
         let consumed = content.len() + usize::from(newline.is_some());
         reader.consume(consumed);
         if newline.is_some() {
-            if line.last() == Some(&b'\r') {
-                line.pop();
+            if text.len() > start && text.last() == Some(&b'\r') {
+                text.pop();
             }
             return Ok(LineEnd::Complete);
         }
@@ -441,18 +474,18 @@ fn read_ndjson(
 ) -> bool {
     let mut reader = BufReader::with_capacity(1 << 20, reader);
     let mut line_number = 0u64;
-    let mut line = Vec::new();
     loop {
         let first_line = line_number + 1;
-        let mut batch = Vec::with_capacity(LINES_PER_CHUNK);
-        let mut batch_bytes = 0usize;
+        let mut batch = ChunkLines {
+            text: Vec::with_capacity(BYTES_PER_CHUNK + BYTES_PER_CHUNK / 4),
+            line_ends: Vec::with_capacity(LINES_PER_CHUNK),
+        };
         let mut stopped = None;
-        while batch.len() < LINES_PER_CHUNK && batch_bytes < BYTES_PER_CHUNK {
-            match read_capped_line(&mut reader, &mut line, max_line_bytes) {
+        while batch.len() < LINES_PER_CHUNK && batch.text.len() < BYTES_PER_CHUNK {
+            match read_capped_line(&mut reader, &mut batch.text, max_line_bytes) {
                 Ok(LineEnd::Complete) => {
                     line_number += 1;
-                    batch_bytes += line.len();
-                    batch.push(line.clone());
+                    batch.line_ends.push(batch.text.len());
                 }
                 Ok(LineEnd::EndOfFile) => {
                     stopped = Some(None);

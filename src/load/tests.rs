@@ -366,3 +366,42 @@ fn lines_that_open_with_their_type_are_prepared_in_one_pass_as_the_tree_would() 
         );
     }
 }
+
+/// Lines keep their numbers and bytes across chunk boundaries, without `\n` or `\r\n`, and
+/// a last line without `\n` is still read.
+#[test]
+fn ndjson_chunks_hold_every_line_once_without_its_line_ending() {
+    let line_count = LINES_PER_CHUNK * 2 + 7;
+    let mut text = String::new();
+    for number in 1..=line_count {
+        let ending = if number % 3 == 0 { "\r\n" } else { "\n" };
+        text.push_str(&format!("line {number}{ending}"));
+    }
+    text.push_str("last line");
+
+    let mut chunks = Vec::new();
+    let completed = read_ndjson(text.as_bytes(), 1 << 10, &mut |payload| {
+        chunks.push(payload);
+        true
+    });
+
+    assert!(completed);
+    let mut read = Vec::new();
+    for payload in &chunks {
+        let ChunkPayload::Lines { first_line, lines } = payload else {
+            panic!("only lines were expected");
+        };
+        assert_eq!(*first_line, read.len() as u64 + 1);
+        read.extend(
+            lines
+                .iter()
+                .map(|line| String::from_utf8(line.to_vec()).unwrap()),
+        );
+    }
+    let expected: Vec<String> = (1..=line_count)
+        .map(|number| format!("line {number}"))
+        .chain(["last line".to_owned()])
+        .collect();
+    assert_eq!(read, expected);
+    assert_eq!(chunks.len(), 3);
+}
