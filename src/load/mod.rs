@@ -207,7 +207,6 @@ enum ChunkPayload {
 
 /// A chunk's lines, one after another in one buffer: one allocation per chunk rather than
 /// per line, and the reader's bytes are copied once.
-#[derive(Default)]
 struct ChunkLines {
     text: Vec<u8>,
     /// Where each line ends in `text`; the next line starts there.
