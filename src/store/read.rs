@@ -1,6 +1,8 @@
 //! Point reads: current version, a given version, and a resource's history (`current`
 //! holds the newest version, `history` the superseded ones).
 
+use fjall::{Readable, Snapshot};
+
 use super::record::{self, CurrentEntry, EventOperation, EventRecord};
 use super::{Keyspaces, Store, StoreError, keys};
 use crate::fhir::{Instant, ResourceId, ResourceType};
@@ -52,7 +54,9 @@ impl Store {
         resource_type: ResourceType,
         id: &ResourceId,
     ) -> Result<Option<StoredVersion>, StoreError> {
-        let Some(entry) = self.keyspaces().current_entry(resource_type, id.as_str())? else {
+        let keyspaces = self.keyspaces();
+        let snapshot = keyspaces.snapshot();
+        let Some(entry) = keyspaces.current_entry(&snapshot, resource_type, id.as_str())? else {
             return Ok(None);
         };
         self.read_event(resource_type, entry.seq).map(Some)
@@ -65,7 +69,8 @@ impl Store {
         version: u64,
     ) -> Result<Option<StoredVersion>, StoreError> {
         let keyspaces = self.keyspaces();
-        let Some(newest) = keyspaces.current_entry(resource_type, id.as_str())? else {
+        let snapshot = keyspaces.snapshot();
+        let Some(newest) = keyspaces.current_entry(&snapshot, resource_type, id.as_str())? else {
             return Ok(None);
         };
         let seq = if version == newest.version {
@@ -73,10 +78,10 @@ impl Store {
         } else if version > newest.version {
             return Ok(None);
         } else {
-            let Some(seq_bytes) =
-                keyspaces
-                    .history
-                    .get(keys::history(resource_type, id.as_str(), version))?
+            let Some(seq_bytes) = snapshot.get(
+                &keyspaces.history,
+                keys::history(resource_type, id.as_str(), version),
+            )?
             else {
                 return Ok(None);
             };
@@ -279,13 +284,21 @@ impl Store {
 }
 
 impl Keyspaces {
-    /// The `current` entry of a resource; `None` if it never existed.
+    /// Every keyspace as of the last batch fjall has finished applying, for reads that
+    /// combine keyspaces: a plain read also sees the entries of a batch being applied, so
+    /// `current` could show a version whose predecessor's `history` entry is not there yet.
+    pub(super) fn snapshot(&self) -> Snapshot {
+        self.database.snapshot()
+    }
+
+    /// The `current` entry of a resource as of `snapshot`; `None` if it never existed.
     pub(super) fn current_entry(
         &self,
+        snapshot: &Snapshot,
         resource_type: ResourceType,
         id: &str,
     ) -> Result<Option<CurrentEntry>, StoreError> {
-        match self.current.get(keys::type_id(resource_type, id))? {
+        match snapshot.get(&self.current, keys::type_id(resource_type, id))? {
             Some(bytes) => Ok(Some(record::decode(&bytes)?)),
             None => Ok(None),
         }

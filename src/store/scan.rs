@@ -2,7 +2,7 @@
 //! of two sequential scans, DESIGN.md §3), event lookups, a per-job scratch set of
 //! (type, seq) keys, and the `jobs` keyspace.
 
-use fjall::PersistMode;
+use fjall::{PersistMode, Readable};
 use serde::{Deserialize, Serialize};
 
 use super::out_of_space::FailedWrite;
@@ -270,25 +270,22 @@ impl Store {
     }
 
     /// `(version, seq)` of every version of a resource, newest first: the newest from
-    /// `current`, the superseded ones from `history`. `current` is read first, so a version
-    /// superseded meanwhile is skipped in `history` rather than listed twice.
+    /// `current`, the superseded ones from `history`, both as of one snapshot.
     pub fn version_seqs(
         &self,
         resource_type: ResourceType,
         id: &str,
     ) -> Result<Vec<(u64, u64)>, StoreError> {
         let keyspaces = self.keyspaces();
-        let Some(newest) = keyspaces.current_entry(resource_type, id)? else {
+        let snapshot = keyspaces.snapshot();
+        let Some(newest) = keyspaces.current_entry(&snapshot, resource_type, id)? else {
             return Ok(Vec::new());
         };
         let mut versions = vec![(newest.version, newest.seq)];
         let prefix = keys::history_prefix(resource_type, id);
-        for entry in keyspaces.history.prefix(&prefix).rev() {
+        for entry in snapshot.prefix(&keyspaces.history, &prefix).rev() {
             let (key, seq_bytes) = entry.into_inner()?;
             let version = parse_trailing_seq(&key)?;
-            if version >= newest.version {
-                continue;
-            }
             let seq = keys::parse_seq(&seq_bytes)
                 .ok_or_else(|| StoreError::Corrupt("bad history entry".to_owned()))?;
             versions.push((version, seq));

@@ -849,3 +849,51 @@ fn a_write_buffer_budget_below_one_memtable_still_lets_every_commit_through() {
             .is_some()
     );
 }
+
+#[test]
+fn reads_of_a_resource_updated_meanwhile_see_every_version_below_the_newest() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &StoreOptions::default()).unwrap();
+    let patient_id = id("contended");
+    let update_count = 1_000;
+    let writer = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            for update_number in 0..update_count {
+                store
+                    .commit(vec![update(&format!(
+                        r#"{{"resourceType":"Patient","id":"contended","birthDate":"{}"}}"#,
+                        1000 + update_number
+                    ))])
+                    .unwrap();
+            }
+        })
+    };
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let store = store.clone();
+            let patient_id = patient_id.clone();
+            std::thread::spawn(move || {
+                let mut newest = 0;
+                while newest < update_count {
+                    let versions = store
+                        .version_seqs(ResourceType::PATIENT, patient_id.as_str())
+                        .unwrap();
+                    let numbers: Vec<u64> = versions.iter().map(|(version, _)| *version).collect();
+                    newest = numbers.first().copied().unwrap_or(0);
+                    assert_eq!(numbers, (1..=newest).rev().collect::<Vec<u64>>());
+                    if newest > 1 {
+                        let below_newest = store
+                            .read_version(ResourceType::PATIENT, &patient_id, newest - 1)
+                            .unwrap();
+                        assert!(below_newest.is_some(), "version {} is missing", newest - 1);
+                    }
+                }
+            })
+        })
+        .collect();
+    writer.join().unwrap();
+    for reader in readers {
+        reader.join().unwrap();
+    }
+}
