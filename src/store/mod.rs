@@ -3,6 +3,7 @@
 //! are projections of them written in the same batch (DESIGN.md §2).
 
 mod committer;
+mod compactor;
 mod journal_cut;
 mod keys;
 mod out_of_space;
@@ -29,6 +30,7 @@ pub use write::{
 };
 
 use committer::{CommitRequest, Committer, spawn_applier};
+use compactor::{RandomKeyedCompactor, SnapshotRegistry, spawn_random_keyed_compactor};
 use out_of_space::{FailedWrite, WriteHealth};
 
 /// Store failures a caller can act on.
@@ -139,8 +141,16 @@ const TABLE_TARGET_BYTES: u64 = 16 << 20;
 /// of level 1, and gathering more tables per compaction rewrites it less often (12 rather
 /// than 8: the last quarter of a 2.2M-resource load ran at 57k instead of 52k resources/s,
 /// averaged over three runs each). fjall starts slowing writes at 20 level-0 tables. Their
-/// blocks (UUIDs and seqs) barely compress, so they are stored uncompressed.
+/// blocks (UUIDs and seqs) barely compress, so they are stored uncompressed. The store's
+/// own thread compacts them ([`compactor`]).
 const RANDOM_KEYED_L0_THRESHOLD: u8 = 12;
+
+/// How the store's compaction thread compacts the indexes keyed by resource or patient id.
+fn random_keyed_compaction() -> fjall::compaction::Leveled {
+    fjall::compaction::Leveled::default()
+        .with_table_target_size(TABLE_TARGET_BYTES)
+        .with_l0_threshold(RANDOM_KEYED_L0_THRESHOLD)
+}
 
 /// Data blocks of `events` (fjall's default is 4 KiB): an export reads whole runs of
 /// events, and a 4 KiB block holds only a few resources, so per-block costs (a read
@@ -206,7 +216,7 @@ fn keyspace_options(
         ),
         KeyOrder::RandomIds => (
             options.data_block_compression_policy(all_blocks(fjall::CompressionType::None)),
-            leveled.with_l0_threshold(RANDOM_KEYED_L0_THRESHOLD),
+            leveled.with_l0_threshold(compactor::HANDS_OFF_L0_THRESHOLD),
         ),
     };
     options.compaction_strategy(Arc::new(leveled))
@@ -236,6 +246,9 @@ pub(crate) struct Keyspaces {
     jobs: Keyspace,
     scratch: Keyspace,
     meta: Keyspace,
+    snapshots: Arc<SnapshotRegistry>,
+    /// Declared last: dropped, and its thread joined, once every other field is gone.
+    _compactor: Arc<RandomKeyedCompactor>,
 }
 
 impl Keyspaces {
@@ -249,18 +262,31 @@ impl Keyspaces {
         let ascending = KeyOrder::Ascending;
         let random_ids = KeyOrder::RandomIds;
         let some = PointReads::Some;
+        let current = open("current", index_bytes, random_ids, PointReads::EveryWrite)?;
+        let history = open("history", index_bytes, random_ids, PointReads::Hits)?;
+        let compartment = open("compartment", index_bytes, random_ids, PointReads::None)?;
+        let snapshots = Arc::new(SnapshotRegistry::default());
+        let compactor = spawn_random_keyed_compactor(
+            database.clone(),
+            vec![current.clone(), history.clone(), compartment.clone()],
+            random_keyed_compaction(),
+            Arc::clone(&snapshots),
+        )
+        .map_err(|error| StoreError::Storage(fjall::Error::Io(error)))?;
         Ok(Keyspaces {
             events: open("events", events_bytes, KeyOrder::EventBuckets, some)?,
             log: open("log", small_index_bytes, ascending, some)?,
             superseded: open("superseded", small_index_bytes, ascending, some)?,
-            current: open("current", index_bytes, random_ids, PointReads::EveryWrite)?,
-            history: open("history", index_bytes, random_ids, PointReads::Hits)?,
-            compartment: open("compartment", index_bytes, random_ids, PointReads::None)?,
+            current,
+            history,
+            compartment,
             clock: open("clock", small_index_bytes, ascending, some)?,
             jobs: open("jobs", small_index_bytes, ascending, some)?,
             scratch: open("scratch", index_bytes, ascending, some)?,
             meta: open("meta", small_index_bytes, ascending, some)?,
             database,
+            snapshots,
+            _compactor: Arc::new(compactor),
         })
     }
 

@@ -3,6 +3,7 @@
 
 use fjall::{Readable, Snapshot};
 
+use super::compactor::RegisteredSnapshot;
 use super::record::{self, CurrentEntry, EventOperation, EventRecord};
 use super::{Keyspaces, Store, StoreError, keys};
 use crate::fhir::{Instant, ResourceId, ResourceType};
@@ -287,8 +288,8 @@ impl Keyspaces {
     /// Every keyspace as of the last batch fjall has finished applying, for reads that
     /// combine keyspaces: a plain read also sees the entries of a batch being applied, so
     /// `current` could show a version whose predecessor's `history` entry is not there yet.
-    pub(super) fn snapshot(&self) -> Snapshot {
-        self.database.snapshot()
+    pub(super) fn snapshot(&self) -> RegisteredSnapshot {
+        self.snapshots.open(&self.database)
     }
 
     /// The `current` entry of a resource as of `snapshot`; `None` if it never existed.

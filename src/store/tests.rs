@@ -897,3 +897,105 @@ fn reads_of_a_resource_updated_meanwhile_see_every_version_below_the_newest() {
         reader.join().unwrap();
     }
 }
+
+/// Options under which a few thousand small writes seal dozens of index memtables.
+fn options_with_tiny_index_memtables() -> StoreOptions {
+    StoreOptions {
+        events_memtable_bytes: 64 << 10,
+        index_memtable_bytes: 4 << 10,
+        ..StoreOptions::default()
+    }
+}
+
+fn commit_patients(store: &Store, commit_number: usize, patients_per_commit: usize) {
+    let operations = (0..patients_per_commit)
+        .map(|index| {
+            update(&format!(
+                r#"{{"resourceType":"Patient","id":"p{commit_number}-{index}","active":true}}"#
+            ))
+        })
+        .collect();
+    store.commit(operations).unwrap();
+}
+
+/// Waits until the store's compaction thread has brought level 0 of `current` below the
+/// compaction threshold with tables below it, or panics after a minute.
+fn wait_until_current_is_compacted(store: &Store) {
+    let keyspaces = store.keyspaces();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let level_zero = keyspaces.current.l0_table_count();
+        let below_level_zero = keyspaces.current.table_count() - level_zero;
+        if level_zero < usize::from(RANDOM_KEYED_L0_THRESHOLD) && below_level_zero > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "`current` was not compacted: {level_zero} level-0 tables, {below_level_zero} below"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn the_store_compacts_its_id_keyed_indexes_on_its_own_thread() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &options_with_tiny_index_memtables()).unwrap();
+    let writer = store.clone();
+    let (done_sender, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for commit_number in 0..120 {
+            commit_patients(&writer, commit_number, 25);
+        }
+        writer.flush_memtables().unwrap();
+        done_sender.send(()).unwrap();
+    });
+    done.recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the writes finished rather than halting for level-0 tables nobody compacts");
+    wait_until_current_is_compacted(&store);
+    for commit_number in [0, 59, 119] {
+        let patient_id = id(&format!("p{commit_number}-24"));
+        let read = store
+            .read_current(ResourceType::PATIENT, &patient_id)
+            .unwrap();
+        assert_eq!(read.map(|version| version.version), Some(1));
+    }
+}
+
+#[test]
+fn a_snapshot_keeps_seeing_what_it_saw_while_the_store_compacts_newer_versions_over_it() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Store::open(directory.path(), &options_with_tiny_index_memtables()).unwrap();
+    let keyspaces = store.keyspaces();
+    let watched = r#"{"resourceType":"Patient","id":"watched","birthDate":"1000"}"#;
+    store.commit(vec![update(watched)]).unwrap();
+    let snapshot = keyspaces.snapshot();
+    let seen_first = keyspaces
+        .current_entry(&snapshot, ResourceType::PATIENT, "watched")
+        .unwrap()
+        .expect("the snapshot sees the first version");
+    for commit_number in 0..120 {
+        store
+            .commit(vec![update(&format!(
+                r#"{{"resourceType":"Patient","id":"watched","birthDate":"{}"}}"#,
+                1001 + commit_number
+            ))])
+            .unwrap();
+        commit_patients(&store, commit_number, 25);
+    }
+    store.flush_memtables().unwrap();
+    wait_until_current_is_compacted(&store);
+    let seen_after = keyspaces
+        .current_entry(&snapshot, ResourceType::PATIENT, "watched")
+        .unwrap();
+    assert_eq!(
+        seen_after.map(|entry| entry.version),
+        Some(seen_first.version)
+    );
+    drop(snapshot);
+    let newest = store
+        .read_current(ResourceType::PATIENT, &id("watched"))
+        .unwrap()
+        .expect("the resource exists");
+    assert_eq!(newest.version, 121);
+}
