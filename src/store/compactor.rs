@@ -8,6 +8,7 @@
 //! too, which fjall allows.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -24,7 +25,8 @@ pub(super) const HANDS_OFF_L0_THRESHOLD: u8 = u8::MAX;
 /// level-0 table every ~0.1 s at most, and a compaction starts at twelve of them.
 const IDLE_WAIT: Duration = Duration::from_millis(50);
 
-/// How long the thread waits after a failed compaction (a full disk) before trying again.
+/// How long the thread waits after a failed compaction (a full disk) before trying again:
+/// were it to stop, level 0 would grow until fjall halts every write.
 const RETRY_WAIT: Duration = Duration::from_secs(1);
 
 /// The snapshots this store's readers hold open, so that a compaction keeps every version
@@ -141,11 +143,20 @@ fn compact_until_stopped(
         for keyspace in keyspaces {
             let tables_before = table_counts(keyspace);
             let watermark = snapshots.garbage_collection_watermark(database);
-            if let Err(error) = keyspace.tree.compact(Arc::new(strategy.clone()), watermark) {
-                tracing::error!(keyspace = %keyspace.name(), %error, "compaction failed; retrying");
-                wait = RETRY_WAIT;
-            } else if table_counts(keyspace) != tables_before {
-                wait = Duration::ZERO;
+            let compacted = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                keyspace.tree.compact(Arc::new(strategy.clone()), watermark)
+            }));
+            match compacted {
+                Ok(Ok(())) if table_counts(keyspace) != tables_before => wait = Duration::ZERO,
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(keyspace = %keyspace.name(), %error, "compaction failed; retrying");
+                    wait = RETRY_WAIT;
+                }
+                Err(_) => {
+                    tracing::error!(keyspace = %keyspace.name(), "compaction panicked; retrying");
+                    wait = RETRY_WAIT;
+                }
             }
         }
         match stop.recv_timeout(wait) {

@@ -84,7 +84,8 @@ pub struct StoreOptions {
     pub index_memtable_bytes: u64,
     /// Memtable bytes, active and sealed, above which the applier holds groups back while
     /// sealed memtables wait for their flush: fjall's single worker flushes only between
-    /// compactions, which take longer as the store grows.
+    /// the compactions it runs (those of the id-keyed indexes run on the store's own
+    /// thread, [`compactor`]).
     pub max_write_buffer_bytes: u64,
     /// Commit requests waiting for the committer, beyond the group it stages while the
     /// group before is applied; a writer that finds the queue full waits for room, so a
