@@ -321,7 +321,7 @@ impl ResourceFields {
         max_depth: usize,
         local_base: &LocalBase,
     ) -> Result<ResourceFields, ResourceBodyError> {
-        if json_nesting_exceeds(body, max_depth) {
+        if max_depth >= MAX_SUPPORTED_JSON_DEPTH && json_nesting_exceeds(body, max_depth) {
             return Err(ResourceBodyError::NestedTooDeep { limit: max_depth });
         }
         let mut writer = CanonicalWriter {
@@ -330,6 +330,7 @@ impl ResourceFields {
             reorder_scratch: Vec::new(),
             patients: PatientCompartment::r4()
                 .patient_id_collector(expected_type, local_base.clone()),
+            nesting: Nesting::within(max_depth),
         };
         let mut deserializer = serde_json::Deserializer::from_slice(body);
         let root = ResourceRoot {
@@ -337,7 +338,13 @@ impl ResourceFields {
         }
         .deserialize(&mut deserializer)
         .and_then(|root| deserializer.end().map(|()| root))
-        .map_err(|error| ResourceBodyError::MalformedJson(error.to_string()))?;
+        .map_err(|error| {
+            if writer.nesting.exceeded {
+                ResourceBodyError::NestedTooDeep { limit: max_depth }
+            } else {
+                ResourceBodyError::MalformedJson(error.to_string())
+            }
+        })?;
         if let RootShape::NotAnObject { found } = root {
             return Err(ResourceBodyError::NotAnObject { found });
         }
@@ -433,6 +440,40 @@ struct CanonicalWriter<'de> {
     members: Vec<ObjectMember<'de>>,
     reorder_scratch: Vec<u8>,
     patients: PatientIdCollector<'static>,
+    nesting: Nesting,
+}
+
+/// The nesting limit, checked as arrays and objects open while the body is read.
+/// serde_json refuses a 128th level itself, before any visitor sees it, so
+/// [`ResourceFields::read`] pre-scans the text at the deepest configurable limit instead.
+struct Nesting {
+    depth: usize,
+    max_depth: usize,
+    exceeded: bool,
+}
+
+impl Nesting {
+    fn within(max_depth: usize) -> Nesting {
+        Nesting {
+            depth: 0,
+            max_depth,
+            exceeded: false,
+        }
+    }
+
+    /// Enters an array or object; an error once it is one level too deep.
+    fn enter<E: de::Error>(&mut self) -> Result<(), E> {
+        self.depth += 1;
+        if self.depth > self.max_depth {
+            self.exceeded = true;
+            return Err(E::custom("nested too deep"));
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self) {
+        self.depth -= 1;
+    }
 }
 
 struct ObjectMember<'de> {
@@ -470,7 +511,12 @@ impl<'de> CanonicalWriter<'de> {
             }
             is_first = false;
             let start = self.output.len();
-            write_json(&mut self.output, &*name);
+            match &name {
+                Cow::Borrowed(unescaped) => {
+                    write_unescaped_json_string(&mut self.output, unescaped)
+                }
+                Cow::Owned(name) => write_json(&mut self.output, name.as_str()),
+            }
             self.output.push(b':');
             let value_start = self.output.len();
             let member_position = self.patients.enter_member(position, &name);
@@ -664,12 +710,18 @@ impl<'de> Visitor<'de> for CanonicalValue<'_, 'de> {
         Ok(())
     }
 
+    fn visit_borrowed_str<E: de::Error>(self, value: &'de str) -> Result<(), E> {
+        write_unescaped_json_string(&mut self.writer.output, value);
+        Ok(())
+    }
+
     fn visit_str<E: de::Error>(self, value: &str) -> Result<(), E> {
         write_json(&mut self.writer.output, value);
         Ok(())
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        self.writer.nesting.enter()?;
         self.writer.output.push(b'[');
         let mut is_first = true;
         loop {
@@ -689,17 +741,21 @@ impl<'de> Visitor<'de> for CanonicalValue<'_, 'de> {
             is_first = false;
         }
         self.writer.output.push(b']');
+        self.writer.nesting.leave();
         Ok(())
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let Some(first_name) = map.next_key_seed(MemberName)? else {
+            self.writer.nesting.enter()?;
+            self.writer.nesting.leave();
             self.writer.output.extend_from_slice(b"{}");
             return Ok(());
         };
         if first_name == SERDE_JSON_NUMBER_MEMBER {
             return self.writer.write_number(&mut map);
         }
+        self.writer.nesting.enter()?;
         let object_start = self.writer.output.len();
         let members_base = self.writer.members.len();
         self.writer.output.push(b'{');
@@ -708,6 +764,7 @@ impl<'de> Visitor<'de> for CanonicalValue<'_, 'de> {
         self.writer.output.push(b'}');
         self.writer
             .finish_object(object_start, members_base, self.skipped_names);
+        self.writer.nesting.leave();
         Ok(())
     }
 }
@@ -786,6 +843,7 @@ impl<'de> Visitor<'de> for ResourceRoot<'_, 'de> {
             self.writer.write_number(&mut map)?;
             return Self::not_an_object("number");
         }
+        self.writer.nesting.enter()?;
         let position = self.writer.patients.root();
         self.writer
             .write_members(&mut map, first_name, position, MemberLayout::Root)?;
@@ -797,6 +855,7 @@ impl<'de> Visitor<'de> for ResourceRoot<'_, 'de> {
                 .filter_map(|index| ordered[index].take())
                 .collect();
         }
+        self.writer.nesting.leave();
         Ok(RootShape::Object)
     }
 }
@@ -812,6 +871,16 @@ fn write_body_head(bytes: &mut Vec<u8>, resource_type: ResourceType, id: &Resour
 }
 
 /// Appends `value` as minified JSON; writing to a `Vec` cannot fail for JSON values.
+/// Writes a string that serde_json borrowed from the body: it had no escapes, so it holds
+/// no quote, backslash or control character, and its canonical text is its own bytes in
+/// quotes.
+fn write_unescaped_json_string(bytes: &mut Vec<u8>, unescaped: &str) {
+    bytes.reserve(unescaped.len() + 2);
+    bytes.push(b'"');
+    bytes.extend_from_slice(unescaped.as_bytes());
+    bytes.push(b'"');
+}
+
 fn write_json<T: serde::Serialize + ?Sized>(bytes: &mut Vec<u8>, value: &T) {
     serde_json::to_writer(&mut *bytes, value).expect("serialising JSON into memory cannot fail");
 }
@@ -894,6 +963,41 @@ mod tests {
             ),
             Err(ResourceBodyError::NestedTooDeep { limit: 64 })
         ));
+    }
+
+    #[test]
+    fn one_pass_reading_counts_nesting_as_the_text_does_whatever_the_innermost_value() {
+        let basic = ResourceType::parse("Basic").unwrap();
+        let read = |text: &str, max_depth| {
+            ResourceFields::read(
+                text.as_bytes(),
+                basic,
+                BodyId::Validate,
+                max_depth,
+                &LocalBase::relative_only(),
+            )
+        };
+        for innermost in ["1", "1.5", "{}", "[]", r#"{"a":2.5e3}"#, r#""x""#] {
+            for opening in ["[", r#"{"b":"#] {
+                let closing = if opening == "[" { "]" } else { "}" };
+                let body = format!(
+                    r#"{{"resourceType":"Basic","x":{}{innermost}{}}}"#,
+                    opening.repeat(5),
+                    closing.repeat(5)
+                );
+                let levels = 6 + usize::from(innermost.starts_with(['{', '[']));
+                assert!(!json_nesting_exceeds(body.as_bytes(), levels), "{body}");
+                assert!(json_nesting_exceeds(body.as_bytes(), levels - 1), "{body}");
+                assert!(read(&body, levels).is_ok(), "{body}");
+                assert!(
+                    matches!(
+                        read(&body, levels - 1),
+                        Err(ResourceBodyError::NestedTooDeep { limit }) if limit == levels - 1
+                    ),
+                    "{body}"
+                );
+            }
+        }
     }
 
     #[test]
