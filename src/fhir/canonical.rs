@@ -234,19 +234,29 @@ impl PreparedBody {
 
     /// The exported body of version `version` written at `last_updated`.
     pub fn finish(&self, version: u64, last_updated: Instant) -> String {
+        let mut finished = String::new();
+        self.finish_into(version, &last_updated.to_fhir_string(), &mut finished);
+        finished
+    }
+
+    /// [`PreparedBody::finish`] into `finished`, replacing what it held, with `last_updated`
+    /// already as [`Instant::to_fhir_string`] writes it: a writer of many versions at one
+    /// instant formats it once and reuses one buffer.
+    pub fn finish_into(&self, version: u64, last_updated: &str, finished: &mut String) {
+        use std::fmt::Write as _;
         let (head, tail) = self.text.split_at(self.meta_fields_start);
-        let mut finished = String::with_capacity(self.text.len() + 80);
+        finished.clear();
+        finished.reserve(self.text.len() + 80);
         finished.push_str(head);
         finished.push_str("\"versionId\":\"");
-        finished.push_str(&version.to_string());
+        write!(finished, "{version}").expect("writing to a String cannot fail");
         finished.push_str("\",\"lastUpdated\":\"");
-        finished.push_str(&last_updated.to_fhir_string());
+        finished.push_str(last_updated);
         finished.push('"');
         if self.meta_has_other_fields {
             finished.push(',');
         }
         finished.push_str(tail);
-        finished
     }
 }
 

@@ -213,6 +213,46 @@ pub(super) struct Committer {
     /// until the applier reports the group done.
     unapplied: VecDeque<(u64, CurrentOverlay)>,
     last_group_number: u64,
+    scratch: EncodingScratch,
+}
+
+/// Buffers the committer reuses for every event it encodes, so an event costs one
+/// allocation (its value in the batch) rather than three; fjall copies the encoded event.
+#[derive(Default)]
+struct EncodingScratch {
+    finished_body: String,
+    encoded_event: Vec<u8>,
+}
+
+/// Capacity an [`EncodingScratch`] buffer keeps between requests; one grown past it by a
+/// large resource is let go, so memory stays bounded.
+const SCRATCH_KEPT_BYTES: usize = 1 << 20;
+
+impl EncodingScratch {
+    /// The encoded record of `event`, its body finished as written at `instant`
+    /// (`last_updated` is its text).
+    fn encode(&mut self, event: &PlannedEvent<'_>, instant: Instant, last_updated: &str) -> &[u8] {
+        match event.put {
+            Some(resource) => {
+                resource
+                    .body
+                    .finish_into(event.version, last_updated, &mut self.finished_body)
+            }
+            None => self.finished_body.clear(),
+        }
+        let record = event.record(instant, self.finished_body.as_bytes());
+        record::encode_into(&record, &mut self.encoded_event);
+        &self.encoded_event
+    }
+
+    fn release_if_large(&mut self) {
+        if self.finished_body.capacity() > SCRATCH_KEPT_BYTES {
+            self.finished_body = String::new();
+        }
+        if self.encoded_event.capacity() > SCRATCH_KEPT_BYTES {
+            self.encoded_event = Vec::new();
+        }
+    }
 }
 
 struct PlannedEvent<'request> {
@@ -225,7 +265,7 @@ struct PlannedEvent<'request> {
 }
 
 impl<'request> PlannedEvent<'request> {
-    fn record(&self, instant: Instant, body: &'request [u8]) -> EventRecord<'request> {
+    fn record<'body>(&'body self, instant: Instant, body: &'body [u8]) -> EventRecord<'body> {
         EventRecord {
             seq: self.seq,
             instant_micros: instant.micros_since_epoch(),
@@ -291,6 +331,7 @@ impl Committer {
             applier,
             unapplied: VecDeque::new(),
             last_group_number: 0,
+            scratch: EncodingScratch::default(),
         })
     }
 
@@ -502,6 +543,7 @@ impl Committer {
             applier,
             unapplied: VecDeque::new(),
             last_group_number,
+            scratch: EncodingScratch::default(),
         }
     }
 
@@ -584,41 +626,32 @@ impl Committer {
                 Some(keys::event(first_event.resource_type, first_event.seq).to_vec());
         }
         let last_seq = last_event.seq;
-        let mut request_overlay = CurrentOverlay::new();
+        let last_updated = planned.instant.to_fhir_string();
         for event in &planned.events {
-            let encoded = {
-                let body = event
-                    .put
-                    .map(|resource| resource.body.finish(event.version, planned.instant))
-                    .unwrap_or_default();
-                let record = event.record(planned.instant, body.as_bytes());
-                record::encode_with_capacity(&record, approximate_event_bytes(&record))
-            };
-            // The projections never read the body: its copy is freed before they stage a key
-            // per compartment patient (a large Group's peak).
-            let record = event.record(planned.instant, &[]);
+            let encoded = self.scratch.encode(event, planned.instant, &last_updated);
             self.event_bytes_since_rotation += encoded.len() as u64;
-            self.index_bytes_since_rotation +=
-                approximate_index_bytes(&record, event.previous.is_some());
             writes.insert(
                 &self.keyspaces.events,
                 keys::event(event.resource_type, event.seq),
                 encoded,
             );
+            let record = event.record(planned.instant, &[]);
+            self.index_bytes_since_rotation +=
+                approximate_index_bytes(&record, event.previous.is_some());
             stage_projections(
                 &self.keyspaces,
                 writes,
-                &mut request_overlay,
+                group_overlay,
                 &record,
                 event.previous,
             )?;
         }
+        self.scratch.release_if_large();
         writes.insert(
             &self.keyspaces.clock,
             keys::clock(planned.instant),
             keys::seq(last_seq),
         );
-        group_overlay.absorb(request_overlay);
         self.last_seq = last_seq;
         self.last_instant = planned.instant;
         Ok(planned.outcomes)
@@ -760,18 +793,6 @@ fn seal(keyspace: &fjall::Keyspace) {
     if let Err(error) = keyspace.rotate_memtable() {
         tracing::warn!(%error, "could not seal a memtable");
     }
-}
-
-/// An upper bound on the encoded size of `record`: its strings, plus the varints, digest
-/// and length prefixes of its fixed fields.
-fn approximate_event_bytes(record: &EventRecord<'_>) -> usize {
-    const FIXED_FIELDS_AND_PREFIXES: usize = 96;
-    let patients: usize = record
-        .compartment_patients
-        .iter()
-        .map(|patient| patient.len() + 10)
-        .sum();
-    FIXED_FIELDS_AND_PREFIXES + record.id.len() + record.body.len() + patients
 }
 
 /// What one event adds to `current`, `history` (only when it supersedes a version) and

@@ -39,10 +39,6 @@ impl CurrentOverlay {
     pub fn clear(&mut self) {
         self.pending.clear();
     }
-
-    pub fn absorb(&mut self, other: CurrentOverlay) {
-        self.pending.extend(other.pending);
-    }
 }
 
 /// The `current` entry of a resource as the first of `overlays` (newest first) that holds

@@ -56,16 +56,17 @@ pub fn digest_prefix(digest: &[u8; 32]) -> [u8; CURRENT_DIGEST_PREFIX_BYTES] {
 
 /// Encodes any record the store keeps: the format byte, then postcard.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
-    encode_with_capacity(record, 64)
+    let mut bytes = Vec::with_capacity(64);
+    encode_into(record, &mut bytes);
+    bytes
 }
 
-/// [`encode`] into a buffer that holds `capacity` bytes before it grows: a record with a
-/// large body is then allocated once rather than doubled up to its size.
-pub fn encode_with_capacity<T: Serialize>(record: &T, capacity: usize) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(capacity);
+/// [`encode`] into `bytes`, replacing what it held: a writer of many records reuses one
+/// buffer.
+pub fn encode_into<T: Serialize>(record: &T, bytes: &mut Vec<u8>) {
+    bytes.clear();
     bytes.push(RECORD_FORMAT_VERSION);
-    postcard::to_io(record, &mut bytes).expect("writing postcard to a Vec cannot fail");
-    bytes
+    postcard::to_io(record, &mut *bytes).expect("writing postcard to a Vec cannot fail");
 }
 
 /// Decodes what [`encode`] wrote; another format byte is `StoreError::Corrupt`.
