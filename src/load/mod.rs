@@ -523,12 +523,43 @@ fn read_ndjson(
     }
 }
 
+/// How much lower than the store's threads a preparing thread runs (its nice value).
+#[cfg(target_os = "linux")]
+const PREPARING_THREAD_NICENESS: libc::c_int = 5;
+
+/// Lowers the calling thread's priority. A load's rate is bounded by the committer and
+/// the applier, one thread each, and on 2 cores they shared the CPU evenly with the
+/// preparing threads, which mostly wait for them anyway. Loading 2.25M resources (7 runs
+/// each, alternated) took 31.4–35.2 s, 33.7 s on average, against 30.8–41.8 s, 35.6 s,
+/// with the CPU idle less often.
+fn yield_the_cpu_to_the_store_threads() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority only sets the nice value of the thread `gettid` names (on
+        // Linux `PRIO_PROCESS` with a thread id applies to that thread alone).
+        let result = unsafe {
+            libc::setpriority(
+                libc::PRIO_PROCESS,
+                libc::gettid() as libc::id_t,
+                PREPARING_THREAD_NICENESS,
+            )
+        };
+        if result != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "could not lower a preparing thread's priority"
+            );
+        }
+    }
+}
+
 fn prepare_chunks(
     raw_chunks: Receiver<RawChunk>,
     prepared: Sender<PreparedChunk>,
     max_json_depth: usize,
     local_base: &LocalBase,
 ) {
+    yield_the_cpu_to_the_store_threads();
     for chunk in raw_chunks {
         let mut resources = Vec::new();
         let mut problems = Vec::new();
