@@ -375,18 +375,25 @@ impl HeldCommitter {
 fn child_writers_wait_while_the_commit_queue_is_full() {
     const QUEUE_CAPACITY: usize = 4;
     const QUEUED_WRITES: usize = 10;
+    const STAGED_WRITES: usize = 2;
     let HeldCommitter {
         _directory,
         store,
         hold,
         stuck_writer,
     } = HeldCommitter::start(QUEUE_CAPACITY);
-    // The committer stages the next group while the held one is applied, and waits to hand
-    // it over: that group is not in the queue.
-    let staged = store.submit(vec![patient("staged", "Staged")]);
-    wait_until("the committer took the staged write", || {
-        store.queued_commits() == 0
-    });
+    // While the held group is applied the committer stages two more: one waits for the
+    // applier in the channel between them, the other in the committer's hands. Neither is
+    // in the queue.
+    let staged: Vec<_> = (0..STAGED_WRITES)
+        .map(|index| {
+            let pending = store.submit(vec![patient(&format!("staged{index}"), "Staged")]);
+            wait_until("the committer took the staged write", || {
+                store.queued_commits() == 0
+            });
+            pending
+        })
+        .collect();
     let submitted = Arc::new(AtomicUsize::new(0));
     let submitter = {
         let store = store.clone();
@@ -415,7 +422,9 @@ fn child_writers_wait_while_the_commit_queue_is_full() {
         .join()
         .expect("the stuck writer's thread")
         .expect("the stuck write lands");
-    staged.wait().expect("the staged write lands");
+    for pending in staged {
+        pending.wait().expect("a staged write lands");
+    }
     for pending in submitter.join().expect("the submitter thread") {
         pending.wait().expect("a queued write lands");
     }
@@ -424,7 +433,7 @@ fn child_writers_wait_while_the_commit_queue_is_full() {
     }
     assert_eq!(
         store.high_water_seq().expect("high-water seq"),
-        2 + QUEUED_WRITES as u64
+        (1 + STAGED_WRITES + QUEUED_WRITES) as u64
     );
 }
 

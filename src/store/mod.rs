@@ -87,8 +87,8 @@ pub struct StoreOptions {
     /// the compactions it runs (those of the id-keyed indexes run on the store's own
     /// thread, [`compactor`]).
     pub max_write_buffer_bytes: u64,
-    /// Commit requests waiting for the committer, beyond the group it stages while the
-    /// group before is applied; a writer that finds the queue full waits for room, so a
+    /// Commit requests waiting for the committer, beyond the groups it stages while an
+    /// earlier one is applied; a writer that finds the queue full waits for room, so a
     /// burst of writers cannot grow memory without bound.
     pub max_queued_commits: usize,
 }
