@@ -231,8 +231,8 @@ struct EncodingScratch {
     encoded_event: Vec<u8>,
 }
 
-/// Capacity an [`EncodingScratch`] buffer keeps between requests; one grown past it by a
-/// large resource is let go, so memory stays bounded.
+/// Capacity an [`EncodingScratch`] buffer keeps between events; one grown past it by a
+/// large resource is let go once that event is staged, so memory stays bounded.
 const SCRATCH_KEPT_BYTES: usize = 1 << 20;
 
 impl EncodingScratch {
@@ -642,6 +642,9 @@ impl Committer {
                 keys::event(event.resource_type, event.seq),
                 encoded,
             );
+            // The projections never read the body: a large one's buffers are let go before
+            // they stage a key per compartment patient (a large Group's peak).
+            self.scratch.release_if_large();
             let record = event.record(planned.instant, &[]);
             self.index_bytes_since_rotation +=
                 approximate_index_bytes(&record, event.previous.is_some());
@@ -653,7 +656,6 @@ impl Committer {
                 event.previous,
             )?;
         }
-        self.scratch.release_if_large();
         writes.insert(
             &self.keyspaces.clock,
             keys::clock(planned.instant),
