@@ -346,18 +346,22 @@ fn error_chain_text(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Whether the chain says the destination never answered: no connection, a dropped
-/// connection or a timeout, as opposed to an answer refusing the request.
+/// connection or a timeout, as opposed to an answer refusing the request. A transport
+/// error object_store could not classify (a pooled connection closed as it was picked
+/// reads "connection was not ready") is judged by the HTTP client's error beneath it.
 fn is_no_answer(error: &(dyn std::error::Error + 'static)) -> bool {
+    use object_store::client::HttpErrorKind;
     let mut current = Some(error);
     while let Some(level) = current {
         if let Some(http_error) = level.downcast_ref::<object_store::client::HttpError>() {
-            return matches!(
-                http_error.kind(),
-                object_store::client::HttpErrorKind::Connect
-                    | object_store::client::HttpErrorKind::Request
-                    | object_store::client::HttpErrorKind::Timeout
-                    | object_store::client::HttpErrorKind::Interrupted
-            );
+            match http_error.kind() {
+                HttpErrorKind::Connect
+                | HttpErrorKind::Request
+                | HttpErrorKind::Timeout
+                | HttpErrorKind::Interrupted => return true,
+                HttpErrorKind::Decode => return false,
+                _ => {}
+            }
         }
         if let Some(client_error) = level.downcast_ref::<storage_http::Error>() {
             return client_error.is_connect()
@@ -1048,6 +1052,52 @@ mod tests {
             let as_export_error = crate::export::ExportError::from(failure);
             assert!(!as_export_error.message().contains("10.9.8.7"));
         }
+    }
+
+    /// A refused connection as the storage HTTP client reports it.
+    fn refused_connection_error() -> storage_http::Error {
+        let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("an ephemeral port")
+            .port();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime
+            .block_on(
+                storage_http::Client::new()
+                    .get(format!("http://127.0.0.1:{closed_port}/"))
+                    .send(),
+            )
+            .expect_err("nothing listens on a port just released")
+    }
+
+    #[test]
+    fn transport_errors_object_store_cannot_classify_are_judged_by_the_client_error_beneath() {
+        use object_store::client::{HttpError, HttpErrorKind};
+        let unclassified = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(HttpError::new(
+                HttpErrorKind::Unknown,
+                refused_connection_error(),
+            )),
+        };
+        assert!(matches!(
+            SinkError::from_object_store("given", "s3", unclassified),
+            SinkError::Unreachable { .. }
+        ));
+        let undecodable_answer = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(HttpError::new(
+                HttpErrorKind::Decode,
+                refused_connection_error(),
+            )),
+        };
+        assert!(matches!(
+            SinkError::from_object_store("given", "s3", undecodable_answer),
+            SinkError::Storage { .. }
+        ));
     }
 
     #[test]
