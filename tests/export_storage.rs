@@ -286,6 +286,16 @@ fn job_id_of(status_url: &str) -> String {
         .to_owned()
 }
 
+/// `server_log` from the first line that names `job_id` on, for failure messages (the
+/// storage client's own retry lines do not name the job).
+fn server_log_since_job(server_log: &str, job_id: &str) -> String {
+    server_log
+        .lines()
+        .skip_while(|line| !line.contains(job_id))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 struct DownloadedFile {
     kind: String,
     resource_type: String,
@@ -798,12 +808,17 @@ impl FaultInjectingProxy {
         let mode = Arc::new(mode_sender);
         let accepting_mode = Arc::clone(&mode);
         runtime.spawn(async move {
-            while let Ok((connection, _)) = listener.accept().await {
-                tokio::spawn(serve_proxied_connection(
-                    connection,
-                    upstream,
-                    accepting_mode.subscribe(),
-                ));
+            loop {
+                match listener.accept().await {
+                    Ok((connection, _)) => {
+                        tokio::spawn(serve_proxied_connection(
+                            connection,
+                            upstream,
+                            accepting_mode.subscribe(),
+                        ));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
             }
         });
         FaultInjectingProxy {
@@ -1115,8 +1130,9 @@ fn assert_exports_outlive_one_second_outages(backend: &StorageBackend) {
         assert_eq!(
             reply.status,
             StatusCode::OK,
-            "{label}: outage {round} of {OUTAGE_ROUNDS} (1 s, destination timeout {destination_timeout:?}) failed the export: {}",
-            reply.text
+            "{label}: outage {round} of {OUTAGE_ROUNDS} (1 s, destination timeout {destination_timeout:?}) failed the export: {}\nthe server's log since its kick-off:\n{}",
+            reply.text,
+            server_log_since_job(&behind_proxy.server.log(), &job_id_of(&status_url))
         );
         assert_exports_are_identical(
             &format!("{label} export that outlived outage {round}"),
